@@ -1,0 +1,746 @@
+"""MDPO, Mutual Distillation Policy Optimization, on Procgen with IMPALA-CNN actor-critics.
+
+Two agents learn side by side, each from its own vector of Procgen environments. Each minimises
+its PPO loss plus alpha x KL(peer || self) on its own states, which pulls its action distribution
+towards the other agent's: mutual distillation as a regulariser. Run `python mdpo.py --help`.
+"""
+
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from gymnasium.vector import AutoresetMode
+from torch.distributions.categorical import Categorical
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+with contextlib.redirect_stderr(io.StringIO()):  # procgen imports the old `gym`, which prints a notice
+    from procgen import ProcgenGym3Env
+
+SCRIPT = "mdpo"
+PROCGEN_GAMES = (
+    "bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
+    "heist", "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot",
+)
+DISTRIBUTION_MODES = ("easy", "hard", "extreme", "memory", "exploration")
+
+
+@dataclass
+class Args:
+    exp_name: str = SCRIPT
+    """the name of this experiment (part of the run directory's name)"""
+    seed: int = 1
+    """seed of the experiment: networks, sampling and the training levels' order"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """use CUDA when it is available (the CPU otherwise)"""
+    track: bool = False
+    """log to Weights & Biases too (needs `pip install wandb`)"""
+    wandb_project_name: str = "mdpo-procgen"
+    """the wandb project"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+    capture_video: bool = False
+    """record an evaluation episode as a GIF in the run directory and in TensorBoard"""
+    run_dir: Optional[str] = None
+    """where to write this run (default: runs/{env_id}__{exp_name}__{seed}__{unix_time})"""
+    resume: Optional[str] = None
+    """continue the run saved in this run directory"""
+    checkpoint_interval: int = 10
+    """write a checkpoint every this many iterations (and at the end)"""
+
+    # Procgen
+    env_id: str = "starpilot"
+    """the Procgen game"""
+    num_levels: int = 500
+    """number of training levels (0: the full level distribution)"""
+    start_level: int = 0
+    """first training level"""
+    distribution_mode: str = "hard"
+    """Procgen distribution mode"""
+
+    # Algorithm
+    total_timesteps: int = 50_000_000
+    """environment steps of each agent"""
+    learning_rate: float = 5e-4
+    """Adam's learning rate (constant)"""
+    num_envs: int = 64
+    """parallel environments of each agent"""
+    num_steps: int = 256
+    """steps per environment per rollout"""
+    gamma: float = 0.999
+    """discount factor"""
+    gae_lambda: float = 0.95
+    """lambda of generalised advantage estimation"""
+    num_minibatches: int = 8
+    """minibatches per epoch"""
+    update_epochs: int = 3
+    """epochs over each rollout"""
+    norm_adv: bool = True
+    """normalise advantages per minibatch"""
+    clip_coef: float = 0.2
+    """clipping coefficient of the policy ratio and of the value change"""
+    ent_coef: float = 0.01
+    """entropy bonus coefficient"""
+    vf_coef: float = 0.5
+    """value loss coefficient"""
+    max_grad_norm: float = 0.5
+    """gradient norm clip, per agent"""
+    alpha: float = 1.0
+    """weight of the mutual KL term (0: two independent PPO learners)"""
+    detach_peer: bool = False
+    """treat the peer's policy as a fixed target in the KL term (classic deep mutual learning)"""
+
+    # Evaluation
+    eval_interval: int = 25
+    """evaluate on test and training levels every this many iterations"""
+    eval_episodes: int = 64
+    """evaluation environments; each contributes its first complete episode"""
+
+    # Speed (numerics stay float32 unless asked)
+    bf16: bool = False
+    """run the network under bfloat16 autocast (faster, slightly different numerics)"""
+    compile: bool = False
+    """torch.compile the network"""
+
+    # Filled in from the above at run time
+    batch_size: int = 0
+    """the rollout size (computed)"""
+    minibatch_size: int = 0
+    """the minibatch size (computed)"""
+    num_iterations: int = 0
+    """the number of iterations (computed)"""
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line, with a non-zero exit."""
+
+
+# Fields that may change when a run is resumed; every other field must match the checkpoint.
+RESUMABLE_FIELDS = {
+    "cuda", "track", "wandb_project_name", "wandb_entity", "capture_video", "run_dir", "resume",
+    "checkpoint_interval", "total_timesteps", "eval_interval", "eval_episodes", "bf16", "compile",
+    "num_iterations",
+}
+
+
+def validate_args(args: Args) -> Args:
+    """Check the flags and fill in the computed sizes; raise UsageError on bad input."""
+    if args.env_id not in PROCGEN_GAMES:
+        raise UsageError(f"unknown game {args.env_id!r}; choose one of: {', '.join(PROCGEN_GAMES)}")
+    if args.distribution_mode not in DISTRIBUTION_MODES:
+        raise UsageError(f"unknown distribution mode {args.distribution_mode!r}; choose one of: {', '.join(DISTRIBUTION_MODES)}")
+    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs",
+                 "eval_interval", "eval_episodes", "checkpoint_interval"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("num_levels", "start_level", "ent_coef", "vf_coef", "clip_coef", "max_grad_norm", "alpha"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    if args.learning_rate <= 0:
+        raise UsageError(f"--learning-rate must be positive, got {args.learning_rate}")
+    if not (0 <= args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
+        raise UsageError("--gamma and --gae-lambda must lie in [0, 1]")
+    batch_size = args.num_envs * args.num_steps
+    if batch_size % args.num_minibatches:
+        raise UsageError(f"the batch (num-envs x num-steps = {batch_size}) does not divide into "
+                         f"{args.num_minibatches} minibatches")
+    if args.total_timesteps < batch_size:
+        raise UsageError(f"--total-timesteps ({args.total_timesteps}) is less than one batch ({batch_size})")
+    return replace(args, batch_size=batch_size, minibatch_size=batch_size // args.num_minibatches,
+                   num_iterations=args.total_timesteps // batch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Environments
+# ---------------------------------------------------------------------------------------------
+
+
+class ProcgenVecEnv(gym.vector.VectorEnv):
+    """Procgen's native vectorised env (gym3 interface) as a gymnasium VectorEnv.
+
+    Procgen resets a finished episode inside the step that ended it, so the observation returned
+    with `terminated=True` is already the first one of the next episode (AutoresetMode.SAME_STEP).
+    Procgen reports no separate truncation: time limits come back as terminations.
+    """
+
+    metadata = {"autoreset_mode": AutoresetMode.SAME_STEP}
+
+    def __init__(self, env_id, num_envs, num_levels, start_level, distribution_mode, seed):
+        self.procgen = ProcgenGym3Env(num=num_envs, env_name=env_id, num_levels=num_levels,
+                                      start_level=start_level, distribution_mode=distribution_mode,
+                                      rand_seed=seed)
+        self.num_envs = num_envs
+        self.single_observation_space = gym.spaces.Box(0, 255, (64, 64, 3), np.uint8)
+        self.single_action_space = gym.spaces.Discrete(15)
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, num_envs)
+        self.action_space = gym.vector.utils.batch_space(self.single_action_space, num_envs)
+
+    def reset(self, *, seed=None, options=None):
+        # Procgen environments start when they are created; a reset returns the current frames.
+        _, obs, _ = self.procgen.observe()
+        return obs["rgb"], {}
+
+    def step(self, actions):
+        self.procgen.act(np.asarray(actions, dtype=np.int32))
+        reward, obs, first = self.procgen.observe()
+        return obs["rgb"], reward, first.copy(), np.zeros_like(first), {}
+
+
+def make_envs(args: Args, seed: int) -> gym.vector.VectorEnv:
+    """Training envs: raw Procgen, episode statistics of the raw score, then reward normalisation."""
+    envs = ProcgenVecEnv(args.env_id, args.num_envs, args.num_levels, args.start_level,
+                         args.distribution_mode, seed)
+    envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
+    envs = gym.wrappers.vector.NormalizeReward(envs, gamma=args.gamma)
+    return gym.wrappers.vector.ClipReward(envs, min_reward=-10, max_reward=10)
+
+
+def make_eval_env(args: Args, num_levels: int, seed: int) -> ProcgenVecEnv:
+    """Fresh evaluation envs, so every env starts an episode at once (no partial episodes)."""
+    return ProcgenVecEnv(args.env_id, args.eval_episodes, num_levels, args.start_level if num_levels else 0,
+                         args.distribution_mode, seed)
+
+
+def env_state(envs) -> dict:
+    """Everything needed to continue these training envs exactly: games, statistics, normaliser."""
+    stats, norm = envs.env.env, envs.env
+    return {
+        "procgen": stats.env.procgen.get_state(),
+        "episode_returns": stats.episode_returns.copy(), "episode_lengths": stats.episode_lengths.copy(),
+        "stats_prev_dones": stats.prev_dones.copy(),
+        "return_rms": (norm.return_rms.mean, norm.return_rms.var, norm.return_rms.count),
+        "accumulated_reward": norm.accumulated_reward.copy(), "norm_prev_dones": norm._prev_dones.copy(),
+    }
+
+
+def restore_env_state(envs, state: dict) -> None:
+    stats, norm = envs.env.env, envs.env
+    stats.env.procgen.set_state(state["procgen"])
+    stats.episode_returns[:], stats.episode_lengths[:] = state["episode_returns"], state["episode_lengths"]
+    stats.prev_dones[:] = state["stats_prev_dones"]
+    norm.return_rms.mean, norm.return_rms.var, norm.return_rms.count = state["return_rms"]
+    norm.accumulated_reward[:], norm._prev_dones[:] = state["accumulated_reward"], state["norm_prev_dones"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Network: IMPALA-CNN actor-critic
+# ---------------------------------------------------------------------------------------------
+
+
+def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv0 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.conv1 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, x):
+        inputs = x
+        x = self.conv0(F.relu(x))
+        x = self.conv1(F.relu(x))
+        return x + inputs
+
+
+class ConvSequence(nn.Module):
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.res_block0 = ResidualBlock(out_channels)
+        self.res_block1 = ResidualBlock(out_channels)
+
+    def forward(self, x):
+        x = self.conv(x)
+        x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+        x = self.res_block0(x)
+        return self.res_block1(x)
+
+
+class Agent(nn.Module):
+    def __init__(self, dropout=0.0):
+        super().__init__()
+        layers = []
+        channels = 3
+        for out_channels in (16, 32, 32):
+            layers += [ConvSequence(channels, out_channels), nn.Dropout(dropout)]
+            channels = out_channels
+        # 64x64 frames are halved by each of the three max-pools: 32 channels x 8 x 8 = 2048 features.
+        layers += [nn.Flatten(), nn.ReLU(), nn.Linear(32 * 8 * 8, 256), nn.ReLU()]
+        self.network = nn.Sequential(*layers)
+        self.actor = layer_init(nn.Linear(256, 15), std=0.01)
+        self.critic = layer_init(nn.Linear(256, 1), std=1)
+
+    def hidden(self, x):
+        """The 256-d representation of uint8 NHWC frames."""
+        # Permuting NHWC to NCHW gives a channels-last tensor without a copy.
+        return self.network(x.permute(0, 3, 1, 2).float() / 255.0)
+
+    def forward(self, x):
+        hidden = self.hidden(x)
+        return self.actor(hidden).float(), self.critic(hidden).float().squeeze(-1)
+
+    def get_action_and_value(self, x, action=None):
+        logits, value = self(x)
+        probs = Categorical(logits=logits)
+        if action is None:
+            action = probs.sample()
+        return action, probs.log_prob(action), probs.entropy(), value
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning
+# ---------------------------------------------------------------------------------------------
+
+
+def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda):
+    """Generalised advantage estimates and returns of one rollout ([num_steps, num_envs] tensors).
+
+    dones[t] is 1 where obs[t] is the first frame of an episode, i.e. the step before it ended one.
+    """
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(next_value)
+    for t in reversed(range(rewards.shape[0])):
+        if t == rewards.shape[0] - 1:
+            next_nonterminal, next_values = 1.0 - next_done, next_value
+        else:
+            next_nonterminal, next_values = 1.0 - dones[t + 1], values[t + 1]
+        delta = rewards[t] + gamma * next_values * next_nonterminal - values[t]
+        advantages[t] = last_gae = delta + gamma * gae_lambda * next_nonterminal * last_gae
+    return advantages, advantages + values
+
+
+def ppo_losses(new_logprob, old_logprob, advantages, new_value, old_value, returns, clip_coef, norm_adv):
+    """Clipped surrogate and clipped value losses, with the diagnostics PPO logs."""
+    logratio = new_logprob - old_logprob
+    ratio = logratio.exp()
+    if norm_adv:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    pg_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_coef, 1 + clip_coef)).mean()
+    value_clipped = old_value + (new_value - old_value).clamp(-clip_coef, clip_coef)
+    v_loss = 0.5 * torch.max((new_value - returns) ** 2, (value_clipped - returns) ** 2).mean()
+    with torch.no_grad():
+        approx_kl = ((ratio - 1) - logratio).mean()
+        clipfrac = ((ratio - 1).abs() > clip_coef).float().mean()
+    return pg_loss, v_loss, approx_kl, clipfrac
+
+
+def mutual_kl(peer_logits, own_logits):
+    """mean over states of KL(peer || own), from logits through log-softmax (no epsilon needed)."""
+    peer_logp = F.log_softmax(peer_logits, dim=-1)
+    own_logp = F.log_softmax(own_logits, dim=-1)
+    return (peer_logp.exp() * (peer_logp - own_logp)).sum(-1).mean()
+
+
+class Rollout:
+    """One agent's rollout buffer, plus the env frames to continue from. Frames stay uint8."""
+
+    def __init__(self, args: Args, device):
+        shape = (args.num_steps, args.num_envs)
+        self.obs = torch.zeros(shape + (64, 64, 3), dtype=torch.uint8, device=device)
+        self.actions = torch.zeros(shape, dtype=torch.long, device=device)
+        self.logprobs = torch.zeros(shape, device=device)
+        self.rewards = torch.zeros(shape, device=device)
+        self.dones = torch.zeros(shape, device=device)
+        self.values = torch.zeros(shape, device=device)
+        self.next_obs = torch.zeros((args.num_envs, 64, 64, 3), dtype=torch.uint8, device=device)
+        self.next_done = torch.zeros(args.num_envs, device=device)
+
+    def flat(self, advantages, returns) -> dict:
+        """The rollout as [batch] tensors for the update."""
+        return {"obs": self.obs.flatten(0, 1), "actions": self.actions.flatten(), "logprobs": self.logprobs.flatten(),
+                "values": self.values.flatten(), "advantages": advantages.flatten(), "returns": returns.flatten()}
+
+
+def collect_rollout(agent, envs, rollout: Rollout, args: Args, device, global_step: int):
+    """Step the envs num_steps times with the agent; return (global_step, finished episodes)."""
+    episodes = []  # (global step, raw return, length) of every episode that ended
+    for step in range(args.num_steps):
+        rollout.obs[step] = rollout.next_obs
+        rollout.dones[step] = rollout.next_done
+        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
+            action, logprob, _, value = agent.get_action_and_value(rollout.next_obs)
+        rollout.actions[step], rollout.logprobs[step], rollout.values[step] = action, logprob, value
+        next_obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
+        global_step += args.num_envs
+        rollout.rewards[step] = torch.as_tensor(reward, device=device)
+        rollout.next_obs.copy_(torch.from_numpy(next_obs))
+        rollout.next_done.copy_(torch.from_numpy(terminated | truncated))
+        if "episode" in info:
+            for i in np.flatnonzero(info["_episode"]):
+                episodes.append((global_step, float(info["episode"]["r"][i]), int(info["episode"]["l"][i])))
+    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
+        next_value = agent(rollout.next_obs)[1]
+    advantages, returns = compute_gae(rollout.rewards, rollout.values, rollout.dones, next_value,
+                                      rollout.next_done, args.gamma, args.gae_lambda)
+    return global_step, episodes, rollout.flat(advantages, returns)
+
+
+def ppo_objective(logits, new_value, batch: dict, mb_inds, args: Args):
+    """PPO's loss (clipped surrogate + clipped value loss - entropy bonus) on one agent's minibatch."""
+    probs = Categorical(logits=logits)
+    pg_loss, v_loss, approx_kl, clipfrac = ppo_losses(
+        probs.log_prob(batch["actions"][mb_inds]), batch["logprobs"][mb_inds], batch["advantages"][mb_inds],
+        new_value, batch["values"][mb_inds], batch["returns"][mb_inds], args.clip_coef, args.norm_adv)
+    entropy = probs.entropy().mean()
+    loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss
+    stats = {"policy_loss": pg_loss, "value_loss": v_loss, "entropy": entropy, "approx_kl": approx_kl,
+             "clipfrac": clipfrac}
+    return loss, stats
+
+
+def minibatch_loss(agents, batches, mb_inds, args: Args):
+    """Each agent's loss L_i = PPO loss + alpha * KL(pi_j || pi_i) on its own minibatch B_i."""
+    obs = [batch["obs"][mb_inds] for batch in batches]
+    own_logits, own_values, cross_logits = [], [], []
+    for i, agent in enumerate(agents):
+        # One forward over both agents' states: its own for its PPO loss, the peer's for the peer's KL.
+        with torch.autocast(obs[i].device.type, torch.bfloat16, enabled=args.bf16):
+            logits, values = agent(torch.cat([obs[i], obs[1 - i]]))
+        own_logits.append(logits[:len(mb_inds)])
+        own_values.append(values[:len(mb_inds)])
+        cross_logits.append(logits[len(mb_inds):])
+    losses, stats = [], []
+    for i in range(2):
+        loss, agent_stats = ppo_objective(own_logits[i], own_values[i], batches[i], mb_inds, args)
+        peer_logits = cross_logits[1 - i]  # the peer's policy on agent i's states
+        if args.detach_peer:
+            peer_logits = peer_logits.detach()
+        kl = mutual_kl(peer_logits, own_logits[i])
+        if args.alpha > 0:  # alpha = 0 leaves the agents independent: no gradient crosses
+            loss = loss + args.alpha * kl
+        agent_stats["mutual_kl"] = kl
+        losses.append(loss)
+        stats.append({key: value.detach() for key, value in agent_stats.items()})
+    return losses, stats
+
+
+def update(agents, optimizer, batches, args: Args) -> list:
+    """update_epochs passes of minibatch steps on L = (L_1 + L_2) / 2; returns each agent's mean losses."""
+    totals = [{}, {}]
+    for _ in range(args.update_epochs):
+        permutation = torch.randperm(args.batch_size, device=batches[0]["obs"].device)
+        for start in range(0, args.batch_size, args.minibatch_size):
+            mb_inds = permutation[start:start + args.minibatch_size]  # the same indices for both buffers
+            losses, stats = minibatch_loss(agents, batches, mb_inds, args)
+            optimizer.zero_grad(set_to_none=True)
+            ((losses[0] + losses[1]) / 2).backward()
+            for agent in agents:  # each agent's gradient is clipped on its own
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+            optimizer.step()
+            for agent_totals, agent_stats in zip(totals, stats):
+                for key, value in agent_stats.items():
+                    agent_totals[key] = agent_totals.get(key, 0.0) + value
+    num_minibatches = args.update_epochs * args.num_minibatches
+    # One host sync per iteration, not one per minibatch.
+    return [{key: float(value) / num_minibatches for key, value in agent_totals.items()} for agent_totals in totals]
+
+
+def explained_variance(values, returns) -> float:
+    var_returns = returns.var()
+    return float("nan") if var_returns == 0 else float(1 - (returns - values).var() / var_returns)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def evaluate(agent, env, device, bf16=False, capture_video=False):
+    """Mean raw return of the first complete episode of every env, and env 0's frames if asked.
+
+    Counting only each env's first episode avoids the bias towards short episodes that stopping
+    "once N episodes have finished" across envs would have.
+    """
+    was_training = agent.training
+    agent.eval()
+    obs, _ = env.reset()
+    returns = np.zeros(env.num_envs)
+    finished = np.zeros(env.num_envs, dtype=bool)
+    frames = [obs[0]] if capture_video else []
+    while not finished.all():  # every Procgen game has a time limit, so this ends
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            logits, _ = agent(torch.as_tensor(obs, device=device))
+        action = Categorical(logits=logits).sample().cpu().numpy()
+        obs, reward, terminated, truncated, _ = env.step(action)
+        returns[~finished] += reward[~finished]
+        if capture_video and not finished[0]:
+            frames.append(obs[0])
+        finished |= terminated | truncated
+    agent.train(was_training)
+    return float(returns.mean()), frames
+
+
+def log_video(writer, tag, frames, step, path):
+    """Save frames as a GIF and show the same GIF in TensorBoard."""
+    from PIL import Image
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    images = [Image.fromarray(frame).resize((256, 256), Image.NEAREST) for frame in frames[:-1] or frames]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=40, loop=0)
+    with open(path, "rb") as f:
+        image = Summary.Image(height=256, width=256, colorspace=3, encoded_image_string=f.read())
+    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+
+
+def log_evaluation(writer, agent, args: Args, device, iteration, global_step, run_dir, name):
+    """Evaluate on test levels (full distribution) and on training levels; log the three scalars."""
+    eval_seed = args.seed + 1_000_000 + iteration  # differs from the training seed and between evals
+    test_return, frames = evaluate(agent, make_eval_env(args, 0, eval_seed), device, args.bf16, args.capture_video)
+    train_return, _ = evaluate(agent, make_eval_env(args, args.num_levels, eval_seed), device, args.bf16)
+    writer.add_scalar("eval/test_return", test_return, global_step)
+    writer.add_scalar("eval/train_return", train_return, global_step)
+    writer.add_scalar("eval/generalization_gap", train_return - test_return, global_step)
+    if args.capture_video:
+        log_video(writer, "eval/video", frames, global_step, os.path.join(run_dir, "videos", f"{name}_{global_step}.gif"))
+    return test_return
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directory, checkpoints, resume
+# ---------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: str, checkpoint: dict) -> None:
+    """Write atomically: a run killed mid-write keeps its previous checkpoint."""
+    path = os.path.join(run_dir, "checkpoint.pt")
+    torch.save(checkpoint, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def saved_config(run_dir: str) -> dict:
+    """The config.json of a run directory, or a UsageError saying why it cannot be resumed."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isdir(run_dir):
+        raise UsageError(f"cannot resume: {run_dir} does not exist")
+    if not os.path.isfile(path) or not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+        raise UsageError(f"cannot resume: {run_dir} holds no checkpoint of a run")
+    with open(path) as f:
+        config = json.load(f)
+    if config.get("script") != SCRIPT:
+        raise UsageError(f"cannot resume: {run_dir} was made by {config.get('script')}.py, not {SCRIPT}.py")
+    return config
+
+
+def check_compatible(args: Args, config: dict) -> None:
+    """Refuse to resume with flags that change what the run computes."""
+    for key, value in asdict(args).items():
+        if key not in RESUMABLE_FIELDS and config["args"].get(key) != value:
+            raise UsageError(f"cannot resume: --{key.replace('_', '-')} is {value!r} here but "
+                             f"{config['args'].get(key)!r} in the checkpoint")
+
+
+def load_checkpoint(args: Args, device) -> dict:
+    """The checkpoint to resume from, after checking that it fits this script and these flags."""
+    check_compatible(args, saved_config(args.resume))
+    path = os.path.join(args.resume, "checkpoint.pt")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=False)
+    except Exception as error:  # a torn or foreign file: say so in one line
+        raise UsageError(f"cannot resume: {path} is unreadable ({type(error).__name__})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("script") != SCRIPT:
+        raise UsageError(f"cannot resume: {path} is not a {SCRIPT}.py checkpoint")
+    check_compatible(args, checkpoint)
+    return checkpoint
+
+
+def prepare_run_dir(args: Args) -> str:
+    """The run directory, after checking that nothing in it would be overwritten."""
+    if args.resume:
+        run_dir = args.resume
+    else:
+        run_dir = args.run_dir or f"runs/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        if os.path.exists(os.path.join(run_dir, "config.json")):
+            raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --run-dir")
+        os.makedirs(run_dir, exist_ok=True)
+    # Rewritten on resume too, so that a run extended with more --total-timesteps resumes as extended.
+    path = os.path.join(run_dir, "config.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump({"script": SCRIPT, "args": asdict(args)}, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return run_dir
+
+
+def hyperparameter_table(args: Args) -> str:
+    return "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+
+
+def start_tracking(args: Args, run_dir: str) -> None:
+    """Mirror the TensorBoard logs to Weights & Biases."""
+    import wandb
+
+    wandb.tensorboard.patch(root_logdir=run_dir)
+    wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
+               name=os.path.basename(run_dir.rstrip("/")), id=os.path.basename(run_dir.rstrip("/")),
+               resume="allow", dir=run_dir, save_code=True)
+
+
+def select_device(args: Args):
+    return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+
+def seed_everything(args: Args) -> None:
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+
+def make_agent(args: Args, device):
+    agent = Agent().to(device)
+    # Channels-last activations are measured up to 2x faster for this network on CPU and GPU.
+    return agent.to(memory_format=torch.channels_last)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def main(args: Args) -> str:
+    args = validate_args(args)
+    if args.track and importlib.util.find_spec("wandb") is None:
+        raise UsageError("--track needs Weights & Biases: pip install wandb")
+    device = select_device(args)
+    checkpoint = load_checkpoint(args, device) if args.resume else None
+    run_dir = prepare_run_dir(args)
+    seed_everything(args)
+
+    agents = [make_agent(args, device) for _ in range(2)]
+    # One optimiser over both agents' parameters: L = (L_1 + L_2) / 2 is minimised jointly.
+    optimizer = torch.optim.Adam([p for agent in agents for p in agent.parameters()], lr=args.learning_rate, eps=1e-5)
+    envs = [make_envs(args, seed=args.seed) for _ in range(2)]  # each agent its own envs, same level seed
+    rollouts = [Rollout(args, device) for _ in range(2)]
+    for agent_envs, rollout in zip(envs, rollouts):
+        rollout.next_obs.copy_(torch.from_numpy(agent_envs.reset()[0]))
+        rollout.next_done.fill_(1)  # every env starts an episode
+    iteration, global_step = 0, 0
+    if checkpoint:
+        for i in range(2):
+            agents[i].load_state_dict(checkpoint["agents"][i])
+            restore_env_state(envs[i], checkpoint["envs"][i])
+            rollouts[i].next_obs.copy_(checkpoint["next_obs"][i])
+            rollouts[i].next_done.copy_(checkpoint["next_done"][i])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        restore_rng_state(checkpoint["rng"])
+        iteration, global_step = checkpoint["iteration"], checkpoint["global_step"]
+    models = [torch.compile(agent) if args.compile else agent for agent in agents]
+
+    if args.track:
+        start_tracking(args, run_dir)
+    # One event stream per agent, so that both agents overlay on the same charts.
+    # purge_step hides what the interrupted process logged after its last checkpoint.
+    writers = [SummaryWriter(os.path.join(run_dir, f"agent{i + 1}"), purge_step=global_step + 1 if checkpoint else None)
+               for i in range(2)]
+    for writer in writers:
+        writer.add_text("hyperparameters", hyperparameter_table(args))
+
+    def checkpoint_now():
+        save_checkpoint(run_dir, {
+            "script": SCRIPT, "args": asdict(args), "iteration": iteration, "global_step": global_step,
+            "agents": [agent.state_dict() for agent in agents], "optimizer": optimizer.state_dict(),
+            "envs": [env_state(agent_envs) for agent_envs in envs],
+            "next_obs": [rollout.next_obs for rollout in rollouts],
+            "next_done": [rollout.next_done for rollout in rollouts], "rng": rng_state()})
+
+    progress = tqdm(total=args.num_iterations * args.batch_size, initial=global_step, unit="step",
+                    dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30)
+    start_time, start_step = time.time(), global_step
+    last_return, test_return = [float("nan")] * 2, [float("nan")] * 2
+    try:
+        while iteration < args.num_iterations:
+            iteration += 1
+            batches = []
+            for i in range(2):
+                next_step, episodes, batch = collect_rollout(models[i], envs[i], rollouts[i], args, device, global_step)
+                batches.append(batch)
+                for step, episode_return, length in episodes:
+                    writers[i].add_scalar("charts/episodic_return", episode_return, step)
+                    writers[i].add_scalar("charts/episodic_length", length, step)
+                if episodes:
+                    last_return[i] = float(np.mean([r for _, r, _ in episodes]))
+            global_step = next_step
+            stats = update(models, optimizer, batches, args)
+
+            for i, writer in enumerate(writers):
+                for key, value in stats[i].items():
+                    writer.add_scalar(f"losses/{key}", value, global_step)
+                writer.add_scalar("losses/explained_variance", explained_variance(batches[i]["values"], batches[i]["returns"]), global_step)
+                writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+                if iteration % args.eval_interval == 0 or iteration == args.num_iterations:
+                    test_return[i] = log_evaluation(writer, models[i], args, device, iteration, global_step, run_dir, f"agent{i + 1}")
+            sps = int((global_step - start_step) / (time.time() - start_time))
+            for writer in writers:
+                writer.add_scalar("charts/SPS", sps, global_step)
+            if iteration % args.checkpoint_interval == 0 or iteration == args.num_iterations:
+                checkpoint_now()
+            progress.update(args.batch_size)
+            progress.set_postfix(sps=sps, train_return=f"{np.mean(last_return):.2f}", test_return=f"{np.mean(test_return):.2f}")
+    except KeyboardInterrupt:
+        progress.close()
+        print(f"interrupted; continue with: python {SCRIPT}.py --resume {run_dir}", file=sys.stderr)
+        raise SystemExit(130)
+    finally:
+        for writer, agent_envs in zip(writers, envs):
+            writer.close()
+            agent_envs.close()
+    progress.close()
+    return run_dir
+
+
+def resume_defaults(argv) -> Optional[Args]:
+    """With --resume DIR, the saved run's flags become the defaults, so DIR alone is enough."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--resume"):
+            run_dir = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            try:
+                config = saved_config(run_dir)
+            except UsageError:
+                return None  # main() reports the problem
+            fields = {k: v for k, v in config["args"].items() if k in Args.__dataclass_fields__}
+            return Args(**{**fields, "resume": run_dir})
+    return None
+
+
+if __name__ == "__main__":
+    cli_args = tyro.cli(Args, default=resume_defaults(sys.argv[1:]))
+    try:
+        main(cli_args)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
