@@ -465,14 +465,16 @@ def explained_variance(values, returns) -> float:
 
 
 @torch.inference_mode()
-def evaluate(agent, env, device, bf16=False, capture_video=False):
+def evaluate(agent, env, device, seed, bf16=False, capture_video=False):
     """Mean raw return of the first complete episode of every env, and env 0's frames if asked.
 
     Counting only each env's first episode avoids the bias towards short episodes that stopping
-    "once N episodes have finished" across envs would have.
+    "once N episodes have finished" across envs would have. Actions are sampled from the policy
+    with a generator of their own, so evaluating leaves the training's random stream untouched.
     """
     was_training = agent.training
     agent.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
     obs, _ = env.reset()
     returns = np.zeros(env.num_envs)
     finished = np.zeros(env.num_envs, dtype=bool)
@@ -480,7 +482,7 @@ def evaluate(agent, env, device, bf16=False, capture_video=False):
     while not finished.all():  # every Procgen game has a time limit, so this ends
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             logits, _ = agent(torch.as_tensor(obs, device=device))
-        action = Categorical(logits=logits).sample().cpu().numpy()
+        action = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1).cpu().numpy()
         obs, reward, terminated, truncated, _ = env.step(action)
         returns[~finished] += reward[~finished]
         if capture_video and not finished[0]:
@@ -506,8 +508,9 @@ def log_video(writer, tag, frames, step, path):
 def log_evaluation(writer, agent, args: Args, device, iteration, global_step, run_dir, name):
     """Evaluate on test levels (full distribution) and on training levels; log the three scalars."""
     eval_seed = args.seed + 1_000_000 + iteration  # differs from the training seed and between evals
-    test_return, frames = evaluate(agent, make_eval_env(args, 0, eval_seed), device, args.bf16, args.capture_video)
-    train_return, _ = evaluate(agent, make_eval_env(args, args.num_levels, eval_seed), device, args.bf16)
+    test_return, frames = evaluate(agent, make_eval_env(args, 0, eval_seed), device, eval_seed, args.bf16,
+                                   args.capture_video)
+    train_return, _ = evaluate(agent, make_eval_env(args, args.num_levels, eval_seed), device, eval_seed, args.bf16)
     writer.add_scalar("eval/test_return", test_return, global_step)
     writer.add_scalar("eval/train_return", train_return, global_step)
     writer.add_scalar("eval/generalization_gap", train_return - test_return, global_step)

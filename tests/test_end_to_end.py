@@ -1,0 +1,124 @@
+"""Tiny real runs of both scripts: event files, checkpoints, resume, and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import mdpo
+import ppo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMON_TAGS = {
+    "charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/learning_rate",
+    "losses/policy_loss", "losses/value_loss", "losses/entropy", "losses/approx_kl", "losses/clipfrac",
+    "losses/explained_variance", "eval/test_return", "eval/train_return", "eval/generalization_gap",
+}
+TINY = dict(num_envs=4, num_steps=32, num_minibatches=2, update_epochs=2, eval_episodes=2, eval_interval=2,
+            checkpoint_interval=1, cuda=False)
+
+
+def scalars(event_dir):
+    accumulator = EventAccumulator(event_dir)
+    accumulator.Reload()
+    return {tag: [event.step for event in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def event_dirs(module, run_dir):
+    if module is ppo:
+        return [run_dir]
+    return [os.path.join(run_dir, "agent1"), os.path.join(run_dir, "agent2")]
+
+
+@pytest.mark.parametrize("module", [ppo, mdpo])
+@pytest.mark.parametrize("game", ["bigfish", "starpilot"])
+def test_tiny_run_writes_every_tag_and_a_checkpoint(module, game, tmp_path):
+    run_dir = str(tmp_path / "run")
+    module.main(module.Args(env_id=game, total_timesteps=256, run_dir=run_dir, **TINY))
+    expected = COMMON_TAGS | ({"losses/mutual_kl"} if module is mdpo else set())
+    for event_dir in event_dirs(module, run_dir):
+        steps = scalars(event_dir)
+        assert expected <= set(steps), expected - set(steps)
+        assert steps["charts/SPS"] == [128, 256]
+        assert steps["eval/test_return"] == [256]
+    checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+    assert checkpoint["script"] == module.SCRIPT and checkpoint["global_step"] == 256
+
+
+@pytest.mark.parametrize("module", [ppo, mdpo])
+def test_resumed_run_continues_exactly_where_it_stopped(module, tmp_path):
+    """Two iterations straight equal one iteration, a stop, and a resume: same weights, same steps."""
+    straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+    extra = {"l2_coef": 1e-4, "dropout": 0.1} if module is ppo else {}
+    module.main(module.Args(env_id="bigfish", total_timesteps=256, run_dir=straight, **TINY, **extra))
+    module.main(module.Args(env_id="bigfish", total_timesteps=128, run_dir=stopped, **TINY, **extra))
+    saved = json.load(open(os.path.join(stopped, "config.json")))["args"]
+    resumed = module.Args(**{**saved, "resume": stopped, "total_timesteps": 256})
+    module.main(resumed)
+
+    a = torch.load(os.path.join(straight, "checkpoint.pt"), weights_only=False)
+    b = torch.load(os.path.join(stopped, "checkpoint.pt"), weights_only=False)
+    assert a["global_step"] == b["global_step"] == 256 and b["iteration"] == 2
+    key = "agent" if module is ppo else "agents"
+    a_params, b_params = a[key] if module is mdpo else [a[key]], b[key] if module is mdpo else [b[key]]
+    for sa, sb in zip(a_params, b_params):
+        for name in sa:
+            assert torch.equal(sa[name], sb[name]), name
+    for event_dir in event_dirs(module, stopped):
+        assert scalars(event_dir)["charts/SPS"] == [128, 256]
+
+
+def run_cli(script, *flags):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    (["--env-id", "pacman"], ["unknown game 'pacman'", "starpilot", "bigfish"]),
+    (["--num-envs", "6", "--num-steps", "5"], ["does not divide", "8 minibatches"]),
+    (["--num-envs", "0"], ["--num-envs must be positive"]),
+    (["--update-epochs", "-1"], ["--update-epochs must be positive"]),
+    (["--resume", "/nonexistent/run"], ["does not exist"]),
+])
+def test_bad_input_fails_with_one_line(flags, fragments, tmp_path):
+    result = run_cli("mdpo.py", "--run-dir", str(tmp_path / "run"), *flags)
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_resumes_fail_and_overwrite_nothing(tmp_path):
+    run_dir = str(tmp_path / "run")
+    ppo.main(ppo.Args(env_id="starpilot", total_timesteps=128, run_dir=run_dir, **TINY))
+    before = {name: os.path.getmtime(os.path.join(run_dir, name)) for name in os.listdir(run_dir)}
+
+    assert_one_line_error(run_cli("mdpo.py", "--resume", run_dir), "made by ppo.py")
+    assert_one_line_error(run_cli("ppo.py", "--resume", run_dir, "--env-id", "coinrun"), "--env-id")
+    assert_one_line_error(run_cli("ppo.py", "--resume", run_dir, "--num-envs", "2"), "--num-envs")
+    assert_one_line_error(run_cli("ppo.py", "--run-dir", run_dir), "already holds a run")
+    assert_one_line_error(run_cli("ppo.py", "--resume", str(tmp_path)), "holds no checkpoint")
+    os.makedirs(tmp_path / "torn_run")
+    (tmp_path / "torn_run" / "config.json").write_text(open(os.path.join(run_dir, "config.json")).read())
+    (tmp_path / "torn_run" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert_one_line_error(run_cli("ppo.py", "--resume", str(tmp_path / "torn_run")), "unreadable")
+    after = {name: os.path.getmtime(os.path.join(run_dir, name)) for name in os.listdir(run_dir)}
+    assert before == after
+
+
+def test_resume_with_no_other_flags_uses_the_saved_config(tmp_path):
+    run_dir = str(tmp_path / "run")
+    ppo.main(ppo.Args(env_id="starpilot", total_timesteps=128, run_dir=run_dir, **TINY))
+    result = run_cli("ppo.py", "--resume", run_dir, "--total-timesteps", "256")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)["global_step"] == 256

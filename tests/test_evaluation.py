@@ -1,0 +1,50 @@
+"""The evaluation counts exactly one complete episode per evaluation env."""
+
+import numpy as np
+import pytest
+import torch
+
+import mdpo
+import ppo
+
+
+class ScriptedEnv:
+    """Env e ends its episodes every lengths[e] steps; the first episode pays 1 a step, later ones 100."""
+
+    def __init__(self, lengths):
+        self.lengths = np.array(lengths)
+        self.num_envs = len(lengths)
+        self.t = np.zeros(self.num_envs, dtype=int)
+
+    def reset(self):
+        return np.zeros((self.num_envs, 64, 64, 3), np.uint8), {}
+
+    def step(self, actions):
+        assert actions.shape == (self.num_envs,)
+        self.t += 1
+        first_episode = self.t <= self.lengths
+        reward = np.where(first_episode, 1.0, 100.0)
+        done = self.t % self.lengths == 0
+        return np.zeros((self.num_envs, 64, 64, 3), np.uint8), reward, done, np.zeros_like(done), {}
+
+
+@pytest.mark.parametrize("module", [ppo, mdpo])
+def test_each_env_contributes_its_first_complete_episode(module):
+    lengths = [1, 3, 7, 20]  # short episodes finish many times before the long one ends once
+    env = ScriptedEnv(lengths)
+    mean_return, frames = module.evaluate(module.Agent(), env, torch.device("cpu"), seed=0, capture_video=True)
+    assert mean_return == pytest.approx(np.mean(lengths))
+    assert env.t[0] == max(lengths)  # it ran until the slowest env finished, and no further
+    assert len(frames) == lengths[0] + 1  # env 0's frames: the first one and one per step of its episode
+
+
+def test_evaluation_is_reproducible_and_leaves_training_rng_alone():
+    agent = ppo.Agent()
+    torch.manual_seed(5)
+    before = torch.rand(1)
+    torch.manual_seed(5)
+    args = ppo.validate_args(ppo.Args(env_id="bigfish", eval_episodes=3, num_envs=2, num_steps=8, num_minibatches=1,
+                                      total_timesteps=16))
+    first = ppo.evaluate(agent, ppo.make_eval_env(args, 0, 7), torch.device("cpu"), seed=7)[0]
+    assert torch.rand(1) == before
+    assert ppo.evaluate(agent, ppo.make_eval_env(args, 0, 7), torch.device("cpu"), seed=7)[0] == first

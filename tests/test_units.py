@@ -1,0 +1,214 @@
+"""Unit tests of the learning maths against independent float64 reference computations."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import mdpo
+import ppo
+
+
+# ---------------------------------------------------------------------------------------------
+# Network
+# ---------------------------------------------------------------------------------------------
+
+
+def conv_params(c_in, c_out):
+    return c_in * c_out * 9 + c_out
+
+
+def test_impala_cnn_shapes_and_parameter_count():
+    agent = ppo.Agent()
+    obs = torch.randint(0, 256, (5, 64, 64, 3), dtype=torch.uint8)
+    logits, value = agent(obs)
+    assert logits.shape == (5, 15) and value.shape == (5,)
+    assert agent.hidden(obs).shape == (5, 256)
+    expected = 0
+    for c_in, c_out in ((3, 16), (16, 32), (32, 32)):  # a conv, then two residual blocks of two convs
+        expected += conv_params(c_in, c_out) + 4 * conv_params(c_out, c_out)
+    expected += 2048 * 256 + 256 + 256 * 15 + 15 + 256 + 1
+    assert sum(p.numel() for p in agent.parameters()) == expected
+
+
+def test_heads_are_initialised_with_the_spec_gains():
+    torch.manual_seed(0)
+    agent = ppo.Agent()
+    # An orthogonal matrix with gain g has singular values g.
+    assert torch.linalg.svdvals(agent.actor.weight).allclose(torch.full((15,), 0.01), atol=1e-6)
+    assert torch.linalg.svdvals(agent.critic.weight).allclose(torch.ones(1), atol=1e-6)
+
+
+def test_mdpo_and_ppo_networks_are_the_same():
+    torch.manual_seed(0)
+    a = mdpo.Agent()
+    torch.manual_seed(0)
+    b = ppo.Agent()
+    obs = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8)
+    assert torch.equal(a(obs)[0], b(obs)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# GAE
+# ---------------------------------------------------------------------------------------------
+
+
+def reference_gae(rewards, values, starts, next_value, next_start, gamma, lam):
+    """Plain-Python GAE: walk each env's rollout backwards, cutting the recursion at episode ends.
+
+    starts[t][e] is True when obs t of env e begins an episode, so transition t-1 ended one.
+    """
+    T, N = len(rewards), len(rewards[0])
+    adv = [[0.0] * N for _ in range(T)]
+    for e in range(N):
+        running = 0.0
+        for t in range(T - 1, -1, -1):
+            episode_ends = next_start[e] if t == T - 1 else starts[t + 1][e]
+            bootstrap = next_value[e] if t == T - 1 else values[t + 1][e]
+            if episode_ends:
+                delta = rewards[t][e] - values[t][e]
+                running = delta
+            else:
+                delta = rewards[t][e] + gamma * bootstrap - values[t][e]
+                running = delta + gamma * lam * running
+            adv[t][e] = running
+    return adv
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gae_matches_a_plain_python_loop(seed):
+    rng = np.random.default_rng(seed)
+    T, N, gamma, lam = 17, 5, 0.99, 0.9
+    rewards = rng.normal(size=(T, N))
+    values = rng.normal(size=(T, N))
+    starts = rng.random((T, N)) < 0.15  # several episode ends inside the rollout
+    next_value, next_start = rng.normal(size=N), rng.random(N) < 0.5
+    expected = np.array(reference_gae(rewards.tolist(), values.tolist(), starts.tolist(), next_value.tolist(),
+                                      next_start.tolist(), gamma, lam))
+    t = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
+    for module in (ppo, mdpo):
+        adv, ret = module.compute_gae(t(rewards), t(values), t(starts.astype(float)), t(next_value),
+                                      t(next_start.astype(float)), gamma, lam)
+        np.testing.assert_allclose(adv.numpy(), expected, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(ret.numpy(), expected + values, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO losses
+# ---------------------------------------------------------------------------------------------
+
+
+def reference_ppo_losses(new_lp, old_lp, adv, new_v, old_v, ret, clip, norm_adv):
+    n = len(new_lp)
+    if norm_adv:
+        mean = sum(adv) / n
+        std = math.sqrt(sum((a - mean) ** 2 for a in adv) / (n - 1))  # unbiased, as torch.std
+        adv = [(a - mean) / (std + 1e-8) for a in adv]
+    pg, vl = 0.0, 0.0
+    for i in range(n):
+        ratio = math.exp(new_lp[i] - old_lp[i])
+        clipped_ratio = min(max(ratio, 1 - clip), 1 + clip)
+        pg += max(-adv[i] * ratio, -adv[i] * clipped_ratio) / n
+        v_clipped = old_v[i] + min(max(new_v[i] - old_v[i], -clip), clip)
+        vl += 0.5 * max((new_v[i] - ret[i]) ** 2, (v_clipped - ret[i]) ** 2) / n
+    return pg, vl
+
+
+@pytest.mark.parametrize("norm_adv", [True, False])
+def test_clipped_policy_and_value_losses_match_reference(norm_adv):
+    rng = np.random.default_rng(3)
+    n, clip = 64, 0.2
+    old_lp = rng.normal(-2, 0.5, n)
+    new_lp = old_lp + rng.normal(0, 0.3, n)  # many ratios outside [0.8, 1.2]
+    adv, old_v, ret = rng.normal(size=n), rng.normal(size=n), rng.normal(size=n)
+    new_v = old_v + rng.normal(0, 0.4, n)  # many value changes beyond the clip
+    t = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
+    expected_pg, expected_v = reference_ppo_losses(new_lp, old_lp, adv, new_v, old_v, ret, clip, norm_adv)
+    for module in (ppo, mdpo):
+        pg, vl, approx_kl, clipfrac = module.ppo_losses(t(new_lp), t(old_lp), t(adv), t(new_v), t(old_v), t(ret), clip, norm_adv)
+        assert pg.item() == pytest.approx(expected_pg, rel=1e-10, abs=1e-12)
+        assert vl.item() == pytest.approx(expected_v, rel=1e-10, abs=1e-12)
+        ratio = np.exp(new_lp - old_lp)
+        assert clipfrac.item() == pytest.approx(np.mean(np.abs(ratio - 1) > clip))
+        assert approx_kl.item() == pytest.approx(np.mean(ratio - 1 - (new_lp - old_lp)), rel=1e-10)
+
+
+def test_l2_penalty_sums_squared_weights_only():
+    agent = ppo.Agent()
+    expected = sum(float((p.detach().double() ** 2).sum()) for name, p in agent.named_parameters() if name.endswith("weight"))
+    assert ppo.l2_penalty(agent).item() == pytest.approx(expected, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mutual KL
+# ---------------------------------------------------------------------------------------------
+
+
+def test_mutual_kl_matches_float64_formula():
+    rng = np.random.default_rng(4)
+    peer, own = rng.normal(0, 3, (50, 15)), rng.normal(0, 3, (50, 15))
+    expected = 0.0
+    for p_logits, q_logits in zip(peer, own):
+        p = np.exp(p_logits - p_logits.max()); p /= p.sum()
+        q = np.exp(q_logits - q_logits.max()); q /= q.sum()
+        expected += float(np.sum(p * np.log(p / q))) / len(peer)
+    got = mdpo.mutual_kl(torch.tensor(peer), torch.tensor(own))
+    assert got.item() == pytest.approx(expected, rel=1e-10)
+    assert mdpo.mutual_kl(torch.tensor(own), torch.tensor(own)).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_mutual_kl_is_finite_for_extreme_logits():
+    peer = torch.tensor([[80.0] + [-80.0] * 14])
+    own = torch.tensor([[-80.0] * 14 + [80.0]])
+    kl = mdpo.mutual_kl(peer, own)
+    assert torch.isfinite(kl) and kl.item() == pytest.approx(160.0, rel=1e-5)
+
+
+def fake_batch(seed, n=32):
+    g = torch.Generator().manual_seed(seed)
+    return {"obs": torch.randint(0, 256, (n, 64, 64, 3), dtype=torch.uint8, generator=g),
+            "actions": torch.randint(0, 15, (n,), generator=g), "logprobs": -torch.rand(n, generator=g) * 3,
+            "values": torch.randn(n, generator=g), "advantages": torch.randn(n, generator=g),
+            "returns": torch.randn(n, generator=g)}
+
+
+def agent_grads(agent):
+    return [p.grad for p in agent.parameters()]
+
+
+@pytest.mark.parametrize("alpha, detach_peer, crosses", [(1.0, False, True), (1.0, True, False), (0.0, False, False)])
+def test_which_gradients_cross_between_agents(alpha, detach_peer, crosses):
+    torch.manual_seed(0)
+    agents = [mdpo.Agent(), mdpo.Agent()]
+    args = mdpo.validate_args(mdpo.Args(alpha=alpha, detach_peer=detach_peer, num_envs=4, num_steps=8,
+                                        num_minibatches=1, total_timesteps=32))
+    batches = [fake_batch(1), fake_batch(2)]
+    losses, _ = mdpo.minibatch_loss(agents, batches, torch.arange(32), args)
+    losses[0].backward()  # agent 1's loss only
+    assert all(g is not None and g.abs().sum() > 0 for g in agent_grads(agents[0])[-4:])
+    peer_grads = [g for g in agent_grads(agents[1]) if g is not None and g.abs().sum() > 0]
+    if crosses:
+        assert len(peer_grads) == len(list(agents[1].parameters())) - 2  # all but the value head
+    else:
+        assert peer_grads == []
+
+
+def test_mdpo_loss_is_ppo_loss_plus_alpha_kl():
+    torch.manual_seed(0)
+    agents = [mdpo.Agent(), mdpo.Agent()]
+    for agent in agents:  # fresh heads are near uniform; make the two policies differ visibly
+        agent.actor.weight.data *= 200
+    batches = [fake_batch(1), fake_batch(2)]
+    make = lambda alpha: mdpo.validate_args(mdpo.Args(alpha=alpha, num_envs=4, num_steps=8, num_minibatches=1,  # noqa: E731
+                                                      total_timesteps=32))
+    inds = torch.arange(32)
+    with torch.no_grad():
+        plain, _ = mdpo.minibatch_loss(agents, batches, inds, make(0.0))
+        mixed, stats = mdpo.minibatch_loss(agents, batches, inds, make(0.5))
+        for i in range(2):
+            own = agents[i](batches[i]["obs"])[0].double()
+            peer = agents[1 - i](batches[i]["obs"])[0].double()
+            kl = (peer.softmax(-1) * (peer.log_softmax(-1) - own.log_softmax(-1))).sum(-1).mean()
+            assert stats[i]["mutual_kl"].item() == pytest.approx(kl.item(), rel=1e-4)
+            assert mixed[i].item() == pytest.approx(plain[i].item() + 0.5 * kl.item(), rel=1e-4, abs=1e-6)
