@@ -108,8 +108,8 @@ class Args:
     # Evaluation
     eval_interval: int = 25
     """evaluate on test and training levels every this many iterations"""
-    eval_episodes: int = 64
-    """evaluation environments; each contributes its first complete episode"""
+    eval_episodes: Optional[int] = None
+    """evaluation environments, each contributing its first complete episode (default: num-envs)"""
 
     # Speed (numerics stay float32 unless asked)
     bf16: bool = False
@@ -144,6 +144,8 @@ def validate_args(args: Args) -> Args:
         raise UsageError(f"unknown game {args.env_id!r}; choose one of: {', '.join(PROCGEN_GAMES)}")
     if args.distribution_mode not in DISTRIBUTION_MODES:
         raise UsageError(f"unknown distribution mode {args.distribution_mode!r}; choose one of: {', '.join(DISTRIBUTION_MODES)}")
+    if args.eval_episodes is None:
+        args = replace(args, eval_episodes=args.num_envs)
     for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs",
                  "eval_interval", "eval_episodes", "checkpoint_interval"):
         if getattr(args, name) <= 0:
@@ -479,10 +481,13 @@ def evaluate(agent, env, device, seed, bf16=False, capture_video=False):
     returns = np.zeros(env.num_envs)
     finished = np.zeros(env.num_envs, dtype=bool)
     frames = [obs[0]] if capture_video else []
+    action = np.zeros(env.num_envs, dtype=np.int64)
     while not finished.all():  # every Procgen game has a time limit, so this ends
+        # Only envs still in their first episode need the network; the others idle with action 0.
+        running = np.flatnonzero(~finished)
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-            logits, _ = agent(torch.as_tensor(obs, device=device))
-        action = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1).cpu().numpy()
+            logits, _ = agent(torch.as_tensor(obs[running], device=device))
+        action[running] = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1).cpu().numpy()
         obs, reward, terminated, truncated, _ = env.step(action)
         returns[~finished] += reward[~finished]
         if capture_video and not finished[0]:
@@ -599,6 +604,25 @@ def prepare_run_dir(args: Args) -> str:
     return run_dir
 
 
+class Timer:
+    """Wall-clock seconds of the parts of one iteration, logged as perf/* scalars (bench.py reads them)."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.seconds = {}
+
+    def lap(self, name=None):
+        now = time.perf_counter()
+        if name:
+            self.seconds[name] = now - self.last
+        self.last = now
+
+    def log(self, writer, step):
+        self.seconds["iteration"] = time.perf_counter() - self.start
+        for name, seconds in self.seconds.items():
+            writer.add_scalar(f"perf/{name}_seconds", seconds, step)
+
+
 def hyperparameter_table(args: Args) -> str:
     return "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
 
@@ -688,6 +712,7 @@ def main(args: Args) -> str:
     try:
         while iteration < args.num_iterations:
             iteration += 1
+            timer = Timer()
             batches = []
             for i in range(2):
                 next_step, episodes, batch = collect_rollout(models[i], envs[i], rollouts[i], args, device, global_step)
@@ -698,20 +723,28 @@ def main(args: Args) -> str:
                 if episodes:
                     last_return[i] = float(np.mean([r for _, r, _ in episodes]))
             global_step = next_step
+            timer.lap("rollout")
             stats = update(models, optimizer, batches, args)
+            timer.lap("update")
 
             for i, writer in enumerate(writers):
                 for key, value in stats[i].items():
                     writer.add_scalar(f"losses/{key}", value, global_step)
                 writer.add_scalar("losses/explained_variance", explained_variance(batches[i]["values"], batches[i]["returns"]), global_step)
                 writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-                if iteration % args.eval_interval == 0 or iteration == args.num_iterations:
-                    test_return[i] = log_evaluation(writer, models[i], args, device, iteration, global_step, run_dir, f"agent{i + 1}")
+            if iteration % args.eval_interval == 0 or iteration == args.num_iterations:
+                timer.lap()
+                for i, writer in enumerate(writers):
+                    test_return[i] = log_evaluation(writer, models[i], args, device, iteration, global_step, run_dir,
+                                                    f"agent{i + 1}")
+                timer.lap("eval")
             sps = int((global_step - start_step) / (time.time() - start_time))
             for writer in writers:
                 writer.add_scalar("charts/SPS", sps, global_step)
             if iteration % args.checkpoint_interval == 0 or iteration == args.num_iterations:
                 checkpoint_now()
+            for writer in writers:
+                timer.log(writer, global_step)
             progress.update(args.batch_size)
             progress.set_postfix(sps=sps, train_return=f"{np.mean(last_return):.2f}", test_return=f"{np.mean(test_return):.2f}")
     except KeyboardInterrupt:
