@@ -6,6 +6,7 @@ towards the other agent's: mutual distillation as a regulariser. Run `python mdp
 """
 
 import contextlib
+import ctypes
 import importlib.util
 import io
 import json
@@ -641,6 +642,22 @@ def select_device(args: Args):
     return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
 
+def keep_freed_memory() -> None:
+    """Stop glibc from handing large freed blocks back to the OS after every batch.
+
+    By default each activation tensor of a minibatch is a fresh mmap whose pages fault in again on
+    the next one; reusing freed memory measured 1.3-1.4x faster forward+backward on a 2-core CPU.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    libc.mallopt(-4, 0)  # M_MMAP_MAX: no mmap'd blocks, so large blocks are reused from the heap
+    libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap
+
+
 def seed_everything(args: Args) -> None:
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -667,6 +684,7 @@ def main(args: Args) -> str:
     checkpoint = load_checkpoint(args, device) if args.resume else None
     run_dir = prepare_run_dir(args)
     seed_everything(args)
+    keep_freed_memory()
 
     agents = [make_agent(args, device) for _ in range(2)]
     # One optimiser over both agents' parameters: L = (L_1 + L_2) / 2 is minimised jointly.

@@ -1,0 +1,179 @@
+"""Throughput benchmark of ppo.py and mdpo.py against the hardware's floors, in one process.
+
+Measures, on the chosen device and in this order:
+  1. the floors: Procgen stepping with random actions, and the IMPALA-CNN's own rates for rollout
+     inference (batch = num-envs) and for forward+backward (batch = one minibatch, and two for
+     MDPO, whose every agent also runs the peer's minibatch for the KL term), channels-last;
+  2. the compute floor of one iteration derived from them:
+       PPO:            1 inference + update-epochs forward+backward passes per sample
+       MDPO per agent: the same for each of the two agents, each pass over both agents' minibatches;
+  3. end-to-end steps/s of the real ppo.main and mdpo.main over a few iterations after a warm-up
+     iteration, from their perf/* timers: rollout, update, and evaluation amortised over the default
+     --eval-interval (the run evaluates once, at its last iteration);
+  4. each end-to-end rate as a ratio of its floor; the bf16 rows also as a speed-up over float32.
+It prints a markdown table last. Defaults: a small config on the CPU, the paper's on a GPU.
+
+    python bench.py                # float32 and bf16, CPU config or GPU paper defaults
+    python bench.py --compile      # adds torch.compile rows
+"""
+
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import tyro
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import mdpo
+import ppo
+
+
+@dataclass
+class BenchArgs:
+    env_id: str = "starpilot"
+    """the Procgen game"""
+    num_envs: Optional[int] = None
+    """environments per agent (default: 16 on CPU, 64 on GPU)"""
+    num_steps: Optional[int] = None
+    """steps per rollout (default: 64 on CPU, 256 on GPU)"""
+    num_minibatches: int = 8
+    update_epochs: int = 3
+    iterations: int = 3
+    """measured iterations of each script, after one warm-up iteration"""
+    floor_seconds: float = 3.0
+    """how long each network floor is measured"""
+    cuda: bool = True
+    """use CUDA when available"""
+    bf16: bool = True
+    """also measure the opt-in bf16 autocast path"""
+    compile: bool = False
+    """also measure the opt-in torch.compile path (float32)"""
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def env_rate(env_id, num_envs, steps=500) -> float:
+    """Raw Procgen steps/s with random actions."""
+    env = ppo.ProcgenVecEnv(env_id, num_envs, 500, 0, "hard", seed=0)
+    actions = np.random.default_rng(0).integers(0, 15, (steps, num_envs))
+    env.step(actions[0])
+    start = time.perf_counter()
+    for a in actions:
+        env.step(a)
+    return steps * num_envs / (time.perf_counter() - start)
+
+
+def network_rate(device, batch_size, backward, bf16, compiled, seconds) -> float:
+    """Samples/s of the channels-last network alone: inference, or forward+backward."""
+    args = ppo.Args()
+    agent = ppo.make_agent(args, device)
+    model = torch.compile(agent) if compiled else agent
+    obs = torch.randint(0, 256, (batch_size, 64, 64, 3), dtype=torch.uint8, device=device)
+
+    def step():
+        if backward:
+            with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+                logits, value = model(obs)
+            (logits.logsumexp(-1).mean() + value.mean()).backward()
+            agent.zero_grad(set_to_none=True)
+        else:
+            with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+                model(obs)
+
+    for _ in range(3):  # warm-up (and compilation)
+        step()
+    synchronize(device)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        step()
+        count += 1
+        if count % 4 == 0:
+            synchronize(device)
+    synchronize(device)
+    return count * batch_size / (time.perf_counter() - start)
+
+
+def end_to_end(module, config: dict, bench: BenchArgs) -> dict:
+    """Run the script's main for warm-up + measured iterations; per-iteration seconds from its timers."""
+    batch = config["num_envs"] * config["num_steps"]
+    with tempfile.TemporaryDirectory() as run_dir:
+        module.main(module.Args(total_timesteps=(1 + bench.iterations) * batch, run_dir=run_dir, **config))
+        event_dir = run_dir if module is ppo else os.path.join(run_dir, "agent1")
+        accumulator = EventAccumulator(event_dir)
+        accumulator.Reload()
+        seconds = {tag.split("/")[1].removesuffix("_seconds"): [e.value for e in accumulator.Scalars(tag)]
+                   for tag in accumulator.Tags()["scalars"] if tag.startswith("perf/")}
+    eval_interval = module.Args().eval_interval
+    evaluation = seconds["eval"][-1]  # the one evaluation, at the last iteration
+    iteration = np.array(seconds["iteration"][1:])
+    iteration[-1] -= evaluation
+    per_iteration = iteration.mean() + evaluation / eval_interval
+    return {"sps": batch / per_iteration, "rollout": np.mean(seconds["rollout"][1:]),
+            "update": np.mean(seconds["update"][1:]), "eval": evaluation / eval_interval, "iteration": per_iteration}
+
+
+def main(bench: BenchArgs) -> None:
+    ppo.keep_freed_memory()  # as the training scripts do, so the floors are the fastest this machine gives
+    device = torch.device("cuda" if torch.cuda.is_available() and bench.cuda else "cpu")
+    on_gpu = device.type == "cuda"
+    num_envs = bench.num_envs or (64 if on_gpu else 16)
+    num_steps = bench.num_steps or (256 if on_gpu else 64)
+    minibatch = num_envs * num_steps // bench.num_minibatches
+    base = dict(env_id=bench.env_id, num_envs=num_envs, num_steps=num_steps, num_minibatches=bench.num_minibatches,
+                update_epochs=bench.update_epochs, cuda=bench.cuda)
+    ppo.validate_args(ppo.Args(total_timesteps=num_envs * num_steps, **base))  # bad sizes fail here, in one line
+
+    variants = [("float32", False, False)]
+    if bench.bf16:
+        variants.append(("bf16", True, False))
+    if bench.compile:
+        variants.append(("compile", False, True))
+
+    env_sps = env_rate(bench.env_id, num_envs)
+    print(f"procgen stepping: {env_sps:,.0f} steps/s", file=sys.stderr)
+    floors, nets = {}, {}
+    for name, bf16, compiled in variants:
+        inference = network_rate(device, num_envs, False, bf16, compiled, bench.floor_seconds)
+        train_mb = network_rate(device, minibatch, True, bf16, compiled, bench.floor_seconds)
+        train_2mb = network_rate(device, 2 * minibatch, True, bf16, compiled, bench.floor_seconds)
+        nets[name] = (inference, train_mb, train_2mb)
+        floors[("PPO", name)] = 1 / (1 / inference + bench.update_epochs / train_mb)
+        floors[("MDPO", name)] = 1 / (2 / inference + 2 * 2 * bench.update_epochs / train_2mb)
+        print(f"{name}: inference {inference:,.0f}/s, fwd+bwd {train_mb:,.0f}/s (batch {minibatch}), "
+              f"{train_2mb:,.0f}/s (batch {2 * minibatch})", file=sys.stderr)
+
+    results = {}
+    for script, module in (("PPO", ppo), ("MDPO", mdpo)):
+        for name, bf16, compiled in variants:
+            results[(script, name)] = end_to_end(module, {**base, "bf16": bf16, "compile": compiled}, bench)
+            print(f"{script} {name}: {results[(script, name)]['sps']:,.0f} steps/s", file=sys.stderr)
+
+    device_name = torch.cuda.get_device_name(device) if on_gpu else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\n### {device_name}: {bench.env_id}, num-envs {num_envs}, num-steps {num_steps}, "
+          f"{bench.num_minibatches} minibatches of {minibatch}, {bench.update_epochs} epochs, torch {torch.__version__}\n")
+    print(f"Procgen stepping (random actions, {num_envs} envs): {env_sps:,.0f} steps/s\n")
+    print("| path | inference /s (batch %d) | fwd+bwd /s (batch %d) | fwd+bwd /s (batch %d) |" % (num_envs, minibatch, 2 * minibatch))
+    print("|---|---|---|---|")
+    for name, (inference, train_mb, train_2mb) in nets.items():
+        print(f"| {name} | {inference:,.0f} | {train_mb:,.0f} | {train_2mb:,.0f} |")
+    print("\n| script | path | floor steps/s | end-to-end steps/s | ratio to floor | rollout s/it | update s/it "
+          "| eval s/it (amortised) | speed-up vs float32 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (script, name), result in results.items():
+        floor = floors[(script, name)]
+        speedup = result["sps"] / results[(script, "float32")]["sps"]
+        per_agent = " per agent" if script == "MDPO" else ""
+        print(f"| {script}{per_agent} | {name} | {floor:,.0f} | {result['sps']:,.0f} | {result['sps'] / floor:.2f} "
+              f"| {result['rollout']:.2f} | {result['update']:.2f} | {result['eval']:.3f} | {speedup:.2f}x |")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(BenchArgs))

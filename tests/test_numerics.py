@@ -1,0 +1,112 @@
+"""The fast path (channels-last, one forward over both agents' minibatches) computes what a plain
+implementation computes: same losses and gradients on the same batch, in float32."""
+
+import copy
+
+import pytest
+import torch
+from torch.distributions import Categorical, kl_divergence
+
+import mdpo
+import ppo
+
+
+def plain_forward(agent, obs):
+    """Contiguous NCHW frames, one network call per batch: the textbook implementation."""
+    hidden = agent.network(obs.permute(0, 3, 1, 2).contiguous().float() / 255.0)
+    return agent.actor(hidden), agent.critic(hidden).squeeze(-1)
+
+
+def plain_ppo_loss(logits, value, batch, inds, args):
+    dist = Categorical(logits=logits)
+    ratio = (dist.log_prob(batch["actions"][inds]) - batch["logprobs"][inds]).exp()
+    adv = batch["advantages"][inds]
+    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+    pg = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)).mean()
+    old_v, ret = batch["values"][inds], batch["returns"][inds]
+    v_clip = old_v + torch.clamp(value - old_v, -args.clip_coef, args.clip_coef)
+    v_loss = 0.5 * torch.max((value - ret) ** 2, (v_clip - ret) ** 2).mean()
+    return pg - args.ent_coef * dist.entropy().mean() + args.vf_coef * v_loss
+
+
+def random_batch(seed, n=64):
+    g = torch.Generator().manual_seed(seed)
+    return {"obs": torch.randint(0, 256, (n, 64, 64, 3), dtype=torch.uint8, generator=g),
+            "actions": torch.randint(0, 15, (n,), generator=g), "logprobs": -torch.rand(n, generator=g) * 3,
+            "values": torch.randn(n, generator=g), "advantages": torch.randn(n, generator=g),
+            "returns": torch.randn(n, generator=g)}
+
+
+def plain_copy(agent):
+    plain = copy.deepcopy(agent)
+    for p in plain.parameters():
+        p.data = p.data.contiguous()
+    return plain
+
+
+def assert_same_gradients(fast, plain):
+    for (name, p), q in zip(fast.named_parameters(), plain.parameters()):
+        assert p.grad is not None and q.grad is not None, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def tiny_args(module, **kw):
+    return module.validate_args(module.Args(num_envs=8, num_steps=16, num_minibatches=2, total_timesteps=128, **kw))
+
+
+def test_ppo_fast_path_matches_plain_path():
+    torch.manual_seed(0)
+    args = tiny_args(ppo, l2_coef=1e-3)
+    fast = ppo.make_agent(args, torch.device("cpu"))
+    fast.actor.weight.data *= 100  # a non-uniform policy, so that every term matters
+    plain = plain_copy(fast)
+    batch, inds = random_batch(0), torch.randperm(64)[:32]
+    loss, _ = ppo.minibatch_loss(fast, batch, inds, args)
+    loss.backward()
+    logits, value = plain_forward(plain, batch["obs"][inds])
+    expected = plain_ppo_loss(logits, value, batch, inds, args)
+    expected = expected + args.l2_coef * sum((p ** 2).sum() for n, p in plain.named_parameters() if n.endswith("weight"))
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert_same_gradients(fast, plain)
+
+
+@pytest.mark.parametrize("detach_peer", [False, True])
+def test_mdpo_fast_path_matches_plain_path(detach_peer):
+    torch.manual_seed(0)
+    args = tiny_args(mdpo, alpha=0.7, detach_peer=detach_peer)
+    fast = [mdpo.make_agent(args, torch.device("cpu")) for _ in range(2)]
+    for agent in fast:
+        agent.actor.weight.data *= 100
+    plain = [plain_copy(agent) for agent in fast]
+    batches, inds = [random_batch(1), random_batch(2)], torch.randperm(64)[:32]
+
+    losses, _ = mdpo.minibatch_loss(fast, batches, inds, args)
+    ((losses[0] + losses[1]) / 2).backward()
+
+    expected = []
+    for i in range(2):  # separate calls: agent i on its states, then the peer on agent i's states
+        obs = batches[i]["obs"][inds]
+        logits, value = plain_forward(plain[i], obs)
+        peer_logits, _ = plain_forward(plain[1 - i], obs)
+        if detach_peer:
+            peer_logits = peer_logits.detach()
+        kl = kl_divergence(Categorical(logits=peer_logits), Categorical(logits=logits)).mean()
+        expected.append(plain_ppo_loss(logits, value, batches[i], inds, args) + args.alpha * kl)
+    ((expected[0] + expected[1]) / 2).backward()
+    for got, want in zip(losses, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for f, p in zip(fast, plain):
+        assert_same_gradients(f, p)
+
+
+def test_rollout_inference_matches_plain_forward():
+    torch.manual_seed(0)
+    fast = ppo.make_agent(tiny_args(ppo), torch.device("cpu"))
+    plain = plain_copy(fast)
+    obs = random_batch(3)["obs"]
+    with torch.inference_mode():
+        logits, value = fast(obs)
+    want_logits, want_value = plain_forward(plain, obs)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(value, want_value, rtol=1e-5, atol=1e-6)
