@@ -528,10 +528,21 @@ def restore_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: str, checkpoint: dict) -> None:
-    """Write atomically: a run killed mid-write keeps its previous checkpoint."""
-    path = os.path.join(run_dir, "checkpoint.pt")
-    torch.save(checkpoint, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """Write atomically: a run killed mid-write keeps its previous checkpoint.
+
+    status.json beside it tells tools such as sweep.py how far the run got without loading it.
+    """
+    for name, write in (("checkpoint.pt", lambda path: torch.save(checkpoint, path)),
+                        ("status.json", lambda path: write_status(path, checkpoint))):
+        path = os.path.join(run_dir, name)
+        write(path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+
+def write_status(path: str, checkpoint: dict) -> None:
+    with open(path, "w") as f:
+        json.dump({"global_step": checkpoint["global_step"], "iteration": checkpoint["iteration"],
+                   "finished": checkpoint["iteration"] >= checkpoint["args"]["num_iterations"]}, f)
 
 
 def saved_config(run_dir: str) -> dict:

@@ -1,0 +1,230 @@
+"""Run a grid of (method, game, seed) training jobs, locally or on Slurm through submitit.
+
+Every job trains into {root}/runs/{game}__{method}__{seed}, so running the same sweep again is
+safe: a finished job is skipped, an interrupted one resumes from its checkpoint, a new one starts.
+
+    # 2 jobs at a time on this machine (spread over the visible GPUs, if any)
+    python sweep.py --root sweeps/demo --methods ppo mdpo --games bigfish starpilot --seeds 1 2 \
+        --jobs 2 --flags="--total-timesteps 100000"
+    # the paper's grid on a Slurm cluster, one GPU per job
+    python sweep.py --root sweeps/paper --launcher slurm --partition gpu --time-min 2880 --gpus-per-job 1
+"""
+
+import json
+import os
+import queue
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import List, Literal, Optional
+
+import tyro
+
+import ppo
+from ppo import PROCGEN_GAMES
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# Each method: the script and the flags that make it. The L2 and dropout settings are defended in the README.
+METHODS = {
+    "ppo": ("ppo.py", []),
+    "ppo_l2": ("ppo.py", ["--l2-coef", "1e-4"]),
+    "ppo_dropout": ("ppo.py", ["--dropout", "0.1"]),
+    "mdpo": ("mdpo.py", []),
+}
+
+
+@dataclass
+class SweepArgs:
+    root: str = "sweeps/default"
+    """directory of the sweep: runs/, logs/ and submitit/ go under it"""
+    methods: List[str] = field(default_factory=lambda: list(METHODS))
+    """methods to run: ppo, ppo_l2, ppo_dropout, mdpo"""
+    games: List[str] = field(default_factory=lambda: list(PROCGEN_GAMES))
+    """Procgen games"""
+    seeds: List[int] = field(default_factory=lambda: [1, 2, 3])
+    """seeds"""
+    flags: str = ""
+    """extra flags for every job, as one string, e.g. "--total-timesteps 1000000 --num-envs 16\""""
+    launcher: Literal["local", "slurm", "submitit-local"] = "local"
+    """local: a pool of subprocesses here; slurm: one Slurm job per run; submitit-local: submitit's local executor"""
+    jobs: int = 1
+    """local: how many jobs run at once"""
+    gpus: Optional[List[int]] = None
+    """local: GPU ids to spread the jobs over (default: all visible GPUs, none on a CPU machine)"""
+    partition: Optional[str] = None
+    """slurm: partition"""
+    time_min: int = 2880
+    """slurm: time limit per job, minutes (an interrupted job is requeued and resumes)"""
+    gpus_per_job: int = 1
+    """slurm: GPUs per job"""
+    cpus_per_job: int = 8
+    """slurm: CPU cores per job"""
+    max_parallel: int = 64
+    """slurm: how many jobs of the array run at once"""
+    dry_run: bool = False
+    """print what each job would do, and run nothing"""
+
+
+class Job:
+    """One training run. Calling it decides at run time whether to skip, resume or start, so that a
+    requeued Slurm job (submitit calls checkpoint() on preemption or timeout) picks up where it was."""
+
+    def __init__(self, root, method, game, seed, flags):
+        self.method, self.game, self.seed = method, game, seed
+        self.name = f"{game}__{method}__{seed}"
+        self.run_dir = os.path.join(os.path.abspath(root), "runs", self.name)
+        self.log_path = os.path.join(os.path.abspath(root), "logs", self.name + ".log")
+        script, method_flags = METHODS[method]
+        self.base = [sys.executable, os.path.join(ROOT, script)]
+        self.flags = ["--env-id", game, "--seed", str(seed), "--exp-name", method, *method_flags, *flags]
+        self.total_timesteps = requested_total_timesteps(flags)
+
+    def state(self) -> str:
+        """'done', 'resume' or 'new'."""
+        status_path = os.path.join(self.run_dir, "status.json")
+        if os.path.isfile(status_path):
+            with open(status_path) as f:
+                status = json.load(f)
+            with open(os.path.join(self.run_dir, "config.json")) as f:
+                saved_total = json.load(f)["args"]["total_timesteps"]
+            return "done" if status["finished"] and saved_total == self.total_timesteps else "resume"
+        return "new"
+
+    def command(self) -> List[str]:
+        if self.state() == "resume":
+            return self.base + ["--resume", self.run_dir, *self.flags]
+        return self.base + ["--run-dir", self.run_dir, *self.flags]
+
+    def __call__(self, env=None) -> str:
+        state = self.state()
+        if state == "done":
+            return "skipped"
+        if state == "new" and os.path.exists(self.run_dir):
+            shutil.rmtree(self.run_dir)  # died before its first checkpoint: nothing to keep
+        os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
+        with open(self.log_path, "a") as log:
+            log.write(f"$ {shlex.join(self.command())}\n")
+            log.flush()
+            result = subprocess.run(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                    env={**os.environ, **(env or {})})
+        if result.returncode != 0:
+            raise RuntimeError(f"{self.name} failed (exit {result.returncode}); see {self.log_path}")
+        return "resumed" if state == "resume" else "trained"
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def requested_total_timesteps(flags: List[str]) -> int:
+    for i, flag in enumerate(flags):
+        if flag == "--total-timesteps" and i + 1 < len(flags):
+            return int(flags[i + 1].replace("_", ""))
+        if flag.startswith("--total-timesteps="):
+            return int(flag.split("=", 1)[1].replace("_", ""))
+    return ppo.Args().total_timesteps
+
+
+def make_jobs(args: SweepArgs) -> List[Job]:
+    unknown = [m for m in args.methods if m not in METHODS] + [g for g in args.games if g not in PROCGEN_GAMES]
+    if unknown:
+        raise SystemExit(f"error: unknown method or game {unknown[0]!r}; methods: {', '.join(METHODS)}; "
+                         f"games: {', '.join(PROCGEN_GAMES)}")
+    flags = shlex.split(args.flags)
+    return [Job(args.root, method, game, seed, flags)
+            for game in args.games for method in args.methods for seed in args.seeds]
+
+
+def visible_gpus() -> List[int]:
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return list(range(sum(line.startswith("GPU ") for line in out.splitlines())))
+
+
+def run_local(jobs: List[Job], args: SweepArgs) -> int:
+    """A pool of `args.jobs` workers; worker k runs on GPU gpus[k % len(gpus)]. Returns the failures."""
+    gpus = visible_gpus() if args.gpus is None else args.gpus
+    todo = queue.Queue()
+    for job in jobs:
+        todo.put(job)
+    lock, counts, start = threading.Lock(), {"done": 0, "failed": 0, "running": 0}, time.time()
+
+    def report(message):
+        print(f"[{time.time() - start:7.0f}s] {counts['done']}/{len(jobs)} done, {counts['running']} running, "
+              f"{counts['failed']} failed | {message}", flush=True)
+
+    def worker(slot):
+        env = {"CUDA_VISIBLE_DEVICES": str(gpus[slot % len(gpus)])} if gpus else {}
+        while True:
+            try:
+                job = todo.get_nowait()
+            except queue.Empty:
+                return
+            with lock:
+                counts["running"] += 1
+                report(f"start {job.name}" + (f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if env else ""))
+            try:
+                outcome, failed = job(env), False
+            except RuntimeError as error:
+                outcome, failed = str(error), True
+            with lock:
+                counts["running"] -= 1
+                counts["failed" if failed else "done"] += 1
+                report(f"{job.name}: {outcome}")
+
+    threads = [threading.Thread(target=worker, args=(slot,)) for slot in range(max(1, args.jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return counts["failed"]
+
+
+def run_submitit(jobs: List[Job], args: SweepArgs) -> int:
+    import submitit
+
+    cluster = "local" if args.launcher == "submitit-local" else "slurm"
+    executor = submitit.AutoExecutor(folder=os.path.join(args.root, "submitit", "%j"), cluster=cluster)
+    executor.update_parameters(timeout_min=args.time_min, name="mdpo-sweep")
+    if cluster == "slurm":
+        executor.update_parameters(slurm_partition=args.partition, gpus_per_node=args.gpus_per_job,
+                                   cpus_per_task=args.cpus_per_job, slurm_array_parallelism=args.max_parallel)
+    with executor.batch():
+        submitted = [executor.submit(job) for job in jobs]
+    print(f"submitted {len(submitted)} jobs to {cluster}; job ids {submitted[0].job_id} ... {submitted[-1].job_id}",
+          flush=True)
+    if cluster == "slurm":
+        return 0  # the cluster runs them; run this command again later to resubmit any that failed
+    failed = 0
+    for job, handle in zip(jobs, submitted):
+        try:
+            print(f"{job.name}: {handle.result()}", flush=True)
+        except Exception as error:  # submitit wraps the job's exception
+            failed += 1
+            print(f"{job.name}: failed: {str(error).strip().splitlines()[-1]}", flush=True)
+    return failed
+
+
+def main(args: SweepArgs) -> int:
+    jobs = make_jobs(args)
+    pending = [job for job in jobs if job.state() != "done"]
+    print(f"{len(jobs)} jobs, {len(jobs) - len(pending)} already finished, {len(pending)} to run", flush=True)
+    if args.dry_run:
+        for job in pending:
+            print(shlex.join(job.command()))
+        return 0
+    if not pending:
+        return 0
+    failed = run_local(pending, args) if args.launcher == "local" else run_submitit(pending, args)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(tyro.cli(SweepArgs)))
