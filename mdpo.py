@@ -715,6 +715,7 @@ def main(args: Args) -> str:
         optimizer.load_state_dict(checkpoint["optimizer"])
         restore_rng_state(checkpoint["rng"])
         iteration, global_step = checkpoint["iteration"], checkpoint["global_step"]
+    # Evaluation uses the plain module: its batch shrinks as envs finish, which would recompile.
     models = [torch.compile(agent) if args.compile else agent for agent in agents]
 
     if args.track:
@@ -764,7 +765,7 @@ def main(args: Args) -> str:
             if iteration % args.eval_interval == 0 or iteration == args.num_iterations:
                 timer.lap()
                 for i, writer in enumerate(writers):
-                    test_return[i] = log_evaluation(writer, models[i], args, device, iteration, global_step, run_dir,
+                    test_return[i] = log_evaluation(writer, agents[i], args, device, iteration, global_step, run_dir,
                                                     f"agent{i + 1}")
                 timer.lap("eval")
             sps = int((global_step - start_step) / (time.time() - start_time))

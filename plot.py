@@ -189,6 +189,7 @@ def plot_aggregate(grouped, methods, title: str, out: str, reps: int) -> None:
         ax.set_yticks(range(len(methods)), methods if k == 0 else [""] * len(methods))
         ax.set_title(name)
         ax.set_xlabel("Min-max normalised score")
+        ax.margins(x=0.15)
         style(ax)
     fig.suptitle(f"Aggregate final test score, 95% bootstrap CIs ({title})")
     fig.tight_layout()

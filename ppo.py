@@ -694,6 +694,7 @@ def main(args: Args) -> str:
         rollout.next_done.copy_(checkpoint["next_done"])
         restore_rng_state(checkpoint["rng"])
         iteration, global_step = checkpoint["iteration"], checkpoint["global_step"]
+    # Evaluation uses the plain module: its batch shrinks as envs finish, which would recompile.
     model = torch.compile(agent) if args.compile else agent
 
     if args.track:
@@ -731,7 +732,7 @@ def main(args: Args) -> str:
             writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
             if iteration % args.eval_interval == 0 or iteration == args.num_iterations:
                 timer.lap()
-                test_return = log_evaluation(writer, model, args, device, iteration, global_step, run_dir, SCRIPT)
+                test_return = log_evaluation(writer, agent, args, device, iteration, global_step, run_dir, SCRIPT)
                 timer.lap("eval")
             sps = int((global_step - start_step) / (time.time() - start_time))
             writer.add_scalar("charts/SPS", sps, global_step)

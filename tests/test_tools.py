@@ -1,0 +1,179 @@
+"""sweep.py, plot.py and tsne.py on tiny jobs, synthetic event files and tiny checkpoints."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+import plot
+import ppo
+import sweep
+import tsne
+
+TINY_FLAGS = "--total-timesteps 128 --num-envs 4 --num-steps 32 --num-minibatches 2 --eval-episodes 2 --no-cuda"
+
+
+# ---------------------------------------------------------------------------------------------
+# sweep.py
+# ---------------------------------------------------------------------------------------------
+
+
+def sweep_args(root, **kw):
+    return sweep.SweepArgs(root=str(root), methods=["ppo", "mdpo"], games=["bigfish"], seeds=[1], flags=TINY_FLAGS, **kw)
+
+
+def test_sweep_runs_skips_finished_and_resumes_extended_jobs(tmp_path, capsys):
+    assert sweep.main(sweep_args(tmp_path, jobs=2)) == 0
+    jobs = sweep.make_jobs(sweep_args(tmp_path))
+    assert [job.state() for job in jobs] == ["done", "done"]
+    for job in jobs:
+        assert json.load(open(os.path.join(job.run_dir, "status.json")))["global_step"] == 128
+
+    capsys.readouterr()
+    assert sweep.main(sweep_args(tmp_path)) == 0
+    assert "2 already finished, 0 to run" in capsys.readouterr().out
+
+    longer = sweep_args(tmp_path)
+    longer.flags = TINY_FLAGS.replace("--total-timesteps 128", "--total-timesteps 256")
+    assert [job.state() for job in sweep.make_jobs(longer)] == ["resume", "resume"]
+    assert "--resume" in sweep.make_jobs(longer)[0].command()
+    assert sweep.main(longer) == 0
+    for job in sweep.make_jobs(longer):
+        assert json.load(open(os.path.join(job.run_dir, "status.json")))["global_step"] == 256
+
+
+def test_sweep_through_submitit_local_executor(tmp_path):
+    args = sweep_args(tmp_path, launcher="submitit-local")
+    args.methods = ["ppo_dropout"]
+    assert sweep.main(args) == 0
+    job = sweep.make_jobs(args)[0]
+    assert job.state() == "done"
+    assert json.load(open(os.path.join(job.run_dir, "config.json")))["args"]["dropout"] == 0.1
+
+
+def test_sweep_restarts_a_job_that_died_before_its_first_checkpoint(tmp_path):
+    job = sweep.make_jobs(sweep_args(tmp_path))[0]
+    os.makedirs(job.run_dir)
+    open(os.path.join(job.run_dir, "config.json"), "w").write("{}")
+    assert job.state() == "new"
+    assert job() == "trained"
+    assert job.state() == "done"
+
+
+def test_sweep_rejects_unknown_names(tmp_path):
+    args = sweep_args(tmp_path)
+    args.games = ["pong"]
+    with pytest.raises(SystemExit, match="unknown method or game 'pong'"):
+        sweep.main(args)
+
+
+# ---------------------------------------------------------------------------------------------
+# plot.py on synthetic event files
+# ---------------------------------------------------------------------------------------------
+
+
+def write_run(root, script, method, game, seed, test, train):
+    run_dir = os.path.join(root, f"{game}__{method}__{seed}")
+    os.makedirs(run_dir)
+    json.dump({"script": script, "args": {"env_id": game, "exp_name": method, "seed": seed}},
+              open(os.path.join(run_dir, "config.json"), "w"))
+    agents = [run_dir] if script == "ppo" else [os.path.join(run_dir, "agent1"), os.path.join(run_dir, "agent2")]
+    for k, event_dir in enumerate(agents):
+        writer = SummaryWriter(event_dir)
+        for step, (te, tr) in enumerate(zip(test, train)):
+            offset = 0 if script == "ppo" else (1 if k == 0 else -1)  # MDPO agents differ; their mean is test
+            writer.add_scalar("eval/test_return", te + offset, (step + 1) * 1000)
+            writer.add_scalar("eval/train_return", tr, (step + 1) * 1000)
+        writer.close()
+
+
+def test_plot_makes_every_figure_and_a_correct_table(tmp_path):
+    rng = np.random.default_rng(0)
+    finals = {}
+    for game in ("bigfish", "starpilot"):
+        for script, method in (("ppo", "ppo"), ("ppo", "ppo_l2"), ("mdpo", "mdpo")):
+            for seed in (1, 2, 3):
+                test = rng.uniform(0, 20, 5)
+                write_run(tmp_path / "runs", script, method, game, seed, test, test + 3)
+                finals.setdefault((game, method), []).append(test[-1])
+    out = tmp_path / "fig"
+    plot.main(plot.PlotArgs(runs=[str(tmp_path / "runs")], out=str(out), label="synthetic", bootstrap_reps=100))
+    for name in ("test_return", "aggregate", "generalization_gap"):
+        assert (out / f"{name}.png").stat().st_size > 0 and (out / f"{name}.pdf").stat().st_size > 0
+    table = (out / "final_test_returns.md").read_text()
+    assert "5,000 steps per agent, 3 seeds, synthetic" in table
+    row = next(line for line in table.splitlines() if line.startswith("| starpilot"))
+    expected = finals[("starpilot", "mdpo")]
+    assert f"{np.mean(expected):.2f} ± {np.std(expected):.2f} (3)" in row.split("|")[4]
+
+    grouped = plot.group([plot.load_run(d) for d in plot.find_runs([str(tmp_path / "runs")])])
+    scores = plot.normalised_scores(grouped, ["PPO", "MDPO"])
+    low, high = plot.HARD_MODE_RANGES["bigfish"]
+    np.testing.assert_allclose(scores["MDPO"][:, 0], (np.array(finals[("bigfish", "mdpo")]) - low) / (high - low),
+                               rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# tsne.py on tiny checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def write_checkpoint(path, script, game="bigfish", uniform_policy=False):
+    torch.manual_seed(len(str(path)))
+    agents = [ppo.Agent() for _ in range(1 if script == "ppo" else 2)]
+    for agent in agents:
+        if uniform_policy:
+            torch.nn.init.zeros_(agent.actor.weight)
+    states = [agent.state_dict() for agent in agents]
+    checkpoint = {"script": script, "args": {"env_id": game, "exp_name": script, "dropout": 0.0}}
+    checkpoint.update({"agent": states[0]} if script == "ppo" else {"agents": states})
+    os.makedirs(path)
+    torch.save(checkpoint, os.path.join(path, "checkpoint.pt"))
+    return str(path)
+
+
+def test_random_conv_copies_are_distinct_valid_frames_and_reproducible():
+    frame = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    copies = tsne.random_conv_copies(frame, 5, seed=3)
+    assert copies.shape == (5, 64, 64, 3) and copies.dtype == torch.uint8
+    assert not torch.equal(copies[0], copies[1])
+    assert torch.equal(copies, tsne.random_conv_copies(frame, 5, seed=3))
+
+
+def test_robustness_numbers_match_a_direct_computation():
+    torch.manual_seed(0)
+    agent = ppo.Agent().eval()
+    clean = torch.randint(0, 256, (6, 64, 64, 3), dtype=torch.uint8)
+    perturbed = torch.randint(0, 256, (9, 64, 64, 3), dtype=torch.uint8)
+    result = tsne.robustness(agent, clean, perturbed)
+    with torch.no_grad():
+        h_clean = agent.hidden(clean).double().numpy()
+        h = agent.hidden(perturbed).double().numpy()
+        scale = np.linalg.norm(h_clean, axis=1).mean()
+        spread = np.linalg.norm(h - h.mean(0), axis=1).mean() / scale
+        p0 = torch.softmax(agent.actor(agent.hidden(clean[:1])), -1).double().numpy()
+        p = torch.softmax(agent.actor(agent.hidden(perturbed)), -1).double().numpy()
+    assert result["spread"] == pytest.approx(spread, rel=1e-4)
+    assert result["tv_distance"] == pytest.approx(0.5 * np.abs(p - p0).sum(1).mean(), rel=1e-4, abs=1e-7)
+
+
+def test_tsne_figure_and_numbers_from_ppo_and_mdpo_checkpoints(tmp_path):
+    ppo_dir = write_checkpoint(tmp_path / "ppo_run", "ppo")
+    mdpo_dir = write_checkpoint(tmp_path / "mdpo_run", "mdpo", uniform_policy=True)
+    summary = tsne.main(tsne.TsneArgs(checkpoints=[ppo_dir, mdpo_dir], copies=12, clean_frames=8, warmup_steps=3,
+                                      out=str(tmp_path / "fig"), label="tiny"))
+    assert [e["label"] for e in summary["encoders"]] == ["PPO", "MDPO"]
+    assert summary["encoders"][1]["tv_distance"] == 0.0  # a uniform policy cannot move
+    assert all(e["spread"] > 0 for e in summary["encoders"])
+    assert (tmp_path / "fig" / "tsne_bigfish.png").stat().st_size > 0
+    assert json.load(open(tmp_path / "fig" / "tsne_bigfish.json")) == summary
+
+
+def test_tsne_refuses_checkpoints_of_different_games(tmp_path):
+    a = write_checkpoint(tmp_path / "a", "ppo", game="bigfish")
+    b = write_checkpoint(tmp_path / "b", "ppo", game="coinrun")
+    with pytest.raises(SystemExit, match="different games"):
+        tsne.main(tsne.TsneArgs(checkpoints=[a, b], figure=False, out=str(tmp_path / "fig")))
