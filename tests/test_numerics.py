@@ -9,6 +9,7 @@ from torch.distributions import Categorical, kl_divergence
 
 import mdpo
 import ppo
+from helpers import random_batch
 
 
 def plain_forward(agent, obs):
@@ -27,14 +28,6 @@ def plain_ppo_loss(logits, value, batch, inds, args):
     v_clip = old_v + torch.clamp(value - old_v, -args.clip_coef, args.clip_coef)
     v_loss = 0.5 * torch.max((value - ret) ** 2, (v_clip - ret) ** 2).mean()
     return pg - args.ent_coef * dist.entropy().mean() + args.vf_coef * v_loss
-
-
-def random_batch(seed, n=64):
-    g = torch.Generator().manual_seed(seed)
-    return {"obs": torch.randint(0, 256, (n, 64, 64, 3), dtype=torch.uint8, generator=g),
-            "actions": torch.randint(0, 15, (n,), generator=g), "logprobs": -torch.rand(n, generator=g) * 3,
-            "values": torch.randn(n, generator=g), "advantages": torch.randn(n, generator=g),
-            "returns": torch.randn(n, generator=g)}
 
 
 def plain_copy(agent):

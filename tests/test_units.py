@@ -8,6 +8,7 @@ import torch
 
 import mdpo
 import ppo
+from helpers import random_batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,14 +166,6 @@ def test_mutual_kl_is_finite_for_extreme_logits():
     assert torch.isfinite(kl) and kl.item() == pytest.approx(160.0, rel=1e-5)
 
 
-def fake_batch(seed, n=32):
-    g = torch.Generator().manual_seed(seed)
-    return {"obs": torch.randint(0, 256, (n, 64, 64, 3), dtype=torch.uint8, generator=g),
-            "actions": torch.randint(0, 15, (n,), generator=g), "logprobs": -torch.rand(n, generator=g) * 3,
-            "values": torch.randn(n, generator=g), "advantages": torch.randn(n, generator=g),
-            "returns": torch.randn(n, generator=g)}
-
-
 def agent_grads(agent):
     return [p.grad for p in agent.parameters()]
 
@@ -183,7 +176,7 @@ def test_which_gradients_cross_between_agents(alpha, detach_peer, crosses):
     agents = [mdpo.Agent(), mdpo.Agent()]
     args = mdpo.validate_args(mdpo.Args(alpha=alpha, detach_peer=detach_peer, num_envs=4, num_steps=8,
                                         num_minibatches=1, total_timesteps=32))
-    batches = [fake_batch(1), fake_batch(2)]
+    batches = [random_batch(1, 32), random_batch(2, 32)]
     losses, _ = mdpo.minibatch_loss(agents, batches, torch.arange(32), args)
     losses[0].backward()  # agent 1's loss only
     assert all(g is not None and g.abs().sum() > 0 for g in agent_grads(agents[0])[-4:])
@@ -199,7 +192,7 @@ def test_mdpo_loss_is_ppo_loss_plus_alpha_kl():
     agents = [mdpo.Agent(), mdpo.Agent()]
     for agent in agents:  # fresh heads are near uniform; make the two policies differ visibly
         agent.actor.weight.data *= 200
-    batches = [fake_batch(1), fake_batch(2)]
+    batches = [random_batch(1, 32), random_batch(2, 32)]
     make = lambda alpha: mdpo.validate_args(mdpo.Args(alpha=alpha, num_envs=4, num_steps=8, num_minibatches=1,  # noqa: E731
                                                       total_timesteps=32))
     inds = torch.arange(32)

@@ -1,0 +1,12 @@
+"""Shared test data."""
+
+import torch
+
+
+def random_batch(seed, n=64):
+    """A flattened rollout of n random transitions, as Rollout.flat returns it."""
+    g = torch.Generator().manual_seed(seed)
+    return {"obs": torch.randint(0, 256, (n, 64, 64, 3), dtype=torch.uint8, generator=g),
+            "actions": torch.randint(0, 15, (n,), generator=g), "logprobs": -torch.rand(n, generator=g) * 3,
+            "values": torch.randn(n, generator=g), "advantages": torch.randn(n, generator=g),
+            "returns": torch.randn(n, generator=g)}
