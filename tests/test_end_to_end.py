@@ -38,13 +38,21 @@ def event_dirs(module, run_dir):
 @pytest.mark.parametrize("game", ["bigfish", "starpilot"])
 def test_tiny_run_writes_every_tag_and_a_checkpoint(module, game, tmp_path):
     run_dir = str(tmp_path / "run")
-    module.main(module.Args(env_id=game, total_timesteps=256, run_dir=run_dir, **TINY))
+    capture_video = game == "bigfish"
+    module.main(module.Args(env_id=game, total_timesteps=256, run_dir=run_dir, capture_video=capture_video, **TINY))
     expected = COMMON_TAGS | ({"losses/mutual_kl"} if module is mdpo else set())
     for event_dir in event_dirs(module, run_dir):
         steps = scalars(event_dir)
         assert expected <= set(steps), expected - set(steps)
         assert steps["charts/SPS"] == [128, 256]
         assert steps["eval/test_return"] == [256]
+        if capture_video:
+            accumulator = EventAccumulator(event_dir)
+            accumulator.Reload()
+            assert accumulator.Tags()["images"] == ["eval/video"]
+    if capture_video:
+        gifs = os.listdir(os.path.join(run_dir, "videos"))
+        assert len(gifs) == len(event_dirs(module, run_dir)) and all(g.endswith("_256.gif") for g in gifs)
     checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
     assert checkpoint["script"] == module.SCRIPT and checkpoint["global_step"] == 256
 
