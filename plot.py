@@ -199,7 +199,7 @@ def plot_aggregate(grouped, methods, title: str, out: str, reps: int) -> None:
 def plot_gap(grouped, methods, title: str, out: str) -> None:
     games = sorted(grouped)
     width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(games) * len(methods) / 2), 3.5))
+    fig, ax = plt.subplots(figsize=(max(9, 1.3 * len(games) * len(methods) / 2), 3.5))
     for k, method in enumerate(methods):
         gaps = [[final(r, "eval/train_return") - final(r, "eval/test_return") for r in grouped[g].get(method, [])]
                 for g in games]

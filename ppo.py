@@ -374,7 +374,7 @@ class Rollout:
 
 
 def collect_rollout(agent, envs, rollout: Rollout, args: Args, device, global_step: int):
-    """Step the envs num_steps times with the agent; return (global_step, finished episodes)."""
+    """Step the envs num_steps times; return the new global_step, the finished episodes and the batch."""
     episodes = []  # (global step, raw return, length) of every episode that ended
     for step in range(args.num_steps):
         rollout.obs[step] = rollout.next_obs
