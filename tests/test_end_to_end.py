@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -130,3 +132,26 @@ def test_resume_with_no_other_flags_uses_the_saved_config(tmp_path):
     result = run_cli("ppo.py", "--resume", run_dir, "--total-timesteps", "256")
     assert result.returncode == 0, result.stderr[-2000:]
     assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)["global_step"] == 256
+
+
+def test_ctrl_c_stops_cleanly_and_the_run_resumes(tmp_path):
+    run_dir = str(tmp_path / "run")
+    flags = ["--env-id", "starpilot", "--num-envs", "4", "--num-steps", "32", "--num-minibatches", "2",
+             "--total-timesteps", "1000000", "--checkpoint-interval", "1", "--no-cuda", "--run-dir", run_dir]
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "mdpo.py"), *flags], stderr=subprocess.PIPE,
+                               text=True, cwd=ROOT)
+    status = os.path.join(run_dir, "status.json")
+    deadline = time.time() + 120
+    while not os.path.exists(status) and time.time() < deadline:
+        time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert stderr.replace("\r", "\n").strip().splitlines()[-1] == f"interrupted; continue with: python mdpo.py --resume {run_dir}"
+    stopped_at = json.load(open(status))["global_step"]
+    assert stopped_at > 0
+
+    result = run_cli("mdpo.py", "--resume", run_dir, "--total-timesteps", str(stopped_at + 128))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.load(open(status)) == {"global_step": stopped_at + 128, "iteration": stopped_at // 128 + 1,
+                                       "finished": True}
