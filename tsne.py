@@ -29,9 +29,9 @@ import torch.nn.functional as F  # noqa: E402
 import tyro  # noqa: E402
 
 import ppo  # noqa: E402
+from plot import METHOD_COLOURS, METHOD_NAMES  # noqa: E402
 
-COLOURS = ["#17becf", "#e8323c", "#1565d8", "#f5a700", "#2ca02c", "#9467bd"]
-METHOD_NAMES = {"ppo": "PPO", "ppo_l2": "PPO + L2", "ppo_dropout": "PPO + dropout", "mdpo": "MDPO"}
+OTHER_COLOURS = ["#2ca02c", "#9467bd", "#8c564b", "#7f7f7f"]
 
 
 @dataclass
@@ -128,7 +128,8 @@ def draw(frame, perturbed, results, labels, title, path):
     start = 0
     for k, (result, label) in enumerate(zip(results, labels)):
         n = len(result["features"])
-        ax.scatter(*embedded[start:start + n].T, s=18, color=COLOURS[k % len(COLOURS)],
+        colour = METHOD_COLOURS.get(label, OTHER_COLOURS[k % len(OTHER_COLOURS)])
+        ax.scatter(*embedded[start:start + n].T, s=18, color=colour,
                    label=f"{label} encoder: spread {result['spread']:.3f}, TV {result['tv_distance']:.3f}")
         start += n
     ax.set_xlabel("t-SNE component 1")
