@@ -27,10 +27,9 @@ from typing import Optional
 import numpy as np
 import torch
 import tyro
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 import mdpo
 import ppo
+from plot import read_scalars
 
 
 @dataclass
@@ -107,10 +106,9 @@ def end_to_end(module, config: dict, bench: BenchArgs) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
         module.main(module.Args(total_timesteps=(1 + bench.iterations) * batch, run_dir=run_dir, **config))
         event_dir = run_dir if module is ppo else os.path.join(run_dir, "agent1")
-        accumulator = EventAccumulator(event_dir)
-        accumulator.Reload()
-        seconds = {tag.split("/")[1].removesuffix("_seconds"): [e.value for e in accumulator.Scalars(tag)]
-                   for tag in accumulator.Tags()["scalars"] if tag.startswith("perf/")}
+        parts = ("rollout", "update", "eval", "iteration")
+        series = read_scalars(event_dir, [f"perf/{part}_seconds" for part in parts])
+        seconds = {part: list(series[f"perf/{part}_seconds"][1]) for part in parts}
     eval_interval = module.Args().eval_interval
     evaluation = seconds["eval"][-1]  # the one evaluation, at the last iteration
     iteration = np.array(seconds["iteration"][1:])
