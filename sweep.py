@@ -94,8 +94,8 @@ class Job:
             return "done" if status["finished"] and saved_total == self.total_timesteps else "resume"
         return "new"
 
-    def command(self) -> List[str]:
-        if self.state() == "resume":
+    def command(self, state: str) -> List[str]:
+        if state == "resume":
             return self.base + ["--resume", self.run_dir, *self.flags]
         return self.base + ["--run-dir", self.run_dir, *self.flags]
 
@@ -105,11 +105,12 @@ class Job:
             return "skipped"
         if state == "new" and os.path.exists(self.run_dir):
             shutil.rmtree(self.run_dir)  # died before its first checkpoint: nothing to keep
+        command = self.command(state)
         os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
         with open(self.log_path, "a") as log:
-            log.write(f"$ {shlex.join(self.command())}\n")
+            log.write(f"$ {shlex.join(command)}\n")
             log.flush()
-            result = subprocess.run(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                     env={**os.environ, **(env or {})})
         if result.returncode != 0:
             raise RuntimeError(f"{self.name} failed (exit {result.returncode}); see {self.log_path}")
@@ -218,7 +219,7 @@ def main(args: SweepArgs) -> int:
     print(f"{len(jobs)} jobs, {len(jobs) - len(pending)} already finished, {len(pending)} to run", flush=True)
     if args.dry_run:
         for job in pending:
-            print(shlex.join(job.command()))
+            print(shlex.join(job.command(job.state())))
         return 0
     if not pending:
         return 0

@@ -39,7 +39,8 @@ def test_sweep_runs_skips_finished_and_resumes_extended_jobs(tmp_path, capsys):
     longer = sweep_args(tmp_path)
     longer.flags = TINY_FLAGS.replace("--total-timesteps 128", "--total-timesteps 256")
     assert [job.state() for job in sweep.make_jobs(longer)] == ["resume", "resume"]
-    assert "--resume" in sweep.make_jobs(longer)[0].command()
+    job = sweep.make_jobs(longer)[0]
+    assert "--resume" in job.command(job.state())
     assert sweep.main(longer) == 0
     for job in sweep.make_jobs(longer):
         assert json.load(open(os.path.join(job.run_dir, "status.json")))["global_step"] == 256
