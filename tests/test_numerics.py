@@ -103,3 +103,52 @@ def test_rollout_inference_matches_plain_forward():
     want_logits, want_value = plain_forward(plain, obs)
     torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(value, want_value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("module", [ppo, mdpo])
+def test_gumbel_max_sampling_follows_the_softmax(module):
+    """sample_action draws from Categorical(logits): frequencies within 5 standard errors."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 15) * 2
+    draws = 100_000
+    actions = module.sample_action(logits.repeat_interleave(draws, 0)).view(3, draws)
+    counts = torch.stack([torch.bincount(row, minlength=15) for row in actions]).double()
+    probs = torch.softmax(logits.double(), -1)
+    standard_error = (probs * (1 - probs) / draws).sqrt()
+    assert ((counts / draws - probs).abs() <= 5 * standard_error + 1e-9).all()
+
+
+@pytest.mark.parametrize("module", [ppo, mdpo])
+def test_policy_step_log_probability_and_value(module):
+    """policy_step's log-probabilities and values match Categorical on the plain NCHW network."""
+    torch.manual_seed(1)
+    agent = module.make_agent(tiny_args(module), torch.device("cpu"))
+    agent.actor.weight.data *= 100
+    obs = random_batch(1)["obs"][:16]
+    with torch.inference_mode():
+        action, logprob, value = module.policy_step(agent, obs, bf16=False)
+        logits, expected_value = plain_forward(plain_copy(agent), obs)
+    torch.testing.assert_close(logprob, Categorical(logits=logits).log_prob(action), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(value, expected_value, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("bf16, compiled", [(False, False), (True, False), (False, True)])
+def test_graphed_policy_matches_eager_policy_and_follows_weight_updates(bf16, compiled):
+    torch.manual_seed(2)
+    device = torch.device("cuda")
+    args = tiny_args(ppo, bf16=bf16, compile=compiled)
+    agent = ppo.make_agent(args, device)
+    policy = ppo.make_policy(torch.compile(agent) if compiled else agent, args, device)
+    assert isinstance(policy, ppo.GraphedPolicy)
+    for _ in range(2):  # the second round after an in-place weight change, as an optimiser step makes
+        obs = torch.randint(0, 256, (args.num_envs, 64, 64, 3), dtype=torch.uint8, device=device)
+        action, logprob, value = (t.clone() for t in policy(obs))
+        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=bf16):
+            logits, expected_value = agent(obs)
+        torch.testing.assert_close(value, expected_value, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logprob, torch.log_softmax(logits, -1).gather(-1, action[:, None]).squeeze(-1),
+                                   rtol=1e-4, atol=1e-4)
+        with torch.no_grad():
+            for p in agent.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
