@@ -3,6 +3,7 @@ implementation computes: same losses and gradients on the same batch, in float32
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch.distributions import Categorical, kl_divergence
@@ -140,7 +141,7 @@ def test_graphed_policy_matches_eager_policy_and_follows_weight_updates(bf16, co
     args = tiny_args(ppo, bf16=bf16, compile=compiled)
     agent = ppo.make_agent(args, device)
     policy = ppo.make_policy(torch.compile(agent) if compiled else agent, args, device)
-    assert isinstance(policy, ppo.GraphedPolicy)
+    assert isinstance(policy, ppo.CudaGraphed)
     for _ in range(2):  # the second round after an in-place weight change, as an optimiser step makes
         obs = torch.randint(0, 256, (args.num_envs, 64, 64, 3), dtype=torch.uint8, device=device)
         action, logprob, value = (t.clone() for t in policy(obs))
@@ -152,3 +153,16 @@ def test_graphed_policy_matches_eager_policy_and_follows_weight_updates(bf16, co
         with torch.no_grad():
             for p in agent.parameters():
                 p.add_(torch.randn_like(p) * 0.05)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_graphed_evaluation_network_gives_the_running_envs_logits():
+    torch.manual_seed(3)
+    device = torch.device("cuda")
+    agent = ppo.make_agent(tiny_args(ppo), device).eval()
+    frames = [torch.randint(0, 256, (8, 64, 64, 3), dtype=torch.uint8).numpy() for _ in range(2)]
+    logits_of = ppo.eval_network(agent, frames[0], bf16=False, device=device)
+    running = np.array([1, 4, 5])
+    with torch.inference_mode():
+        expected = agent(torch.as_tensor(frames[1][running], device=device))[0]
+        torch.testing.assert_close(logits_of(frames[1], running), expected, rtol=1e-4, atol=1e-4)
