@@ -335,6 +335,8 @@ class CudaGraphed:
 
     def __init__(self, fn, example):
         self.input = example.clone()
+        # Warm-up draws random numbers; restoring the state keeps a resumed run's stream unchanged.
+        rng = torch.cuda.get_rng_state(example.device)
         with torch.inference_mode():
             side_stream = torch.cuda.Stream()
             side_stream.wait_stream(torch.cuda.current_stream())
@@ -345,6 +347,7 @@ class CudaGraphed:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.output = fn(self.input)
+        torch.cuda.set_rng_state(rng, example.device)
 
     def __call__(self, x):
         self.input.copy_(x)
@@ -614,9 +617,10 @@ def rng_state() -> dict:
 def restore_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    # The checkpoint is loaded onto the training device, but RNG states must be CPU byte tensors.
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([cuda_state.cpu() for cuda_state in state["cuda"]])
 
 
 def save_checkpoint(run_dir: str, checkpoint: dict) -> None:

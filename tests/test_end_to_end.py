@@ -59,19 +59,25 @@ def test_tiny_run_writes_every_tag_and_a_checkpoint(module, game, tmp_path):
     assert checkpoint["script"] == module.SCRIPT and checkpoint["global_step"] == 256
 
 
+@pytest.mark.parametrize("cuda", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
 @pytest.mark.parametrize("module", [ppo, mdpo])
-def test_resumed_run_continues_exactly_where_it_stopped(module, tmp_path):
-    """Two iterations straight equal one iteration, a stop, and a resume: same weights, same steps."""
+def test_resumed_run_continues_exactly_where_it_stopped(module, cuda, tmp_path):
+    """Two iterations straight equal one iteration, a stop, and a resume: same weights, same steps.
+
+    On CUDA this covers the graphed policy too: building its graph must not move the random stream.
+    """
     straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
     extra = {"l2_coef": 1e-4, "dropout": 0.1} if module is ppo else {}
-    module.main(module.Args(env_id="bigfish", total_timesteps=256, run_dir=straight, **TINY, **extra))
-    module.main(module.Args(env_id="bigfish", total_timesteps=128, run_dir=stopped, **TINY, **extra))
+    extra["cuda"] = cuda
+    module.main(module.Args(env_id="bigfish", total_timesteps=256, run_dir=straight, **{**TINY, **extra}))
+    module.main(module.Args(env_id="bigfish", total_timesteps=128, run_dir=stopped, **{**TINY, **extra}))
     saved = json.load(open(os.path.join(stopped, "config.json")))["args"]
     resumed = module.Args(**{**saved, "resume": stopped, "total_timesteps": 256})
     module.main(resumed)
 
-    a = torch.load(os.path.join(straight, "checkpoint.pt"), weights_only=False)
-    b = torch.load(os.path.join(stopped, "checkpoint.pt"), weights_only=False)
+    a = torch.load(os.path.join(straight, "checkpoint.pt"), weights_only=False, map_location="cpu")
+    b = torch.load(os.path.join(stopped, "checkpoint.pt"), weights_only=False, map_location="cpu")
     assert a["global_step"] == b["global_step"] == 256 and b["iteration"] == 2
     key = "agent" if module is ppo else "agents"
     a_params, b_params = a[key] if module is mdpo else [a[key]], b[key] if module is mdpo else [b[key]]
