@@ -795,7 +795,7 @@ def main(args: Args) -> str:
         optimizer.load_state_dict(checkpoint["optimizer"])
         restore_rng_state(checkpoint["rng"])
         iteration, global_step = checkpoint["iteration"], checkpoint["global_step"]
-    # Evaluation uses the plain module: its batch shrinks as envs finish, which would recompile.
+    # Evaluation uses the plain module: on the CPU its batch shrinks as envs finish, which would recompile.
     models = [torch.compile(agent) if args.compile else agent for agent in agents]
     policies = [make_policy(model, args, device) for model in models]
 

@@ -773,7 +773,7 @@ def main(args: Args) -> str:
         rollout.next_done.copy_(checkpoint["next_done"])
         restore_rng_state(checkpoint["rng"])
         iteration, global_step = checkpoint["iteration"], checkpoint["global_step"]
-    # Evaluation uses the plain module: its batch shrinks as envs finish, which would recompile.
+    # Evaluation uses the plain module: on the CPU its batch shrinks as envs finish, which would recompile.
     model = torch.compile(agent) if args.compile else agent
     policy = make_policy(model, args, device)
 

@@ -10,3 +10,8 @@ def random_batch(seed, n=64):
             "actions": torch.randint(0, 15, (n,), generator=g), "logprobs": -torch.rand(n, generator=g) * 3,
             "values": torch.randn(n, generator=g), "advantages": torch.randn(n, generator=g),
             "returns": torch.randn(n, generator=g)}
+
+
+def tiny_args(module, **kw):
+    """Validated Args of a tiny run (8 envs x 16 steps, 2 minibatches) of ppo or mdpo."""
+    return module.validate_args(module.Args(num_envs=8, num_steps=16, num_minibatches=2, total_timesteps=128, **kw))

@@ -10,7 +10,7 @@ from torch.distributions import Categorical, kl_divergence
 
 import mdpo
 import ppo
-from helpers import random_batch
+from helpers import random_batch, tiny_args
 
 
 def plain_forward(agent, obs):
@@ -42,10 +42,6 @@ def assert_same_gradients(fast, plain):
     for (name, p), q in zip(fast.named_parameters(), plain.parameters()):
         assert p.grad is not None and q.grad is not None, name
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
-
-
-def tiny_args(module, **kw):
-    return module.validate_args(module.Args(num_envs=8, num_steps=16, num_minibatches=2, total_timesteps=128, **kw))
 
 
 def test_ppo_fast_path_matches_plain_path():

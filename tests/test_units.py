@@ -8,7 +8,7 @@ import torch
 
 import mdpo
 import ppo
-from helpers import random_batch
+from helpers import random_batch, tiny_args
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,8 +210,7 @@ def test_mdpo_loss_is_ppo_loss_plus_alpha_kl():
 @pytest.mark.parametrize("module", [ppo, mdpo])
 def test_training_rewards_are_clipped_to_plus_minus_ten(module):
     """The outermost training wrapper clips the normalised rewards of the whole vector at once."""
-    args = module.validate_args(module.Args(num_envs=3, num_steps=4, num_minibatches=1, total_timesteps=12))
-    envs = module.make_envs(args, seed=0)
+    envs = module.make_envs(tiny_args(module), seed=0)
     clipped = envs.rewards(np.array([-50.0, 0.5, 50.0]))
     envs.close()
     np.testing.assert_array_equal(clipped, [-10.0, 0.5, 10.0])
