@@ -433,29 +433,44 @@ class Rollout:
                 "values": self.values.flatten(), "advantages": advantages.flatten(), "returns": returns.flatten()}
 
 
-def collect_rollout(policy, envs, rollout: Rollout, args: Args, device, global_step: int):
-    """Step the envs num_steps times; return the new global_step, the finished episodes and the batch."""
-    episodes = []  # (global step, raw return, length) of every episode that ended
-    for step in range(args.num_steps):
-        rollout.obs[step] = rollout.next_obs
-        rollout.dones[step] = rollout.next_done
-        action, logprob, value = policy(rollout.next_obs)
-        rollout.actions[step], rollout.logprobs[step], rollout.values[step] = action, logprob, value
-        next_obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())  # the step's one sync
-        global_step += args.num_envs
-        rollout.rewards[step] = torch.from_numpy(reward)
-        rollout.next_done.copy_(torch.from_numpy(terminated | truncated))
-        # The staging buffer is rewritten only after the next step's sync, when this copy has finished.
-        rollout.staging.numpy()[:] = next_obs
-        rollout.next_obs.copy_(rollout.staging, non_blocking=True)
-        if "episode" in info:
-            for i in np.flatnonzero(info["_episode"]):
-                episodes.append((global_step, float(info["episode"]["r"][i]), int(info["episode"]["l"][i])))
+def act(policy, rollout: Rollout, step: int):
+    """Record the step's observations and choose the envs' actions; returns the actions on the host."""
+    rollout.obs[step] = rollout.next_obs
+    rollout.dones[step] = rollout.next_done
+    action, logprob, value = policy(rollout.next_obs)
+    rollout.actions[step], rollout.logprobs[step], rollout.values[step] = action, logprob, value
+    return action.cpu().numpy()  # the step's one sync
+
+
+def store_step(result, rollout: Rollout, step: int, global_step: int, episodes: list) -> None:
+    """Store what the envs returned for the step; append the episodes that ended to `episodes`."""
+    next_obs, reward, terminated, truncated, info = result
+    rollout.rewards[step] = torch.from_numpy(reward)
+    rollout.next_done.copy_(torch.from_numpy(terminated | truncated))
+    # The staging buffer is rewritten only after the next step's sync, when this copy has finished.
+    rollout.staging.numpy()[:] = next_obs
+    rollout.next_obs.copy_(rollout.staging, non_blocking=True)
+    if "episode" in info:
+        for i in np.flatnonzero(info["_episode"]):
+            episodes.append((global_step, float(info["episode"]["r"][i]), int(info["episode"]["l"][i])))
+
+
+def finish_rollout(policy, rollout: Rollout, args: Args, device) -> dict:
+    """Bootstrap from the last observations, compute GAE and return the batch for the update."""
     next_value = policy(rollout.next_obs)[2]
     # GAE is a loop of num_steps tiny steps: on the host it measured 3x faster than as GPU launches.
     advantages, returns = compute_gae(rollout.rewards, rollout.values.cpu(), rollout.dones, next_value.cpu(),
                                       rollout.next_done, args.gamma, args.gae_lambda)
-    return global_step, episodes, rollout.flat(advantages.to(device), returns.to(device))
+    return rollout.flat(advantages.to(device), returns.to(device))
+
+
+def collect_rollout(policy, envs, rollout: Rollout, args: Args, device, global_step: int):
+    """Step the envs num_steps times; return the new global_step, the finished episodes and the batch."""
+    episodes = []  # (global step, raw return, length) of every episode that ended
+    for step in range(args.num_steps):
+        global_step += args.num_envs
+        store_step(envs.step(act(policy, rollout, step)), rollout, step, global_step, episodes)
+    return global_step, episodes, finish_rollout(policy, rollout, args, device)
 
 
 def ppo_objective(logits, new_value, batch: dict, mb_inds, args: Args):

@@ -1,0 +1,54 @@
+"""MDPO steps its two agents' envs overlapped (one agent's envs step on a worker thread while the
+other's policy runs); each agent must still collect exactly what it collects stepping alone."""
+
+import torch
+
+import mdpo
+import ppo
+
+
+def pixel_policy(offset):
+    """A deterministic stand-in for the network: actions, log-probs and values from the frames' sums."""
+    def policy(obs):
+        total = obs.sum(dim=(1, 2, 3))
+        return (total + offset) % 15, -(total % 7).float(), (total % 11).float()
+    return policy
+
+
+def small_args(module):
+    """4 coinrun envs x 64 steps: long enough for episodes to end inside the rollouts."""
+    return module.validate_args(module.Args(env_id="coinrun", num_envs=4, num_steps=64, num_minibatches=2,
+                                            total_timesteps=256))
+
+
+def start(module, args, rollout):
+    envs = module.make_envs(args, seed=args.seed)
+    rollout.next_obs.copy_(torch.from_numpy(envs.reset()[0]))
+    rollout.next_done.fill_(1)
+    return envs
+
+
+def test_overlapped_rollouts_equal_each_agent_stepping_alone():
+    args = small_args(mdpo)
+    device = torch.device("cpu")
+    policies = [pixel_policy(0), pixel_policy(7)]  # different actions, so the agents' trajectories differ
+    rollouts = [mdpo.Rollout(args, device) for _ in range(2)]
+    envs = [start(mdpo, args, rollout) for rollout in rollouts]
+    alone_args = small_args(ppo)
+    alone_rollouts = [ppo.Rollout(alone_args, device) for _ in range(2)]
+    alone_envs = [start(ppo, alone_args, rollout) for rollout in alone_rollouts]
+    global_step, found_episodes = 0, 0
+    for _ in range(2):  # the second rollout continues from the first's last frames
+        next_step, episodes, batches = mdpo.collect_rollouts(policies, envs, rollouts, args, device, global_step)
+        for i in range(2):
+            alone_step, alone_episodes, alone_batch = ppo.collect_rollout(
+                policies[i], alone_envs[i], alone_rollouts[i], alone_args, device, global_step)
+            assert next_step == alone_step
+            assert episodes[i] == alone_episodes
+            for key, value in alone_batch.items():
+                torch.testing.assert_close(batches[i][key], value, rtol=0, atol=0, msg=key)
+            torch.testing.assert_close(rollouts[i].next_obs, alone_rollouts[i].next_obs, rtol=0, atol=0)
+            found_episodes += len(episodes[i])
+        assert not torch.equal(batches[0]["obs"], batches[1]["obs"])
+        global_step = next_step
+    assert found_episodes > 0  # the episode bookkeeping was exercised
