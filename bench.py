@@ -10,7 +10,8 @@ Measures, on the chosen device and in this order:
   3. end-to-end steps/s of the real ppo.main and mdpo.main over a few iterations after a warm-up
      iteration, from their perf/* timers: rollout, update, and evaluation amortised over the default
      --eval-interval (the run evaluates once, at its last iteration);
-  4. each end-to-end rate as a ratio of its floor; the bf16 rows also as a speed-up over float32.
+  4. each end-to-end rate as a ratio of its floor; the bf16 rows also as a speed-up over float32;
+  5. MDPO's two rollouts with the env steps in turn against overlapped (its GPU default), side by side.
 It prints a markdown table last. Defaults: a small config on the CPU, the paper's on a GPU.
 
     python bench.py                # float32 and bf16, CPU config or GPU paper defaults
@@ -104,6 +105,38 @@ def network_rate(device, batch_size, backward, bf16, compiled, seconds) -> float
     return count * batch_size / (time.perf_counter() - start)
 
 
+def rollout_overlap(device, config: dict, repeats: int = 3) -> tuple:
+    """Seconds for MDPO's two rollouts with env steps in turn vs overlapped, alternating (medians).
+
+    Both use the scripts' own policies, envs and buffers; only the order of the env steps differs.
+    """
+    args = mdpo.validate_args(mdpo.Args(total_timesteps=config["num_envs"] * config["num_steps"], **config))
+    agents = [mdpo.make_agent(args, device) for _ in range(2)]
+    policies = [mdpo.make_policy(torch.compile(agent) if args.compile else agent, args, device) for agent in agents]
+    envs = [mdpo.make_envs(args, seed=args.seed) for _ in range(2)]
+    rollouts = [mdpo.Rollout(args, device) for _ in range(2)]
+    for agent_envs, rollout in zip(envs, rollouts):
+        rollout.next_obs.copy_(torch.from_numpy(agent_envs.reset()[0]))
+
+    def in_turn():
+        mdpo.collect_rollouts(policies, envs, rollouts, args, device, 0, overlap=False)
+
+    def overlapped():
+        mdpo.collect_rollouts(policies, envs, rollouts, args, device, 0, overlap=True)
+
+    seconds = {in_turn: [], overlapped: []}
+    for repeat in range(1 + repeats):  # the first round warms up (and compiles)
+        for collect in seconds:
+            start = time.perf_counter()
+            collect()
+            synchronize(device)
+            if repeat:
+                seconds[collect].append(time.perf_counter() - start)
+    for agent_envs in envs:
+        agent_envs.close()
+    return float(np.median(seconds[in_turn])), float(np.median(seconds[overlapped]))
+
+
 def end_to_end(module, config: dict, bench: BenchArgs) -> dict:
     """Run the script's main for warm-up + measured iterations; per-iteration seconds from its timers."""
     batch = config["num_envs"] * config["num_steps"]
@@ -160,6 +193,12 @@ def main(bench: BenchArgs) -> None:
             results[(script, name)] = end_to_end(module, {**base, "bf16": bf16, "compile": compiled}, bench)
             print(f"{script} {name}: {results[(script, name)]['sps']:,.0f} steps/s", file=sys.stderr)
 
+    overlap = {}
+    for name, bf16, compiled in variants:
+        overlap[name] = rollout_overlap(device, {**base, "bf16": bf16, "compile": compiled})
+        print(f"{name}: MDPO's rollouts in turn {overlap[name][0]:.3f} s, overlapped {overlap[name][1]:.3f} s",
+              file=sys.stderr)
+
     device_name = torch.cuda.get_device_name(device) if on_gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n### {device_name}: {bench.env_id}, num-envs {num_envs}, num-steps {num_steps}, "
           f"{bench.num_minibatches} minibatches of {minibatch}, {bench.update_epochs} epochs, torch {torch.__version__}\n")
@@ -168,6 +207,10 @@ def main(bench: BenchArgs) -> None:
     print("|---|---|---|---|")
     for name, (inference, train_mb, train_2mb) in nets.items():
         print(f"| {name} | {inference:,.0f} | {train_mb:,.0f} | {train_2mb:,.0f} |")
+    print("\n| path | MDPO's two rollouts in turn, s | overlapped, s | speed-up |")
+    print("|---|---|---|---|")
+    for name, (in_turn, overlapped) in overlap.items():
+        print(f"| {name} | {in_turn:.3f} | {overlapped:.3f} | {in_turn / overlapped:.2f}x |")
     print("\n| script | path | floor steps/s | end-to-end steps/s | ratio to floor | rollout s/it | update s/it "
           "| eval s/it (amortised) | speed-up vs float32 |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -1,6 +1,8 @@
-"""MDPO steps its two agents' envs overlapped (one agent's envs step on a worker thread while the
-other's policy runs); each agent must still collect exactly what it collects stepping alone."""
+"""MDPO interleaves its two agents' steps, and on a GPU overlaps them (one agent's envs step on a
+worker thread while the other's policy runs); each agent must still collect exactly what it
+collects stepping alone."""
 
+import pytest
 import torch
 
 import mdpo
@@ -28,7 +30,8 @@ def start(module, args, rollout):
     return envs
 
 
-def test_overlapped_rollouts_equal_each_agent_stepping_alone():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_interleaved_rollouts_equal_each_agent_stepping_alone(overlap):
     args = small_args(mdpo)
     device = torch.device("cpu")
     policies = [pixel_policy(0), pixel_policy(7)]  # different actions, so the agents' trajectories differ
@@ -39,7 +42,8 @@ def test_overlapped_rollouts_equal_each_agent_stepping_alone():
     alone_envs = [start(ppo, alone_args, rollout) for rollout in alone_rollouts]
     global_step, found_episodes = 0, 0
     for _ in range(2):  # the second rollout continues from the first's last frames
-        next_step, episodes, batches = mdpo.collect_rollouts(policies, envs, rollouts, args, device, global_step)
+        next_step, episodes, batches = mdpo.collect_rollouts(policies, envs, rollouts, args, device, global_step,
+                                                             overlap)
         for i in range(2):
             alone_step, alone_episodes, alone_batch = ppo.collect_rollout(
                 policies[i], alone_envs[i], alone_rollouts[i], alone_args, device, global_step)

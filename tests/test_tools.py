@@ -1,4 +1,4 @@
-"""sweep.py, plot.py and tsne.py on tiny jobs, synthetic event files and tiny checkpoints."""
+"""sweep.py, plot.py, tsne.py and bench.py on tiny jobs, synthetic event files and tiny checkpoints."""
 
 import json
 import os
@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+import bench
 import plot
 import ppo
 import sweep
@@ -178,3 +179,37 @@ def test_tsne_refuses_checkpoints_of_different_games(tmp_path):
     b = write_checkpoint(tmp_path / "b", "ppo", game="coinrun")
     with pytest.raises(SystemExit, match="different games"):
         tsne.main(tsne.TsneArgs(checkpoints=[a, b], figure=False, out=str(tmp_path / "fig")))
+
+
+# ---------------------------------------------------------------------------------------------
+# bench.py
+# ---------------------------------------------------------------------------------------------
+
+
+def markdown_rows(text):
+    """Every data row of every markdown table in text, as lists of cell strings."""
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith("|---")]
+
+
+def number(cell):
+    return float(cell.replace(",", "").rstrip("x"))
+
+
+def test_bench_prints_every_table_with_consistent_numbers(capsys):
+    bench.main(bench.BenchArgs(num_envs=4, num_steps=16, num_minibatches=2, update_epochs=1, iterations=1,
+                               floor_seconds=0.2, bf16=False, cuda=False))
+    out = capsys.readouterr().out
+    assert "### CPU" in out and "Procgen stepping (random actions, 4 envs)" in out
+    rows = markdown_rows(out)
+    networks = [row for row in rows if row[0] == "float32" and len(row) == 4 and not row[3].endswith("x")]
+    overlap = [row for row in rows if row[0] == "float32" and len(row) == 4 and row[3].endswith("x")]
+    scripts = {row[0]: row for row in rows if row[0] in ("PPO", "MDPO per agent")}
+    assert len(networks) == 1 and len(overlap) == 1 and set(scripts) == {"PPO", "MDPO per agent"}
+    assert all(number(cell) > 0 for cell in networks[0][1:])
+    in_turn, overlapped, speedup = (number(cell) for cell in overlap[0][1:])
+    assert speedup == pytest.approx(in_turn / overlapped, abs=0.01)
+    for row in scripts.values():
+        floor, end_to_end, ratio = (number(cell) for cell in row[2:5])
+        assert floor > 0 and end_to_end > 0 and ratio == pytest.approx(end_to_end / floor, abs=0.01)
+        assert row[1] == "float32" and row[-1] == "1.00x"
