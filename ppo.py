@@ -838,7 +838,11 @@ def main(args: Args) -> str:
             progress.set_postfix(sps=sps, train_return=f"{last_return:.2f}", test_return=f"{test_return:.2f}")
     except KeyboardInterrupt:
         progress.close()
-        print(f"interrupted; continue with: python {SCRIPT}.py --resume {run_dir}", file=sys.stderr)
+        if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+            print(f"interrupted; continue with: python {SCRIPT}.py --resume {run_dir}", file=sys.stderr)
+        else:
+            print(f"interrupted before the first checkpoint (iteration {args.checkpoint_interval}): nothing to resume",
+                  file=sys.stderr)
         raise SystemExit(130)
     finally:
         writer.close()

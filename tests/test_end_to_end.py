@@ -161,3 +161,23 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.load(open(status)) == {"global_step": stopped_at + 128, "iteration": stopped_at // 128 + 1,
                                        "finished": True}
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path):
+    flags = ["--env-id", "starpilot", "--num-envs", "4", "--num-steps", "32", "--num-minibatches", "2",
+             "--total-timesteps", "1000000", "--checkpoint-interval", "1000", "--no-cuda", "--run-dir",
+             str(tmp_path / "run")]
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "ppo.py"), *flags], stderr=subprocess.PIPE,
+                               text=True, cwd=ROOT)
+    seen = ""
+    while "%" not in seen:  # the progress bar is drawn just before the training loop
+        char = process.stderr.read(1)
+        assert char, f"the run ended before training: {seen[-2000:]}"
+        seen += char
+    time.sleep(2)  # inside the loop now
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    last_line = stderr.replace("\r", "\n").strip().splitlines()[-1]
+    assert last_line == "interrupted before the first checkpoint (iteration 1000): nothing to resume"
+    assert not os.path.exists(tmp_path / "run" / "checkpoint.pt")
