@@ -471,7 +471,7 @@ def collect_rollouts(policies, envs, rollouts, args: Args, device, global_step: 
     With `overlap` (on a GPU) each agent's env step runs on a worker thread while the main thread
     stores the other agent's last step and runs its policy: Procgen steps on its own threads and
     releases the GIL. On the CPU the policy needs the cores the envs would step on (overlapping
-    measured 0.80-0.98x of stepping in turn on 2 cores), so there the env steps run in the main
+    measured 0.80-1.00x of stepping in turn on 2 cores), so there the env steps run in the main
     thread. Either way each agent sees exactly what it would see stepping alone.
     """
     episodes = [[], []]  # per agent: (global step, raw return, length) of every episode that ended
