@@ -2,6 +2,8 @@
 worker thread while the other's policy runs); each agent must still collect exactly what it
 collects stepping alone."""
 
+import threading
+
 import pytest
 import torch
 
@@ -56,3 +58,22 @@ def test_interleaved_rollouts_equal_each_agent_stepping_alone(overlap):
         assert not torch.equal(batches[0]["obs"], batches[1]["obs"])
         global_step = next_step
     assert found_episodes > 0  # the episode bookkeeping was exercised
+
+
+def test_ctrl_c_inside_overlapped_rollouts_propagates_and_leaves_no_thread():
+    args = small_args(mdpo)
+    device = torch.device("cpu")
+    calls = []
+
+    def interrupted_policy(obs):
+        calls.append(1)
+        if len(calls) == 5:  # the third step's first agent: the other agent's env step is in flight
+            raise KeyboardInterrupt
+        return pixel_policy(0)(obs)
+
+    rollouts = [mdpo.Rollout(args, device) for _ in range(2)]
+    envs = [start(mdpo, args, rollout) for rollout in rollouts]
+    threads_before = threading.active_count()
+    with pytest.raises(KeyboardInterrupt):
+        mdpo.collect_rollouts([interrupted_policy] * 2, envs, rollouts, args, device, 0, overlap=True)
+    assert threading.active_count() == threads_before
