@@ -116,7 +116,7 @@ def rollout_overlap(device, config: dict, repeats: int = 3) -> tuple:
     envs = [mdpo.make_envs(args, seed=args.seed) for _ in range(2)]
     rollouts = [mdpo.Rollout(args, device) for _ in range(2)]
     for agent_envs, rollout in zip(envs, rollouts):
-        rollout.next_obs.copy_(torch.from_numpy(agent_envs.reset()[0]))
+        rollout.start(agent_envs)
 
     def in_turn():
         mdpo.collect_rollouts(policies, envs, rollouts, args, device, 0, overlap=False)

@@ -428,6 +428,11 @@ class Rollout:
         # New frames reach the device through pinned host memory, which copies without a host stall.
         self.staging = torch.zeros((args.num_envs, 64, 64, 3), dtype=torch.uint8, pin_memory=device.type == "cuda")
 
+    def start(self, envs) -> None:
+        """Continue from the envs' current frames, each env at the start of an episode."""
+        self.next_obs.copy_(torch.from_numpy(envs.reset()[0]))
+        self.next_done.fill_(1)
+
     def flat(self, advantages, returns) -> dict:
         """The rollout as [batch] tensors for the update."""
         return {"obs": self.obs.flatten(0, 1), "actions": self.actions.flatten(), "logprobs": self.logprobs.flatten(),
@@ -825,8 +830,7 @@ def main(args: Args) -> str:
     envs = [make_envs(args, seed=args.seed) for _ in range(2)]  # each agent its own envs, same level seed
     rollouts = [Rollout(args, device) for _ in range(2)]
     for agent_envs, rollout in zip(envs, rollouts):
-        rollout.next_obs.copy_(torch.from_numpy(agent_envs.reset()[0]))
-        rollout.next_done.fill_(1)  # every env starts an episode
+        rollout.start(agent_envs)
     iteration, global_step = 0, 0
     if checkpoint:
         for i in range(2):

@@ -427,6 +427,11 @@ class Rollout:
         # New frames reach the device through pinned host memory, which copies without a host stall.
         self.staging = torch.zeros((args.num_envs, 64, 64, 3), dtype=torch.uint8, pin_memory=device.type == "cuda")
 
+    def start(self, envs) -> None:
+        """Continue from the envs' current frames, each env at the start of an episode."""
+        self.next_obs.copy_(torch.from_numpy(envs.reset()[0]))
+        self.next_done.fill_(1)
+
     def flat(self, advantages, returns) -> dict:
         """The rollout as [batch] tensors for the update."""
         return {"obs": self.obs.flatten(0, 1), "actions": self.actions.flatten(), "logprobs": self.logprobs.flatten(),
@@ -777,8 +782,7 @@ def main(args: Args) -> str:
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     envs = make_envs(args, seed=args.seed)
     rollout = Rollout(args, device)
-    rollout.next_obs.copy_(torch.from_numpy(envs.reset()[0]))
-    rollout.next_done.fill_(1)  # every env starts an episode
+    rollout.start(envs)
     iteration, global_step = 0, 0
     if checkpoint:
         agent.load_state_dict(checkpoint["agent"])

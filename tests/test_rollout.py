@@ -27,8 +27,7 @@ def small_args(module):
 
 def start(module, args, rollout):
     envs = module.make_envs(args, seed=args.seed)
-    rollout.next_obs.copy_(torch.from_numpy(envs.reset()[0]))
-    rollout.next_done.fill_(1)
+    rollout.start(envs)
     return envs
 
 
