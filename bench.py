@@ -155,16 +155,25 @@ def end_to_end(module, config: dict, bench: BenchArgs) -> dict:
             "update": np.mean(seconds["update"][1:]), "eval": evaluation / eval_interval, "iteration": per_iteration}
 
 
+def check(bench: BenchArgs) -> None:
+    """Bad settings fail here, in one line, before minutes of measuring."""
+    if bench.iterations < 1:
+        raise ppo.UsageError(f"--iterations must be at least 1, got {bench.iterations}")
+    if bench.floor_seconds <= 0:
+        raise ppo.UsageError(f"--floor-seconds must be positive, got {bench.floor_seconds}")
+
+
 def main(bench: BenchArgs) -> None:
+    check(bench)
     ppo.keep_freed_memory()  # as the training scripts do, so the floors are the fastest this machine gives
     device = torch.device("cuda" if torch.cuda.is_available() and bench.cuda else "cpu")
     on_gpu = device.type == "cuda"
-    num_envs = bench.num_envs or (64 if on_gpu else 16)
-    num_steps = bench.num_steps or (256 if on_gpu else 64)
+    num_envs = (64 if on_gpu else 16) if bench.num_envs is None else bench.num_envs
+    num_steps = (256 if on_gpu else 64) if bench.num_steps is None else bench.num_steps
     minibatch = num_envs * num_steps // bench.num_minibatches
     base = dict(env_id=bench.env_id, num_envs=num_envs, num_steps=num_steps, num_minibatches=bench.num_minibatches,
                 update_epochs=bench.update_epochs, cuda=bench.cuda)
-    ppo.validate_args(ppo.Args(total_timesteps=num_envs * num_steps, **base))  # bad sizes fail here, in one line
+    ppo.validate_args(ppo.Args(**base))  # bad sizes and games fail here
 
     variants = [("float32", False, False)]
     if bench.bf16:
@@ -223,4 +232,8 @@ def main(bench: BenchArgs) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(BenchArgs))
+    try:
+        main(tyro.cli(BenchArgs))
+    except ppo.UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -24,6 +24,7 @@ from typing import List, Literal, Optional
 
 import tyro
 
+import mdpo
 import ppo
 from ppo import PROCGEN_GAMES
 
@@ -35,6 +36,9 @@ METHODS = {
     "ppo_dropout": ("ppo.py", ["--dropout", "0.1"]),
     "mdpo": ("mdpo.py", []),
 }
+# Flags the sweep sets for each job; in --flags they would relabel runs or overwrite each other's.
+JOB_FLAGS = {"--env-id", "--seed", "--exp-name", "--run-dir", "--resume"} | {
+    flag for _, method_flags in METHODS.values() for flag in method_flags if flag.startswith("--")}
 
 
 @dataclass
@@ -137,8 +141,26 @@ def make_jobs(args: SweepArgs) -> List[Job]:
         raise SystemExit(f"error: unknown method or game {unknown[0]!r}; methods: {', '.join(METHODS)}; "
                          f"games: {', '.join(PROCGEN_GAMES)}")
     flags = shlex.split(args.flags)
+    check_flags(args.methods, flags)
     return [Job(args.root, method, game, seed, flags)
             for game in args.games for method in args.methods for seed in args.seeds]
+
+
+def check_flags(methods: List[str], flags: List[str]) -> None:
+    """Parse the extra flags as each method's script will, so that a bad one fails here, once, not in every job."""
+    for flag in flags:
+        name = flag.split("=", 1)[0].replace("_", "-")
+        if name in JOB_FLAGS:
+            raise SystemExit(f"error: --flags must not set {name}: the sweep sets it for each job")
+    for method in methods:
+        script, method_flags = METHODS[method]
+        module = mdpo if script == "mdpo.py" else ppo
+        # An unknown or malformed flag: tyro prints what is wrong and exits with 2.
+        args = tyro.cli(module.Args, args=[*method_flags, *flags], prog=f"{script} (the sweep's --flags)")
+        try:
+            module.validate_args(args)
+        except module.UsageError as error:
+            raise SystemExit(f"error: --flags for {method}: {error}") from None
 
 
 def visible_gpus() -> List[int]:

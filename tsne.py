@@ -64,7 +64,10 @@ def load_encoder(path: str, mdpo_agent: int):
         path = os.path.join(path, "checkpoint.pt")
     if not os.path.isfile(path):
         raise SystemExit(f"error: no checkpoint at {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # a torn or foreign file: say so in one line
+        raise SystemExit(f"error: {path} is unreadable ({type(error).__name__})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("script") not in ("ppo", "mdpo"):
         raise SystemExit(f"error: {path} is not a checkpoint of ppo.py or mdpo.py")
     args = checkpoint["args"]

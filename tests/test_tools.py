@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -70,6 +72,31 @@ def test_sweep_rejects_unknown_names(tmp_path):
     args.games = ["pong"]
     with pytest.raises(SystemExit, match="unknown method or game 'pong'"):
         sweep.main(args)
+
+
+@pytest.mark.parametrize("flags, message", [
+    ("--num-envs 0", "--flags for ppo: --num-envs must be positive"),
+    ("--num-envs 6 --num-steps 5", "does not divide"),
+    ("--seed 5", "must not set --seed"),  # would give every seed's run the same seed
+    ("--exp_name=x", "must not set --exp-name"),
+    ("--dropout 0.2", "must not set --dropout"),  # would turn plain PPO into PPO + dropout
+])
+def test_sweep_rejects_bad_flags_before_any_job_starts(tmp_path, flags, message):
+    args = sweep_args(tmp_path)
+    args.flags = flags
+    with pytest.raises(SystemExit, match=message):
+        sweep.main(args)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "logs").exists()
+
+
+def test_sweep_checks_flags_against_each_chosen_method(tmp_path):
+    args = sweep_args(tmp_path, dry_run=True)
+    args.flags = "--alpha 0.5"  # MDPO's flag: ppo.py does not know it
+    with pytest.raises(SystemExit) as error:
+        sweep.main(args)
+    assert error.value.code == 2
+    args.methods = ["mdpo"]
+    assert sweep.main(args) == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,6 +208,13 @@ def test_tsne_refuses_checkpoints_of_different_games(tmp_path):
         tsne.main(tsne.TsneArgs(checkpoints=[a, b], figure=False, out=str(tmp_path / "fig")))
 
 
+def test_tsne_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    path.write_text("not a checkpoint")
+    with pytest.raises(SystemExit, match="unreadable"):
+        tsne.main(tsne.TsneArgs(checkpoints=[str(path)], figure=False, out=str(tmp_path / "fig")))
+
+
 # ---------------------------------------------------------------------------------------------
 # bench.py
 # ---------------------------------------------------------------------------------------------
@@ -213,3 +247,23 @@ def test_bench_prints_every_table_with_consistent_numbers(capsys):
         floor, end_to_end, ratio = (number(cell) for cell in row[2:5])
         assert floor > 0 and end_to_end > 0 and ratio == pytest.approx(end_to_end / floor, abs=0.01)
         assert row[1] == "float32" and row[-1] == "1.00x"
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"iterations": 0}, "--iterations must be at least 1"),
+    ({"floor_seconds": 0.0}, "--floor-seconds must be positive"),
+    ({"num_envs": 0}, "--num-envs must be positive"),  # not the default 16
+    ({"num_envs": 3, "num_steps": 5}, "does not divide"),
+    ({"env_id": "pong"}, "unknown game 'pong'"),
+])
+def test_bench_rejects_bad_settings_before_measuring(settings, message, capsys):
+    with pytest.raises(ppo.UsageError, match=message):
+        bench.main(bench.BenchArgs(cuda=False, **settings))
+    assert capsys.readouterr().err == ""  # nothing was measured
+
+
+def test_bench_reports_bad_settings_in_one_line():
+    result = subprocess.run([sys.executable, "bench.py", "--iterations", "0"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --iterations must be at least 1, got 0"
