@@ -77,7 +77,7 @@ class Job:
     """One training run. Calling it decides at run time whether to skip, resume or start, so that a
     requeued Slurm job (submitit calls checkpoint() on preemption or timeout) picks up where it was."""
 
-    def __init__(self, root, method, game, seed, flags):
+    def __init__(self, root, method, game, seed, flags, total_timesteps):
         self.method, self.game, self.seed = method, game, seed
         self.name = f"{game}__{method}__{seed}"
         self.run_dir = os.path.join(os.path.abspath(root), "runs", self.name)
@@ -85,7 +85,7 @@ class Job:
         script, method_flags = METHODS[method]
         self.base = [sys.executable, os.path.join(ROOT, script)]
         self.flags = ["--env-id", game, "--seed", str(seed), "--exp-name", method, *method_flags, *flags]
-        self.total_timesteps = requested_total_timesteps(flags)
+        self.total_timesteps = total_timesteps
 
     def state(self) -> str:
         """'done', 'resume' or 'new'."""
@@ -126,41 +126,32 @@ class Job:
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
 
-def requested_total_timesteps(flags: List[str]) -> int:
-    for i, flag in enumerate(flags):
-        if flag == "--total-timesteps" and i + 1 < len(flags):
-            return int(flags[i + 1].replace("_", ""))
-        if flag.startswith("--total-timesteps="):
-            return int(flag.split("=", 1)[1].replace("_", ""))
-    return ppo.Args().total_timesteps
-
-
 def make_jobs(args: SweepArgs) -> List[Job]:
     unknown = [m for m in args.methods if m not in METHODS] + [g for g in args.games if g not in PROCGEN_GAMES]
     if unknown:
         raise SystemExit(f"error: unknown method or game {unknown[0]!r}; methods: {', '.join(METHODS)}; "
                          f"games: {', '.join(PROCGEN_GAMES)}")
     flags = shlex.split(args.flags)
-    check_flags(args.methods, flags)
-    return [Job(args.root, method, game, seed, flags)
-            for game in args.games for method in args.methods for seed in args.seeds]
-
-
-def check_flags(methods: List[str], flags: List[str]) -> None:
-    """Parse the extra flags as each method's script will, so that a bad one fails here, once, not in every job."""
     for flag in flags:
         name = flag.split("=", 1)[0].replace("_", "-")
         if name in JOB_FLAGS:
             raise SystemExit(f"error: --flags must not set {name}: the sweep sets it for each job")
-    for method in methods:
-        script, method_flags = METHODS[method]
-        module = mdpo if script == "mdpo.py" else ppo
-        # An unknown or malformed flag: tyro prints what is wrong and exits with 2.
-        args = tyro.cli(module.Args, args=[*method_flags, *flags], prog=f"{script} (the sweep's --flags)")
-        try:
-            module.validate_args(args)
-        except module.UsageError as error:
-            raise SystemExit(f"error: --flags for {method}: {error}") from None
+    total_timesteps = {method: parse_flags(method, flags).total_timesteps for method in args.methods}
+    return [Job(args.root, method, game, seed, flags, total_timesteps[method])
+            for game in args.games for method in args.methods for seed in args.seeds]
+
+
+def parse_flags(method: str, flags: List[str]):
+    """The method's Args from the extra flags, parsed and checked as its script will: a bad flag fails
+    here, once, not in every job."""
+    script, method_flags = METHODS[method]
+    module = mdpo if script == "mdpo.py" else ppo
+    # An unknown or malformed flag: tyro prints what is wrong and exits with 2.
+    args = tyro.cli(module.Args, args=[*method_flags, *flags], prog=f"{script} (the sweep's --flags)")
+    try:
+        return module.validate_args(args)
+    except module.UsageError as error:
+        raise SystemExit(f"error: --flags for {method}: {error}") from None
 
 
 def visible_gpus() -> List[int]:
