@@ -164,6 +164,9 @@ def validate_args(args: Args) -> Args:
     if batch_size % args.num_minibatches:
         raise UsageError(f"the batch (num-envs x num-steps = {batch_size}) does not divide into "
                          f"{args.num_minibatches} minibatches")
+    if args.norm_adv and batch_size // args.num_minibatches < 2:
+        raise UsageError("--norm-adv needs minibatches of at least 2 samples (their advantages' std), "
+                         f"got {batch_size // args.num_minibatches}")
     if args.total_timesteps < batch_size:
         raise UsageError(f"--total-timesteps ({args.total_timesteps}) is less than one batch ({batch_size})")
     return replace(args, batch_size=batch_size, minibatch_size=batch_size // args.num_minibatches,

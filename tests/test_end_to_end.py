@@ -106,6 +106,7 @@ def assert_one_line_error(result, *fragments):
     (["--num-envs", "6", "--num-steps", "5"], ["does not divide", "8 minibatches"]),
     (["--num-envs", "0"], ["--num-envs must be positive"]),
     (["--update-epochs", "-1"], ["--update-epochs must be positive"]),
+    (["--num-envs", "1", "--num-steps", "8"], ["--norm-adv needs minibatches of at least 2 samples", "got 1"]),
     (["--resume", "/nonexistent/run"], ["does not exist"]),
 ])
 def test_bad_input_fails_with_one_line(flags, fragments, tmp_path):

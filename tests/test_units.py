@@ -214,3 +214,14 @@ def test_training_rewards_are_clipped_to_plus_minus_ten(module):
     clipped = envs.rewards(np.array([-50.0, 0.5, 50.0]))
     envs.close()
     np.testing.assert_array_equal(clipped, [-10.0, 0.5, 10.0])
+
+
+@pytest.mark.parametrize("module", [ppo, mdpo])
+def test_advantage_normalisation_needs_two_samples_per_minibatch(module):
+    # The std of one sample is NaN: every loss would be NaN, silently.
+    with pytest.warns(UserWarning, match="degrees of freedom"):
+        assert torch.isnan(torch.randn(1).std())
+    with pytest.raises(module.UsageError, match="at least 2 samples"):
+        module.validate_args(module.Args(num_envs=1, num_steps=8, num_minibatches=8, total_timesteps=8))
+    args = module.validate_args(module.Args(num_envs=1, num_steps=8, num_minibatches=8, total_timesteps=8, norm_adv=False))
+    assert args.minibatch_size == 1
