@@ -36,7 +36,13 @@ PROCGEN_GAMES = (
     "bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
     "heist", "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot",
 )
-DISTRIBUTION_MODES = ("easy", "hard", "extreme", "memory", "exploration")
+# Procgen's "exploration" mode is left out: it fixes one level, so there are no unseen test levels.
+DISTRIBUTION_MODES = ("easy", "hard", "extreme", "memory")
+# Modes that only some games have; Procgen aborts in C++ on the others.
+MODE_GAMES = {
+    "extreme": ("chaser", "dodgeball", "leaper", "starpilot"),
+    "memory": ("caveflyer", "dodgeball", "heist", "jumper", "maze", "miner"),
+}
 
 
 @dataclass
@@ -72,7 +78,7 @@ class Args:
     start_level: int = 0
     """first training level"""
     distribution_mode: str = "hard"
-    """Procgen distribution mode"""
+    """Procgen distribution mode: easy, hard, extreme or memory (the last two for some games only)"""
 
     # Algorithm
     total_timesteps: int = 50_000_000
@@ -145,6 +151,9 @@ def validate_args(args: Args) -> Args:
         raise UsageError(f"unknown game {args.env_id!r}; choose one of: {', '.join(PROCGEN_GAMES)}")
     if args.distribution_mode not in DISTRIBUTION_MODES:
         raise UsageError(f"unknown distribution mode {args.distribution_mode!r}; choose one of: {', '.join(DISTRIBUTION_MODES)}")
+    if args.env_id not in MODE_GAMES.get(args.distribution_mode, PROCGEN_GAMES):
+        raise UsageError(f"{args.env_id} has no {args.distribution_mode} mode; the games that have it: "
+                         f"{', '.join(MODE_GAMES[args.distribution_mode])}")
     if args.eval_episodes is None:
         args = replace(args, eval_episodes=args.num_envs)
     for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs",

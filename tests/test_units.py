@@ -1,6 +1,9 @@
-"""Unit tests of the learning maths against independent float64 reference computations."""
+"""Unit tests: the learning maths against independent float64 references, and the checks on flags."""
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -225,3 +228,40 @@ def test_advantage_normalisation_needs_two_samples_per_minibatch(module):
         module.validate_args(module.Args(num_envs=1, num_steps=8, num_minibatches=8, total_timesteps=8))
     args = module.validate_args(module.Args(num_envs=1, num_steps=8, num_minibatches=8, total_timesteps=8, norm_adv=False))
     assert args.minibatch_size == 1
+
+
+@pytest.mark.parametrize("module", [ppo, mdpo])
+def test_modes_that_some_games_lack_are_refused_for_those_games(module):
+    for mode, games in module.MODE_GAMES.items():
+        for game in module.PROCGEN_GAMES:
+            args = module.Args(env_id=game, distribution_mode=mode)
+            if game in games:
+                module.validate_args(args)
+            else:
+                with pytest.raises(module.UsageError, match=f"{game} has no {mode} mode"):
+                    module.validate_args(args)
+    with pytest.raises(module.UsageError, match="unknown distribution mode 'exploration'"):
+        module.validate_args(module.Args(env_id="coinrun", distribution_mode="exploration"))
+
+
+STEP_ENVS = """
+import sys, numpy as np, ppo
+for game in sys.argv[2:]:
+    ppo.ProcgenVecEnv(game, 2, 10, 0, sys.argv[1], seed=0).step(np.zeros(2, dtype=np.int64))
+"""
+
+
+@pytest.mark.parametrize("mode", sorted(ppo.MODE_GAMES))
+def test_mode_table_matches_procgen(mode):
+    """The games listed for a mode step in it; a game not listed makes Procgen abort, hence the refusal.
+
+    In subprocesses, because Procgen's abort would take pytest down with it.
+    """
+    def step(*games):
+        return subprocess.run([sys.executable, "-c", STEP_ENVS, mode, *games], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
+
+    listed = step(*ppo.MODE_GAMES[mode])
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    unlisted = step(next(game for game in ppo.PROCGEN_GAMES if game not in ppo.MODE_GAMES[mode]))
+    assert unlisted.returncode != 0 and "assert" in (unlisted.stdout + unlisted.stderr).lower()
