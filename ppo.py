@@ -662,8 +662,13 @@ def saved_config(run_dir: str) -> dict:
         raise UsageError(f"cannot resume: {run_dir} does not exist")
     if not os.path.isfile(path) or not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
         raise UsageError(f"cannot resume: {run_dir} holds no checkpoint of a run")
-    with open(path) as f:
-        config = json.load(f)
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"cannot resume: {path} is unreadable ({type(error).__name__})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("args"), dict):
+        raise UsageError(f"cannot resume: {path} is not a run's config")
     if config.get("script") != SCRIPT:
         raise UsageError(f"cannot resume: {run_dir} was made by {config.get('script')}.py, not {SCRIPT}.py")
     return config

@@ -128,7 +128,10 @@ def test_bad_resumes_fail_and_overwrite_nothing(tmp_path):
     os.makedirs(tmp_path / "torn_run")
     (tmp_path / "torn_run" / "config.json").write_text(open(os.path.join(run_dir, "config.json")).read())
     (tmp_path / "torn_run" / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    assert_one_line_error(run_cli("ppo.py", "--resume", str(tmp_path / "torn_run")), "unreadable")
+    assert_one_line_error(run_cli("ppo.py", "--resume", str(tmp_path / "torn_run")), "checkpoint.pt is unreadable")
+    for config, message in (("{torn", "config.json is unreadable"), ('{"script": "ppo"}', "not a run's config")):
+        (tmp_path / "torn_run" / "config.json").write_text(config)
+        assert_one_line_error(run_cli("ppo.py", "--resume", str(tmp_path / "torn_run")), message)
     after = {name: os.path.getmtime(os.path.join(run_dir, name)) for name in os.listdir(run_dir)}
     assert before == after
 
