@@ -146,9 +146,20 @@ def draw(frame, perturbed, results, labels, title, path):
     plt.close(fig)
 
 
-def main(args: TsneArgs) -> dict:
+def check(args: TsneArgs) -> None:
+    """Bad settings fail here, in one line, before any checkpoint is loaded."""
     if args.labels and len(args.labels) != len(args.checkpoints):
         raise SystemExit("error: give one --labels entry per checkpoint")
+    if args.mdpo_agent not in (1, 2):
+        raise SystemExit(f"error: --mdpo-agent must be 1 or 2, got {args.mdpo_agent}")
+    if args.copies < 3:  # the figure shows three of them
+        raise SystemExit(f"error: --copies must be at least 3, got {args.copies}")
+    if args.clean_frames < 1 or args.warmup_steps < 0:
+        raise SystemExit("error: --clean-frames must be positive and --warmup-steps not negative")
+
+
+def main(args: TsneArgs) -> dict:
+    check(args)
     encoders = [load_encoder(path, args.mdpo_agent) for path in args.checkpoints]
     games = {config["env_id"] for _, _, config in encoders}
     if len(games) != 1:

@@ -208,6 +208,18 @@ def test_tsne_refuses_checkpoints_of_different_games(tmp_path):
         tsne.main(tsne.TsneArgs(checkpoints=[a, b], figure=False, out=str(tmp_path / "fig")))
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"mdpo_agent": 0}, "--mdpo-agent must be 1 or 2, got 0"),  # would silently pick agent 2
+    ({"copies": 2}, "--copies must be at least 3"),
+    ({"clean_frames": 0}, "--clean-frames must be positive"),
+    ({"labels": ["a", "b"]}, "one --labels entry per checkpoint"),
+])
+def test_tsne_refuses_bad_settings(tmp_path, settings, message):
+    run_dir = write_checkpoint(tmp_path / "run", "mdpo")
+    with pytest.raises(SystemExit, match=message):
+        tsne.main(tsne.TsneArgs(checkpoints=[run_dir], figure=False, out=str(tmp_path / "fig"), **settings))
+
+
 def test_tsne_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
     path = tmp_path / "checkpoint.pt"
     path.write_text("not a checkpoint")
