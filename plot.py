@@ -13,6 +13,7 @@ An MDPO run's score is the mean of its two agents. Each figure names its budget:
 
 import json
 import os
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Dict, List
@@ -49,12 +50,24 @@ class PlotArgs:
 
 
 def find_runs(roots: List[str]) -> List[str]:
+    """Every directory below the roots whose config.json was written by ppo.py or mdpo.py."""
     found = []
     for root in roots:
         for directory, _, files in os.walk(root):
-            if "config.json" in files:
+            if "config.json" in files and is_run(directory):
                 found.append(directory)
     return sorted(found)
+
+
+def is_run(directory: str) -> bool:
+    path = os.path.join(directory, "config.json")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as error:
+        print(f"skipping {directory}: its config.json is unreadable ({type(error).__name__})", file=sys.stderr)
+        return False
+    return isinstance(config, dict) and config.get("script") in ("ppo", "mdpo") and isinstance(config.get("args"), dict)
 
 
 def read_scalars(event_dir: str, tags) -> Dict[str, tuple]:
@@ -229,6 +242,8 @@ def final_table(grouped, methods, title: str) -> str:
 
 
 def main(args: PlotArgs) -> None:
+    if args.bootstrap_reps < 1:
+        raise SystemExit(f"error: --bootstrap-reps must be positive, got {args.bootstrap_reps}")
     run_dirs = find_runs(args.runs)
     grouped = group([load_run(d) for d in run_dirs])
     if not grouped:

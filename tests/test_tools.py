@@ -145,6 +145,18 @@ def test_plot_makes_every_figure_and_a_correct_table(tmp_path):
                                rtol=1e-5)
 
 
+def test_plot_finds_only_runs_and_says_which_it_skips(tmp_path, capsys):
+    write_run(tmp_path / "runs", "ppo", "ppo", "bigfish", 1, [1.0], [2.0])
+    (tmp_path / "runs" / "other_tool").mkdir()
+    (tmp_path / "runs" / "other_tool" / "config.json").write_text('{"model": "not ours"}')
+    (tmp_path / "runs" / "torn").mkdir()
+    (tmp_path / "runs" / "torn" / "config.json").write_text('{"script": "pp')
+    assert plot.find_runs([str(tmp_path / "runs")]) == [str(tmp_path / "runs" / "bigfish__ppo__1")]
+    assert "skipping " + str(tmp_path / "runs" / "torn") in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--bootstrap-reps must be positive"):
+        plot.main(plot.PlotArgs(runs=[str(tmp_path / "runs")], out=str(tmp_path / "fig"), bootstrap_reps=0))
+
+
 # ---------------------------------------------------------------------------------------------
 # tsne.py on tiny checkpoints
 # ---------------------------------------------------------------------------------------------
