@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import List, Literal, Optional
 
 import tyro
@@ -136,22 +136,24 @@ def make_jobs(args: SweepArgs) -> List[Job]:
         name = flag.split("=", 1)[0].replace("_", "-")
         if name in JOB_FLAGS:
             raise SystemExit(f"error: --flags must not set {name}: the sweep sets it for each job")
-    total_timesteps = {method: parse_flags(method, flags).total_timesteps for method in args.methods}
+    total_timesteps = {method: parse_flags(method, flags, args.games).total_timesteps for method in args.methods}
     return [Job(args.root, method, game, seed, flags, total_timesteps[method])
             for game in args.games for method in args.methods for seed in args.seeds]
 
 
-def parse_flags(method: str, flags: List[str]):
-    """The method's Args from the extra flags, parsed and checked as its script will: a bad flag fails
-    here, once, not in every job."""
+def parse_flags(method: str, flags: List[str], games: List[str]):
+    """The method's Args from the extra flags, parsed and checked for every game as its script will:
+    a bad flag fails here, once, not in every job."""
     script, method_flags = METHODS[method]
     module = mdpo if script == "mdpo.py" else ppo
     # An unknown or malformed flag: tyro prints what is wrong and exits with 2.
     args = tyro.cli(module.Args, args=[*method_flags, *flags], prog=f"{script} (the sweep's --flags)")
     try:
-        return module.validate_args(args)
+        for game in games:
+            module.validate_args(replace(args, env_id=game))
     except module.UsageError as error:
         raise SystemExit(f"error: --flags for {method}: {error}") from None
+    return args
 
 
 def visible_gpus() -> List[int]:

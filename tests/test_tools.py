@@ -77,6 +77,7 @@ def test_sweep_rejects_unknown_names(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     ("--num-envs 0", "--flags for ppo: --num-envs must be positive"),
     ("--num-envs 6 --num-steps 5", "does not divide"),
+    ("--distribution-mode memory", "bigfish has no memory mode"),  # checked for each game of the sweep
     ("--seed 5", "must not set --seed"),  # would give every seed's run the same seed
     ("--exp_name=x", "must not set --exp-name"),
     ("--dropout 0.2", "must not set --dropout"),  # would turn plain PPO into PPO + dropout
