@@ -127,6 +127,9 @@ class Job:
 
 
 def make_jobs(args: SweepArgs) -> List[Job]:
+    for name in ("jobs", "time_min", "cpus_per_job", "max_parallel"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     unknown = [m for m in args.methods if m not in METHODS] + [g for g in args.games if g not in PROCGEN_GAMES]
     if unknown:
         raise SystemExit(f"error: unknown method or game {unknown[0]!r}; methods: {', '.join(METHODS)}; "
@@ -195,7 +198,7 @@ def run_local(jobs: List[Job], args: SweepArgs) -> int:
                 counts["failed" if failed else "done"] += 1
                 report(f"{job.name}: {outcome}")
 
-    threads = [threading.Thread(target=worker, args=(slot,)) for slot in range(max(1, args.jobs))]
+    threads = [threading.Thread(target=worker, args=(slot,)) for slot in range(args.jobs)]
     for thread in threads:
         thread.start()
     for thread in threads:

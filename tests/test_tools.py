@@ -90,6 +90,11 @@ def test_sweep_rejects_bad_flags_before_any_job_starts(tmp_path, flags, message)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "logs").exists()
 
 
+def test_sweep_rejects_non_positive_settings(tmp_path):
+    with pytest.raises(SystemExit, match="--jobs must be positive, got 0"):
+        sweep.main(sweep_args(tmp_path, jobs=0))
+
+
 def test_sweep_checks_flags_against_each_chosen_method(tmp_path):
     args = sweep_args(tmp_path, dry_run=True)
     args.flags = "--alpha 0.5"  # MDPO's flag: ppo.py does not know it
