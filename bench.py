@@ -118,23 +118,17 @@ def rollout_overlap(device, config: dict, repeats: int = 3) -> tuple:
     for agent_envs, rollout in zip(envs, rollouts):
         rollout.start(agent_envs)
 
-    def in_turn():
-        mdpo.collect_rollouts(policies, envs, rollouts, args, device, 0, overlap=False)
-
-    def overlapped():
-        mdpo.collect_rollouts(policies, envs, rollouts, args, device, 0, overlap=True)
-
-    seconds = {in_turn: [], overlapped: []}
+    seconds = {False: [], True: []}  # overlap -> seconds per pair of rollouts
     for repeat in range(1 + repeats):  # the first round warms up (and compiles)
-        for collect in seconds:
+        for overlap in seconds:
             start = time.perf_counter()
-            collect()
+            mdpo.collect_rollouts(policies, envs, rollouts, args, device, 0, overlap=overlap)
             synchronize(device)
             if repeat:
-                seconds[collect].append(time.perf_counter() - start)
+                seconds[overlap].append(time.perf_counter() - start)
     for agent_envs in envs:
         agent_envs.close()
-    return float(np.median(seconds[in_turn])), float(np.median(seconds[overlapped]))
+    return float(np.median(seconds[False])), float(np.median(seconds[True]))
 
 
 def end_to_end(module, config: dict, bench: BenchArgs) -> dict:

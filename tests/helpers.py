@@ -1,6 +1,11 @@
 """Shared test data."""
 
+import os
+
 import torch
+
+# The repository root, where the scripts live: the working directory of the tests' subprocesses.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def random_batch(seed, n=64):

@@ -15,6 +15,7 @@ import plot
 import ppo
 import sweep
 import tsne
+from helpers import ROOT
 
 TINY_FLAGS = "--total-timesteps 128 --num-envs 4 --num-steps 32 --num-minibatches 2 --eval-episodes 2 --no-cuda"
 
@@ -294,6 +295,6 @@ def test_bench_rejects_bad_settings_before_measuring(settings, message, capsys):
 
 def test_bench_reports_bad_settings_in_one_line():
     result = subprocess.run([sys.executable, "bench.py", "--iterations", "0"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
+                            cwd=ROOT, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: --iterations must be at least 1, got 0"

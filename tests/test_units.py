@@ -1,7 +1,6 @@
 """Unit tests: the learning maths against independent float64 references, and the checks on flags."""
 
 import math
-import os
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import torch
 
 import mdpo
 import ppo
-from helpers import random_batch, tiny_args
+from helpers import ROOT, random_batch, tiny_args
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,7 +258,7 @@ def test_mode_table_matches_procgen(mode):
     """
     def step(*games):
         return subprocess.run([sys.executable, "-c", STEP_ENVS, mode, *games], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
+                              cwd=ROOT, timeout=120)
 
     listed = step(*ppo.MODE_GAMES[mode])
     assert listed.returncode == 0, listed.stdout + listed.stderr
