@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import List, Literal, Optional
+from typing import List, Literal, Optional, Tuple
 
 import tyro
 
@@ -29,16 +29,100 @@ import ppo
 from ppo import PROCGEN_GAMES
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-# Each method: the script and the flags that make it. The L2 and dropout settings are defended in the README.
-METHODS = {
-    "ppo": ("ppo.py", []),
-    "ppo_l2": ("ppo.py", ["--l2-coef", "1e-4"]),
-    "ppo_dropout": ("ppo.py", ["--dropout", "0.1"]),
-    "mdpo": ("mdpo.py", []),
+
+
+@dataclass(frozen=True)
+class Method:
+    script: str  # "ppo" or "mdpo"
+    flags: Tuple[str, ...]  # the flags that make the method, as (flag, value) pairs
+    about: str  # what it controls for, one line
+    budget_scale: int = 1  # ppo_2x: the envs and total steps of --flags, times this
+
+
+# The augmentation DrAC (Raileanu et al. 2021) found best on each Procgen game: the per-game table
+# used with rraileanu/auto-drac's train.py (`env_to_aug`). ppo_drac_best runs each game with its entry.
+DRAC_BEST_AUGMENT = {
+    "bigfish": "crop", "bossfight": "flip", "caveflyer": "rotate", "chaser": "crop", "climber": "color-jitter",
+    "coinrun": "random-conv", "dodgeball": "crop", "fruitbot": "crop", "heist": "crop", "jumper": "random-conv",
+    "leaper": "crop", "maze": "crop", "miner": "color-jitter", "ninja": "color-jitter", "plunder": "crop",
+    "starpilot": "crop",
 }
+DRAC_COEF = "0.1"  # DrAC's alpha_r for Procgen
+
+
+def drac_about(augment: str) -> str:
+    games = ", ".join(game for game, best in DRAC_BEST_AUGMENT.items() if best == augment)
+    return f"PPO + DrAC with {augment} (Raileanu et al. 2021), DrAC's best on {games}: regularisation by augmentation"
+
+
+METHODS = {
+    "ppo": Method("ppo", (), "the baseline: PPO at the paper's settings"),
+    "ppo_l2": Method("ppo", ("--l2-coef", "1e-4"),
+                     "PPO + L2 weight penalty (Cobbe et al. 2019): is MDPO's gain generic weight regularisation?"),
+    "ppo_dropout": Method("ppo", ("--dropout", "0.1"),
+                          "PPO + dropout after each convolution (Cobbe et al. 2019): is it noise in the encoder?"),
+    "ppo_2x": Method("ppo", (), "PPO with twice the envs and twice the steps: as many samples per iteration and in "
+                     "all as MDPO's two agents together, the same iterations (sample-matched)", budget_scale=2),
+    **{f"ppo_drac_{augment}": Method("ppo", ("--augment", augment, "--drac-coef", DRAC_COEF), drac_about(augment))
+       for augment in sorted(set(DRAC_BEST_AUGMENT.values()))},
+    "ppo_ucb_drac": Method("ppo", ("--augment", "ucb", "--drac-coef", DRAC_COEF),
+                           "PPO + UCB-DrAC (Raileanu et al. 2021): DrAC choosing its augmentation by a bandit"),
+    "mdpo": Method("mdpo", (), "MDPO: two agents, each also pulled towards the other's policy by a KL term"),
+    "mdpo_alpha0": Method("mdpo", ("--alpha", "0"), "MDPO without the KL term: the same two-agent training, loss "
+                          "scaling, clipping and optimiser; isolates the KL term"),
+}
+# Not a method of its own: stands for ppo_drac_<DrAC's best augmentation on the job's game>.
+DRAC_BEST = "ppo_drac_best"
+DRAC_BEST_ABOUT = "each game's ppo_drac_<augment> with the augmentation DrAC found best on it"
+DEFAULT_METHODS = ["ppo", "ppo_l2", "ppo_dropout", "ppo_2x", DRAC_BEST, "mdpo", "mdpo_alpha0"]
+
+# The Args fields that tell the methods apart, with their values when no flag sets them. Runs made before
+# these fields existed lack them in config.json and ran at these values.
+METHOD_FIELDS = {
+    "ppo": {"l2_coef": 0.0, "dropout": 0.0, "augment": "none", "drac_coef": 0.0},
+    "mdpo": {"num_agents": 2, "alpha": 1.0, "detach_peer": False},
+}
+
+
+def method_settings(script: str, flags: Tuple[str, ...]) -> dict:
+    """The method fields a script runs with under these (flag, value) pairs."""
+    settings = dict(METHOD_FIELDS[script])
+    for flag, value in zip(flags[::2], flags[1::2]):
+        name = flag[2:].replace("-", "_")
+        settings[name] = type(settings[name])(value)
+    return settings
+
+
+def method_of(config: dict) -> str:
+    """The method a run is, from its config.json ({"script", "args"}): the method whose flags give the run's
+    method fields. ppo and ppo_2x differ only in budget, which one run cannot show against its sweep's, so
+    there the run's exp_name (the sweep sets it to the method) decides. A run that matches no method is named
+    by its script and the method fields it changed, e.g. 'ppo (l2_coef=0.001)'."""
+    script, args = config.get("script"), config.get("args")
+    if script not in METHOD_FIELDS or not isinstance(args, dict):
+        return f"unknown ({script})"
+    settings = {name: args.get(name, default) for name, default in METHOD_FIELDS[script].items()}
+    matches = [name for name, method in METHODS.items()
+               if method.script == script and method_settings(script, method.flags) == settings]
+    if args.get("exp_name") in matches:
+        return args["exp_name"]
+    plain = [name for name in matches if METHODS[name].budget_scale == 1]
+    if plain:
+        return plain[0]
+    changed = [f"{name}={value}" for name, value in settings.items() if value != METHOD_FIELDS[script][name]]
+    return f"{script} ({', '.join(changed)})"
+
+
+def method_list() -> str:
+    """Every method with what it controls for, one a line."""
+    width = max(map(len, METHODS))
+    lines = [f"{name:<{width}}  {method.about}" for name, method in METHODS.items()]
+    return "\n".join(lines + [f"{DRAC_BEST:<{width}}  {DRAC_BEST_ABOUT}"])
+
+
 # Flags the sweep sets for each job; in --flags they would relabel runs or overwrite each other's.
 JOB_FLAGS = {"--env-id", "--seed", "--exp-name", "--run-dir", "--resume"} | {
-    flag for _, method_flags in METHODS.values() for flag in method_flags if flag.startswith("--")}
+    flag for method in METHODS.values() for flag in method.flags[::2]}
 
 
 @dataclass
@@ -82,9 +166,8 @@ class Job:
         self.name = f"{game}__{method}__{seed}"
         self.run_dir = os.path.join(os.path.abspath(root), "runs", self.name)
         self.log_path = os.path.join(os.path.abspath(root), "logs", self.name + ".log")
-        script, method_flags = METHODS[method]
-        self.base = [sys.executable, os.path.join(ROOT, script)]
-        self.flags = ["--env-id", game, "--seed", str(seed), "--exp-name", method, *method_flags, *flags]
+        self.base = [sys.executable, os.path.join(ROOT, METHODS[method].script + ".py")]
+        self.flags = ["--env-id", game, "--seed", str(seed), "--exp-name", method, *METHODS[method].flags, *flags]
         self.total_timesteps = total_timesteps
 
     def state(self) -> str:
@@ -147,10 +230,10 @@ def make_jobs(args: SweepArgs) -> List[Job]:
 def parse_flags(method: str, flags: List[str], games: List[str]):
     """The method's Args from the extra flags, parsed and checked for every game as its script will:
     a bad flag fails here, once, not in every job."""
-    script, method_flags = METHODS[method]
-    module = mdpo if script == "mdpo.py" else ppo
+    script, method_flags = METHODS[method].script, METHODS[method].flags
+    module = mdpo if script == "mdpo" else ppo
     # An unknown or malformed flag: tyro prints what is wrong and exits with 2.
-    args = tyro.cli(module.Args, args=[*method_flags, *flags], prog=f"{script} (the sweep's --flags)")
+    args = tyro.cli(module.Args, args=[*method_flags, *flags], prog=f"{script}.py (the sweep's --flags)")
     try:
         for game in games:
             module.validate_args(replace(args, env_id=game))
