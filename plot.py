@@ -1,22 +1,29 @@
 """Figures and tables from the TensorBoard logs of ppo.py and mdpo.py runs.
 
     python plot.py --runs sweeps/demo/runs --label "CPU, 2 cores"
+    python plot.py --runs sweeps/demo/runs --label "H100" --x-axis total --finished-only
 
 writes under --out (default Fig/):
-  test_return.png/.pdf      one panel per game: eval/test_return against steps, mean +- std over seeds
-  aggregate.png/.pdf        min-max normalised final test return (Procgen hard-mode constants): IQM,
-                            mean and median with 95% stratified-bootstrap intervals (rliable)
-  generalization_gap.png/.pdf  final train minus test return per game and method
-  final_test_returns.md     markdown table of final test returns, mean +- std over seeds
-An MDPO run's score is the mean of its two agents. Each figure names its budget: steps, seeds, --label.
+  test_return.png/.pdf      one panel per game: eval/test_return against steps, mean +- sample std over seeds
+  aggregate.png/.pdf        min-max normalised test return (Procgen hard-mode constants): IQM, mean and
+                            median with 95% stratified-bootstrap intervals (rliable)
+  improvement.png/.pdf      rliable's probability that MDPO beats each other method on a game, 95% intervals
+  profiles.png/.pdf         performance profiles: the fraction of runs above each normalised score
+  generalization_gap.png/.pdf  train minus test return per game and method
+  representation_cka.png/.pdf  eval/representation_cka of the runs that log it (MDPO, MDPO alpha=0), per game
+  final_test_returns.md     test returns, mean +- sample std, and Welch's t-test of MDPO against each method
+  plot_summary.json         every number drawn above
+Every number is taken at one step that every included run reached (the title says which), a run's
+score is the mean of its agents (any K), and each figure names its budget, seeds, games and --label.
 """
 
+import contextlib
 import json
 import os
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Literal, Optional, Tuple
 
 import matplotlib
 
@@ -26,8 +33,12 @@ import numpy as np  # noqa: E402
 import tyro  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-METHOD_NAMES = {"ppo": "PPO", "ppo_l2": "PPO + L2", "ppo_dropout": "PPO + dropout", "mdpo": "MDPO"}
-METHOD_COLOURS = {"PPO": "#17becf", "PPO + L2": "#f5a700", "PPO + dropout": "#1565d8", "MDPO": "#e8323c"}
+METHOD_NAMES = {"ppo": "PPO", "ppo_l2": "PPO + L2", "ppo_dropout": "PPO + dropout", "ppo_2x": "PPO 2x samples",
+                "ppo_ucb_drac": "PPO + UCB-DrAC", "mdpo_alpha0": "MDPO α=0", "mdpo": "MDPO"}
+METHOD_COLOURS = {"PPO": "#17becf", "PPO + L2": "#f5a700", "PPO + dropout": "#1565d8", "PPO 2x samples": "#2ca02c",
+                  "PPO + UCB-DrAC": "#8c564b", "MDPO α=0": "#9467bd", "MDPO": "#e8323c"}
+OTHER_COLOURS = ["#7f7f7f", "#bcbd22", "#e377c2", "#393b79", "#637939"]
+MDPO = "MDPO"
 # (R_min, R_max) of each game in hard mode, from the Procgen paper (Cobbe et al. 2020).
 HARD_MODE_RANGES = {
     "bigfish": (0, 40), "bossfight": (0.5, 13), "caveflyer": (2, 13.4), "chaser": (0.5, 14.2),
@@ -35,6 +46,14 @@ HARD_MODE_RANGES = {
     "heist": (2, 10), "jumper": (1, 10), "leaper": (1.5, 10), "maze": (4, 10), "miner": (1.5, 20),
     "ninja": (2, 10), "plunder": (3, 30), "starpilot": (1.5, 35),
 }
+TEST, TRAIN, CKA = "eval/test_return", "eval/train_return", "eval/representation_cka"
+STD_NOTE = "bands: mean ± sample std (ddof=1) over seeds"
+AGENT_NOTE = ("multi-agent methods: each seed's score is the mean of its K agents, which narrows the band for a "
+              "reason other than the method; dotted: mean ± sample std over the individual agents")
+
+
+class UsageError(Exception):
+    """Bad input: the command line prints it as one `error:` line and exits with 2."""
 
 
 @dataclass
@@ -45,8 +64,23 @@ class PlotArgs:
     """where the figures and the table go"""
     label: str = ""
     """what ran them, e.g. "CPU, 2 cores" or "H100"; added to every title with steps and seeds"""
+    x_axis: Literal["agent", "total"] = "agent"
+    """"agent": steps per agent (the paper's axis); "total": environment steps of all of a run's agents"""
+    finished_only: bool = False
+    """leave out runs whose status.json does not say finished"""
+    methods: Optional[List[str]] = None
+    """only these methods (as sweep.py names them, e.g. ppo mdpo mdpo_alpha0); default: every method found"""
     bootstrap_reps: int = 2000
-    """bootstrap resamples for the aggregate's confidence intervals"""
+    """bootstrap resamples for the confidence intervals"""
+    bootstrap_seed: int = 0
+    """seed of the bootstrap, so that the intervals are the same on every call"""
+    figures: bool = True
+    """draw the figures (else write only the table and plot_summary.json)"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading runs
+# ---------------------------------------------------------------------------------------------
 
 
 def find_runs(roots: List[str]) -> List[str]:
@@ -59,52 +93,98 @@ def find_runs(roots: List[str]) -> List[str]:
     return sorted(found)
 
 
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
 def is_run(directory: str) -> bool:
-    path = os.path.join(directory, "config.json")
     try:
-        with open(path) as f:
-            config = json.load(f)
+        config = read_json(os.path.join(directory, "config.json"))
     except (OSError, ValueError) as error:
         print(f"skipping {directory}: its config.json is unreadable ({type(error).__name__})", file=sys.stderr)
         return False
     return isinstance(config, dict) and config.get("script") in ("ppo", "mdpo") and isinstance(config.get("args"), dict)
 
 
+def method_of(config: dict) -> str:
+    """The method a run is, from what its config says it ran (sweep.py owns the table)."""
+    import sweep
+
+    return sweep.method_of(config)
+
+
+def display_name(method: str) -> str:
+    if method.startswith("ppo_drac_"):
+        return f"PPO + DrAC ({method[len('ppo_drac_'):]})"
+    script, _, settings = method.partition(" (")  # a run that matches no method, e.g. "mdpo (num_agents=3)"
+    if settings and script in METHOD_NAMES:
+        return f"{METHOD_NAMES[script]} ({settings}"
+    return METHOD_NAMES.get(method, method)
+
+
 def read_scalars(event_dir: str, tags) -> Dict[str, tuple]:
+    """tag -> (steps, values), one value per step: a step logged twice (a resumed run re-logging an
+    evaluation after its checkpoint) keeps the later value."""
     accumulator = EventAccumulator(event_dir, size_guidance={"scalars": 0})
     accumulator.Reload()
     series = {}
     for tag in tags:
         if tag in accumulator.Tags()["scalars"]:
-            events = accumulator.Scalars(tag)
-            series[tag] = (np.array([e.step for e in events]), np.array([e.value for e in events]))
+            by_step = {event.step: event.value for event in accumulator.Scalars(tag)}
+            steps = np.array(sorted(by_step))
+            series[tag] = (steps, np.array([by_step[s] for s in steps], dtype=np.float64))
     return series
 
 
-def load_run(run_dir: str) -> dict:
-    """A run's game, method, seed and evaluation curves; an MDPO run's curve is its agents' mean."""
-    with open(os.path.join(run_dir, "config.json")) as f:
-        config = json.load(f)
+def agents_mean(per_agent: List[tuple]) -> tuple:
+    """The agents' mean at the steps every agent logged."""
+    steps = per_agent[0][0]
+    for agent_steps, _ in per_agent[1:]:
+        steps = np.intersect1d(steps, agent_steps)
+    return steps, np.mean([values[np.searchsorted(s, steps)] for s, values in per_agent], axis=0)
+
+
+def load_run(run_dir: str, x_axis: str = "agent") -> dict:
+    """A run's game, method, seed, mode and curves. With K agents its score curve is their mean; with
+    x_axis "total" its steps count every agent's environment steps (K x steps per agent)."""
+    config = read_json(os.path.join(run_dir, "config.json"))
     args = config["args"]
-    event_dirs = [run_dir] if config["script"] == "ppo" else [os.path.join(run_dir, "agent1"), os.path.join(run_dir, "agent2")]
-    curves = {}
-    for tag in ("eval/test_return", "eval/train_return"):
-        per_agent = [read_scalars(d, [tag]).get(tag) for d in event_dirs]
-        if any(c is None for c in per_agent):
+    num_agents = int(args.get("num_agents", 2)) if config["script"] == "mdpo" else 1
+    event_dirs = [run_dir] if num_agents == 1 else [os.path.join(run_dir, f"agent{i}") for i in range(1, num_agents + 1)]
+    scale = num_agents if x_axis == "total" else 1
+    curves, agent_curves = {}, {}
+    for tag in (TEST, TRAIN):
+        per_agent = [read_scalars(d, [tag]).get(tag) if os.path.isdir(d) else None for d in event_dirs]
+        if any(c is None or len(c[0]) == 0 for c in per_agent):
             continue
-        steps = per_agent[0][0]
-        curves[tag] = (steps, np.mean([np.interp(steps, s, v) for s, v in per_agent], axis=0))
-    return {"game": args["env_id"], "method": METHOD_NAMES.get(args["exp_name"], args["exp_name"]),
-            "seed": args["seed"], "curves": curves, "dir": run_dir}
+        agent_curves[tag] = [(steps * scale, values) for steps, values in per_agent]
+        steps, values = agents_mean(per_agent)
+        curves[tag] = (steps * scale, values)
+    if num_agents > 1 and os.path.isdir(run_dir):  # run-level scalars live in the run directory's own stream
+        cka = read_scalars(run_dir, [CKA]).get(CKA)
+        if cka is not None and len(cka[0]):
+            curves[CKA] = (cka[0] * scale, cka[1])
+    status_path = os.path.join(run_dir, "status.json")
+    finished = bool(read_json(status_path).get("finished")) if os.path.isfile(status_path) else False
+    return {"game": args["env_id"], "method": display_name(method_of(config)), "seed": args["seed"],
+            "mode": args.get("distribution_mode", "hard"), "num_agents": num_agents, "finished": finished,
+            "curves": curves, "agent_curves": agent_curves, "dir": run_dir}
 
 
 def group(runs: List[dict]) -> Dict[str, Dict[str, List[dict]]]:
-    """game -> method -> runs (the seeds), keeping only runs that were evaluated."""
+    """game -> method -> runs (the seeds, in seed order), keeping only runs that were evaluated."""
     grouped = defaultdict(lambda: defaultdict(list))
-    for run in runs:
-        if "eval/test_return" in run["curves"]:
+    for run in sorted(runs, key=lambda run: run["seed"]):
+        if TEST in run["curves"]:
             grouped[run["game"]][run["method"]].append(run)
+        else:
+            print(f"skipping {run['dir']}: no {TEST} logged yet", file=sys.stderr)
     return grouped
+
+
+def all_runs(grouped) -> List[dict]:
+    return [run for by_method in grouped.values() for runs in by_method.values() for run in runs]
 
 
 def ordered_methods(grouped) -> List[str]:
@@ -112,26 +192,178 @@ def ordered_methods(grouped) -> List[str]:
     return [m for m in METHOD_COLOURS if m in present] + sorted(present - set(METHOD_COLOURS))
 
 
-def mean_std_curve(runs: List[dict], tag: str):
-    """Seeds on a common step grid: the first run's steps up to where the shortest run ends."""
-    end = min(run["curves"][tag][0][-1] for run in runs)
-    steps = runs[0]["curves"][tag][0]
+def colour_of(method: str, methods: List[str]) -> str:
+    others = [m for m in methods if m not in METHOD_COLOURS]
+    return METHOD_COLOURS.get(method) or OTHER_COLOURS[others.index(method) % len(OTHER_COLOURS)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Which runs, at which step
+# ---------------------------------------------------------------------------------------------
+
+
+def select_runs(runs: List[dict], args: PlotArgs) -> List[dict]:
+    """The runs the figures are drawn from: one distribution mode, the chosen methods, finished if asked."""
+    modes = sorted({run["mode"] for run in runs})
+    if len(modes) > 1:
+        counts = ", ".join(f"{mode}: {sum(run['mode'] == mode for run in runs)} runs" for mode in modes)
+        raise UsageError(f"the runs mix distribution modes ({counts}); plot one mode at a time")
+    if args.methods:
+        wanted = {display_name(m) for m in args.methods}
+        unknown = sorted(wanted - {run["method"] for run in runs})
+        if unknown:
+            raise UsageError(f"no runs of {', '.join(unknown)}; the runs hold: "
+                             f"{', '.join(sorted({run['method'] for run in runs}))}")
+        runs = [run for run in runs if run["method"] in wanted]
+    if args.finished_only:
+        runs = [run for run in runs if run["finished"]]
+    return runs
+
+
+def comparison_step(grouped) -> int:
+    """The last step every included run reached: the one step at which they are compared."""
+    return int(min(run["curves"][TEST][0][-1] for run in all_runs(grouped)))
+
+
+def value_at(run: dict, tag: str, step: int) -> float:
+    """The run's evaluation at `step`, or its last one before it when it evaluated elsewhere."""
+    steps, values = run["curves"][tag]
+    index = np.searchsorted(steps, step, side="right") - 1
+    if index < 0:
+        raise ValueError(f"{run['dir']} has no {tag} at or before step {step}")
+    return float(values[index])
+
+
+def short_runs(grouped, step: int) -> List[str]:
+    longest = max(run["curves"][TEST][0][-1] for run in all_runs(grouped))
+    return [run["dir"] for run in all_runs(grouped) if run["curves"][TEST][0][-1] < longest] if step < longest else []
+
+
+def covered_games(grouped, methods: List[str]) -> List[str]:
+    """The games that have runs of every method: the ones an aggregate over methods can use."""
+    games = [game for game in sorted(grouped) if all(m in grouped[game] for m in methods)]
+    if not games:
+        held = "; ".join(f"{game}: {', '.join(grouped[game])}" for game in sorted(grouped))
+        raise UsageError(f"no game has runs of every method ({held}); choose methods with --methods")
+    return games
+
+
+def unit(x_axis: str) -> str:
+    return "steps per agent" if x_axis == "agent" else "environment steps of all agents"
+
+
+def seeds_text(counts) -> str:
+    counts = sorted(set(counts))
+    text = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    return f"{text} seed{'s' if counts[-1] > 1 else ''}"
+
+
+def title_of(grouped, step: int, args: PlotArgs) -> str:
+    """What was compared: the step, which runs, how many seeds, on what."""
+    which = "finished runs" if args.finished_only else "the last step all runs reached"
+    seeds = seeds_text(len(runs) for by_method in grouped.values() for runs in by_method.values())
+    return f"at {step:,} {unit(args.x_axis)} ({which}), {seeds}, {args.label or 'hardware not stated (--label)'}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def sample_std(values) -> float:
+    """The sample standard deviation (ddof=1); nan for a single seed, where there is none."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+
+
+def mean_std_curve(curves: List[tuple]):
+    """Curves on a common step grid: the first one's steps up to where the shortest ends."""
+    end = min(steps[-1] for steps, _ in curves)
+    steps = curves[0][0]
     steps = steps[steps <= end]
-    values = np.array([np.interp(steps, *run["curves"][tag]) for run in runs])
-    return steps, values.mean(0), values.std(0)
+    values = np.array([np.interp(steps, s, v) for s, v in curves])
+    std = values.std(0, ddof=1) if len(values) > 1 else np.full(len(steps), np.nan)
+    return steps, values.mean(0), std
 
 
-def final(run: dict, tag: str) -> float:
-    return float(run["curves"][tag][1][-1])
+def normalised_scores(grouped, methods, games, step) -> Dict[str, np.ndarray]:
+    """method -> [seeds x games] min-max normalised test returns at `step`; each method keeps its
+    lowest-numbered seeds, as many as it has on every game (rliable needs as many on each)."""
+    scores = {}
+    for method in methods:
+        seeds = min(len(grouped[g][method]) for g in games)
+        columns = []
+        for game in games:
+            low, high = HARD_MODE_RANGES[game]
+            columns.append([(value_at(run, TEST, step) - low) / (high - low) for run in grouped[game][method][:seeds]])
+        scores[method] = np.array(columns).T
+    return scores
 
 
-def budget(grouped) -> str:
-    """What the runs really were: steps per agent and seeds per curve."""
-    runs = [run for by_method in grouped.values() for rs in by_method.values() for run in rs]
-    steps = max(run["curves"]["eval/test_return"][0][-1] for run in runs)
-    seeds = sorted({len(rs) for by_method in grouped.values() for rs in by_method.values()})
-    seed_text = "-".join(str(s) for s in (seeds if len(seeds) == 1 else (seeds[0], seeds[-1])))
-    return f"{steps:,} steps per agent, {seed_text} seed{'s' if seeds[-1] > 1 else ''}"
+@contextlib.contextmanager
+def seeded_numpy(seed: int):
+    """rliable resamples with numpy's global generator (its random_state argument does not reach the
+    resampling in rliable 1.2), so seed that generator for the call and restore it afterwards."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+def aggregate_estimates(scores: Dict[str, np.ndarray], reps: int, seed: int):
+    """method -> [IQM, mean, median] and their 95% stratified-bootstrap intervals ([2 x 3])."""
+    from rliable import library as rly
+    from rliable import metrics
+
+    def aggregate(x):
+        return np.array([metrics.aggregate_iqm(x), metrics.aggregate_mean(x), metrics.aggregate_median(x)])
+
+    with seeded_numpy(seed):
+        return rly.get_interval_estimates(scores, aggregate, reps=reps)
+
+
+def improvement_estimates(scores: Dict[str, np.ndarray], reps: int, seed: int):
+    """other method -> P(MDPO > other) averaged over games, with its 95% stratified-bootstrap interval."""
+    from rliable import library as rly
+    from rliable import metrics
+
+    pairs = {method: (scores[MDPO], scores[method]) for method in scores if method != MDPO}
+    with seeded_numpy(seed):
+        return rly.get_interval_estimates(pairs, metrics.probability_of_improvement, reps=reps)
+
+
+def performance_profiles(scores: Dict[str, np.ndarray], taus: np.ndarray, reps: int, seed: int):
+    """method -> fraction of runs (all games) with a normalised score above each tau, and its intervals."""
+    from rliable import library as rly
+
+    with seeded_numpy(seed):
+        return rly.create_performance_profile(scores, taus, reps=reps)
+
+
+def welch_p(values_a, values_b) -> float:
+    """Welch's t-test p-value (unequal variances); nan below two seeds on a side or without variance."""
+    from scipy import stats
+
+    if len(values_a) < 2 or len(values_b) < 2 or np.var(values_a) + np.var(values_b) == 0:
+        return float("nan")
+    return float(stats.ttest_ind(values_a, values_b, equal_var=False).pvalue)
+
+
+def returns_at(grouped, game, method, tag, step) -> List[float]:
+    return [value_at(run, tag, step) for run in grouped[game].get(method, [])]
+
+
+def gaps_at(grouped, game, method, step) -> List[float]:
+    """Train minus test return of each seed at `step`: positive when the agent does better on its training levels."""
+    return [value_at(run, TRAIN, step) - value_at(run, TEST, step) for run in grouped[game].get(method, [])
+            if TRAIN in run["curves"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------------
 
 
 def style(ax):
@@ -146,119 +378,304 @@ def save(fig, out: str, name: str) -> None:
     plt.close(fig)
 
 
-def plot_curves(grouped, methods, title: str, out: str) -> None:
+def panels(count: int):
+    cols = min(4, count)
+    rows = -(-count // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows + 0.6), squeeze=False)
+    for ax in axes.flat[count:]:
+        ax.set_visible(False)
+    return fig, axes.flat
+
+
+def draw_band(ax, curves, colour, label):
+    steps, mean, std = mean_std_curve(curves)
+    ax.plot(steps, mean, color=colour, label=label)
+    ax.fill_between(steps, mean - std, mean + std, color=colour, alpha=0.25, linewidth=0)
+
+
+def draw_agent_band(ax, agent_curves, colour):
+    """The band of the individual agents (every seed's every agent), dotted, for multi-agent runs."""
+    steps, mean, std = mean_std_curve(agent_curves)
+    for edge in (mean - std, mean + std):
+        ax.plot(steps, edge, color=colour, linestyle=":", linewidth=1)
+
+
+def finish_curve_figure(fig, axes, methods, x_axis, suptitle, notes, out, name):
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(methods), frameon=False, bbox_to_anchor=(0.5, -0.04))
+    fig.suptitle(suptitle)
+    fig.text(0.5, -0.08, "\n".join(notes), ha="center", fontsize=8)
+    fig.tight_layout()
+    save(fig, out, name)
+
+
+def plot_curves(grouped, methods, step, title, x_axis, out) -> None:
     games = sorted(grouped)
-    cols = min(4, len(games))
-    rows = -(-len(games) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
-    for ax, game in zip(axes.flat, games):
+    fig, axes = panels(len(games))
+    for ax, game in zip(axes, games):
         for method in methods:
-            if method in grouped[game]:
-                steps, mean, std = mean_std_curve(grouped[game][method], "eval/test_return")
-                colour = METHOD_COLOURS.get(method)
-                ax.plot(steps, mean, color=colour, label=method)
-                ax.fill_between(steps, mean - std, mean + std, color=colour, alpha=0.25, linewidth=0)
+            runs = grouped[game].get(method)
+            if not runs:
+                continue
+            colour = colour_of(method, methods)
+            draw_band(ax, [run["curves"][TEST] for run in runs], colour, method)
+            if runs[0]["num_agents"] > 1:
+                draw_agent_band(ax, [c for run in runs for c in run["agent_curves"][TEST]], colour)
+        ax.axvline(step, color="black", linestyle="--", linewidth=0.8)
         ax.set_title(game)
-        ax.set_xlabel("Timesteps")
+        ax.set_xlabel(unit(x_axis).capitalize())
         ax.set_ylabel("Average test return")
         style(ax)
-    for ax in axes.flat[len(games):]:
-        ax.set_visible(False)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(methods), frameon=False, bbox_to_anchor=(0.5, -0.04))
-    fig.suptitle(f"Test return on unseen levels ({title})")
-    fig.tight_layout()
-    save(fig, out, "test_return")
+    notes = [f"{STD_NOTE}; dashed: the step every number is compared at", AGENT_NOTE]
+    finish_curve_figure(fig, axes, methods, x_axis, f"Test return on unseen levels; compared {title}", notes, out,
+                        "test_return")
 
 
-def normalised_scores(grouped, methods) -> Dict[str, np.ndarray]:
-    """method -> [seeds x games] min-max normalised final test returns (seeds cut to the fewest)."""
-    games = [g for g in sorted(grouped) if all(m in grouped[g] for m in methods)]
-    seeds = min(len(grouped[g][m]) for g in games for m in methods)
-    scores = {}
-    for method in methods:
-        columns = []
-        for game in games:
-            low, high = HARD_MODE_RANGES[game]
-            runs = sorted(grouped[game][method], key=lambda run: run["seed"])[:seeds]
-            columns.append([(final(run, "eval/test_return") - low) / (high - low) for run in runs])
-        scores[method] = np.array(columns).T
-    return scores
+def plot_cka(grouped, x_axis, label, out) -> bool:
+    """eval/representation_cka over training, one panel per game with a run that logged it."""
+    logged = defaultdict(dict)
+    for game, by_method in grouped.items():
+        for method, runs in by_method.items():
+            if any(CKA in run["curves"] for run in runs):
+                logged[game][method] = [run for run in runs if CKA in run["curves"]]
+    if not logged:
+        return False
+    methods = ordered_methods(logged)
+    games = sorted(logged)
+    fig, axes = panels(len(games))
+    for ax, game in zip(axes, games):
+        for method in methods:
+            if method in logged[game]:
+                draw_band(ax, [run["curves"][CKA] for run in logged[game][method]], colour_of(method, methods), method)
+        ax.set_title(game)
+        ax.set_xlabel(unit(x_axis).capitalize())
+        ax.set_ylabel("Linear CKA between agents")
+        style(ax)
+    runs = all_runs(logged)
+    end = max(run["curves"][CKA][0][-1] for run in runs)
+    seeds = seeds_text(len(rs) for by_method in logged.values() for rs in by_method.values())
+    notes = [f"{STD_NOTE}; CKA on the run's fixed test-level frames, mean over agent pairs (Kornblith et al. 2019)"]
+    finish_curve_figure(fig, axes, methods, x_axis, f"Representation similarity of the agents (up to {end:,} "
+                        f"{unit(x_axis)}, {seeds}, {label or 'hardware not stated (--label)'})", notes, out,
+                        "representation_cka")
+    return True
 
 
-def plot_aggregate(grouped, methods, title: str, out: str, reps: int) -> None:
-    from rliable import library as rly
-    from rliable import metrics
+def interval_rows(ax, names, estimates, intervals, colours):
+    for row, name in enumerate(names):
+        low, high = intervals[row]
+        ax.barh(row, high - low, left=low, height=0.6, color=colours[row], alpha=0.7)
+        ax.vlines(estimates[row], row - 0.3, row + 0.3, color="black")
+    ax.margins(x=0.15)
+    style(ax)
 
-    scores = normalised_scores(grouped, methods)
-    aggregate = lambda x: np.array([metrics.aggregate_iqm(x), metrics.aggregate_mean(x), metrics.aggregate_median(x)])  # noqa: E731
-    estimates, intervals = rly.get_interval_estimates(scores, aggregate, reps=reps)
-    fig, axes = plt.subplots(1, 3, figsize=(11, 0.6 * len(methods) + 1.4))
+
+def plot_aggregate(estimates, intervals, methods, title, note, out) -> None:
+    fig, axes = plt.subplots(1, 3, figsize=(11, 0.6 * len(methods) + 1.6))
+    colours = [colour_of(m, methods) for m in methods]
     for k, (ax, name) in enumerate(zip(axes, ("IQM", "Mean", "Median"))):
-        for row, method in enumerate(methods):
-            low, high = intervals[method][:, k]
-            ax.barh(row, high - low, left=low, height=0.6, color=METHOD_COLOURS.get(method), alpha=0.7)
-            ax.vlines(estimates[method][k], row - 0.3, row + 0.3, color="black")
+        interval_rows(ax, methods, [estimates[m][k] for m in methods], [intervals[m][:, k] for m in methods], colours)
         ax.set_yticks(range(len(methods)), methods if k == 0 else [""] * len(methods))
         ax.set_title(name)
         ax.set_xlabel("Min-max normalised score")
-        ax.margins(x=0.15)
-        style(ax)
-    fig.suptitle(f"Aggregate final test score, 95% bootstrap CIs ({title})")
+    fig.suptitle(f"Aggregate test score, 95% CIs; {title}")
+    fig.text(0.5, -0.06, note, ha="center", fontsize=8)
     fig.tight_layout()
     save(fig, out, "aggregate")
 
 
-def plot_gap(grouped, methods, title: str, out: str) -> None:
-    games = sorted(grouped)
+def plot_improvement(estimates, intervals, methods, title, note, out) -> None:
+    others = [m for m in methods if m != MDPO]
+    fig, ax = plt.subplots(figsize=(7, 0.6 * len(others) + 1.8))
+    interval_rows(ax, others, [float(estimates[m]) for m in others], [np.ravel(intervals[m]) for m in others],
+                  [colour_of(m, methods) for m in others])
+    ax.axvline(0.5, color="black", linestyle="--", linewidth=0.8)
+    ax.set_yticks(range(len(others)), [f"MDPO > {m}" for m in others])
+    ax.set_xlabel("P(MDPO's score on a game > the other's), 95% CI")
+    ax.set_title(f"Probability of improvement; {title}", fontsize=9)
+    fig.text(0.5, -0.08, note, ha="center", fontsize=8)
+    fig.tight_layout()
+    save(fig, out, "improvement")
+
+
+def plot_profiles(taus, profiles, profile_cis, methods, title, note, out) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for method in methods:
+        colour = colour_of(method, methods)
+        ax.plot(taus, profiles[method], color=colour, label=method)
+        ax.fill_between(taus, profile_cis[method][0], profile_cis[method][1], color=colour, alpha=0.2, linewidth=0)
+    ax.set_xlabel("Min-max normalised score τ")
+    ax.set_ylabel("Fraction of runs with score > τ")
+    ax.legend(frameon=False)
+    style(ax)
+    ax.set_title(f"Performance profiles; {title}", fontsize=9)
+    fig.text(0.5, -0.06, note, ha="center", fontsize=8)
+    fig.tight_layout()
+    save(fig, out, "profiles")
+
+
+def plot_gap(gaps, methods, title, out) -> None:
+    games = sorted(gaps)
     width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(max(9, 1.3 * len(games) * len(methods) / 2), 3.5))
+    fig, ax = plt.subplots(figsize=(max(9, 1.3 * len(games) * len(methods) / 2), 3.8))
     for k, method in enumerate(methods):
-        gaps = [[final(r, "eval/train_return") - final(r, "eval/test_return") for r in grouped[g].get(method, [])]
-                for g in games]
+        values = [gaps[g].get(method, []) for g in games]
         ax.bar(np.arange(len(games)) + (k - (len(methods) - 1) / 2) * width,
-               [np.mean(g) if g else np.nan for g in gaps], width, yerr=[np.std(g) if g else 0 for g in gaps],
-               color=METHOD_COLOURS.get(method), label=method, capsize=2)
+               [np.mean(v) if v else np.nan for v in values], width, yerr=[sample_std(v) for v in values],
+               color=colour_of(method, methods), label=method, capsize=2)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(games)), games)
     ax.set_ylabel("Train - test return")
     ax.legend(frameon=False)
     style(ax)
-    ax.set_title(f"Generalisation gap at the end of training ({title})")
+    ax.set_title(f"Generalisation gap {title}", fontsize=9)
+    fig.text(0.5, -0.04, "error bars: sample std (ddof=1) over seeds; none with one seed", ha="center", fontsize=8)
     fig.tight_layout()
     save(fig, out, "generalization_gap")
 
 
-def final_table(grouped, methods, title: str) -> str:
-    lines = [f"Final test return, mean ± std over seeds ({title})", "",
+# ---------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------
+
+
+def mean_std_cell(values) -> str:
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.2f} (1)"
+    return f"{np.mean(values):.2f} ± {sample_std(values):.2f} ({len(values)})"
+
+
+def p_cell(p: Optional[float], n_mdpo: int, n_other: int) -> str:
+    if n_mdpo == 0 or n_other == 0:
+        return ""
+    seeds = f"{n_mdpo} vs {n_other} seeds"
+    return f"{p:.3f} ({seeds})" if p is not None else f"n/a ({seeds})"
+
+
+def final_table(grouped, methods, step, title) -> Tuple[str, dict]:
+    """The markdown of test returns at `step` and of Welch's t-test of MDPO against each method."""
+    lines = [f"Test return {title}: mean ± sample std (ddof=1) over seeds (number of seeds)", "",
              "| game | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     for game in sorted(grouped):
-        cells = []
-        for method in methods:
-            values = [final(run, "eval/test_return") for run in grouped[game].get(method, [])]
-            cells.append(f"{np.mean(values):.2f} ± {np.std(values):.2f} ({len(values)})" if values else "")
-        lines.append(f"| {game} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        lines.append(f"| {game} | " + " | ".join(mean_std_cell(returns_at(grouped, game, m, TEST, step))
+                                                for m in methods) + " |")
+    welch = {}
+    others = [m for m in methods if m != MDPO]
+    if MDPO in methods and others:
+        lines += ["", "Welch's t-test p-value (two-sided, unequal variances) of MDPO's test return against each "
+                      "method's on each game, and the seeds it rests on", "",
+                  "| game | " + " | ".join(f"MDPO vs {m}" for m in others) + " |", "|---|" + "---|" * len(others)]
+        for game in sorted(grouped):
+            mdpo_values = returns_at(grouped, game, MDPO, TEST, step)
+            welch[game] = {}
+            for other in others:
+                other_values = returns_at(grouped, game, other, TEST, step)
+                p = welch_p(mdpo_values, other_values)
+                welch[game][other] = {"p": p if np.isfinite(p) else None, "seeds_mdpo": len(mdpo_values),
+                                      "seeds_other": len(other_values)}
+            lines.append(f"| {game} | " + " | ".join(
+                p_cell(welch[game][o]["p"], len(mdpo_values), welch[game][o]["seeds_other"]) for o in others) + " |")
+    return "\n".join(lines) + "\n", welch
 
 
-def main(args: PlotArgs) -> None:
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def check(args: PlotArgs) -> None:
     if args.bootstrap_reps < 1:
-        raise SystemExit(f"error: --bootstrap-reps must be positive, got {args.bootstrap_reps}")
-    run_dirs = find_runs(args.runs)
-    grouped = group([load_run(d) for d in run_dirs])
+        raise UsageError(f"--bootstrap-reps must be positive, got {args.bootstrap_reps}")
+
+
+def rliable_statistics(grouped, methods, step, args) -> dict:
+    """Aggregates, probability of improvement and performance profiles over the games every method has."""
+    games = covered_games(grouped, methods)
+    scores = normalised_scores(grouped, methods, games, step)
+    stats = {"games_covered": games, "seeds": {m: len(s) for m, s in scores.items()},
+             "note": f"games: {', '.join(games)}; {seeds_text(len(s) for s in scores.values())} per method per game "
+                     f"(the lowest-numbered); 95% stratified-bootstrap intervals over runs (rliable), "
+                     f"{args.bootstrap_reps} resamples, seed {args.bootstrap_seed}"}
+    stats["aggregate"] = aggregate_estimates(scores, args.bootstrap_reps, args.bootstrap_seed)
+    if MDPO in methods and len(methods) > 1:
+        stats["improvement"] = improvement_estimates(scores, args.bootstrap_reps, args.bootstrap_seed)
+    everything = np.concatenate([s.ravel() for s in scores.values()])
+    stats["taus"] = np.linspace(min(0.0, everything.min()), max(1.0, everything.max()), 101)
+    stats["profiles"] = performance_profiles(scores, stats["taus"], args.bootstrap_reps, args.bootstrap_seed)
+    return stats
+
+
+def summarise(stats: dict, methods) -> dict:
+    """The rliable numbers as plain JSON: [estimate, low, high] each."""
+    estimates, intervals = stats["aggregate"]
+    summary = {"games_covered": stats["games_covered"], "seeds": stats["seeds"], "aggregate": {
+        m: {name: [float(estimates[m][k]), *map(float, intervals[m][:, k])]
+            for k, name in enumerate(("IQM", "mean", "median"))} for m in methods}}
+    if "improvement" in stats:
+        estimates, intervals = stats["improvement"]
+        summary["probability_of_improvement"] = {m: [float(estimates[m]), *map(float, np.ravel(intervals[m]))]
+                                                 for m in estimates}
+    return summary
+
+
+def draw_rliable(stats, methods, title, out) -> None:
+    plot_aggregate(*stats["aggregate"], methods, title, stats["note"], out)
+    if "improvement" in stats:
+        plot_improvement(*stats["improvement"], methods, title, stats["note"], out)
+    else:
+        print("note: no MDPO runs beside another method: the probability-of-improvement figure is skipped")
+    plot_profiles(stats["taus"], *stats["profiles"], methods, title, stats["note"], out)
+
+
+def main(args: PlotArgs) -> dict:
+    check(args)
+    runs = select_runs([load_run(d, args.x_axis) for d in find_runs(args.runs)], args)
+    grouped = group(runs)
     if not grouped:
-        raise SystemExit(f"error: no evaluated runs under {', '.join(args.runs)}")
+        raise UsageError(f"no evaluated runs under {', '.join(args.runs)}"
+                         + (" (only finished runs were asked for)" if args.finished_only else ""))
     methods = ordered_methods(grouped)
-    title = ", ".join(t for t in (budget(grouped), args.label) if t)
-    plot_curves(grouped, methods, title, args.out)
-    plot_aggregate(grouped, methods, title, args.out, args.bootstrap_reps)
-    plot_gap(grouped, methods, title, args.out)
-    table = final_table(grouped, methods, title)
+    step = comparison_step(grouped)
+    short = short_runs(grouped, step)
+    if short:
+        print(f"note: compared at {step:,} {unit(args.x_axis)}, where {len(short)} run(s) stop: "
+              f"{', '.join(short)}; --finished-only leaves unfinished runs out", file=sys.stderr)
+    title = title_of(grouped, step, args)
+    mode = all_runs(grouped)[0]["mode"]
+    stats = rliable_statistics(grouped, methods, step, args) if mode == "hard" else None
+    gaps = {game: {m: gaps_at(grouped, game, m, step) for m in methods} for game in grouped}
+    table, welch = final_table(grouped, methods, step, title)
+    summary = {"compared_at": step, "x_axis": unit(args.x_axis), "label": args.label, "methods": methods,
+               "bootstrap": {"reps": args.bootstrap_reps, "seed": args.bootstrap_seed},
+               **(summarise(stats, methods) if stats else {}), "generalization_gap": gaps, "welch": welch}
+    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "final_test_returns.md"), "w") as f:
         f.write(table)
+    with open(os.path.join(args.out, "plot_summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
     print(table)
-    print(f"figures from {len(run_dirs)} runs written to {args.out}/")
+    if stats is None:
+        print(f"note: no normalisation constants for {mode} mode: aggregate, improvement and profiles skipped")
+    if args.figures:
+        draw_all(grouped, methods, step, title, stats, gaps, args)
+    print(f"{len(all_runs(grouped))} runs; written to {args.out}/")
+    return summary
+
+
+def draw_all(grouped, methods, step, title, stats, gaps, args) -> None:
+    plot_curves(grouped, methods, step, title, args.x_axis, args.out)
+    if stats:
+        draw_rliable(stats, methods, title, args.out)
+    plot_gap(gaps, methods, title, args.out)
+    if not plot_cka(grouped, args.x_axis, args.label, args.out):
+        print(f"note: no run logged {CKA}: the representation_cka figure is skipped")
 
 
 if __name__ == "__main__":
-    main(tyro.cli(PlotArgs))
+    try:
+        main(tyro.cli(PlotArgs))
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,22 +1,33 @@
-"""Representation robustness: random-convolution copies of one frame through trained encoders.
+"""Representation robustness: random-convolution copies of frames through trained encoders.
 
-The experiment of the paper's t-SNE figure: take one observation, make `--copies` perturbed copies
-of it, each through a fresh random 3x3 convolution (network randomisation, Lee et al. 2020),
-encode them with each checkpoint's 256-d hidden layer, and embed all features together with
-t-SNE, one colour per encoder. Beside the picture, for each encoder:
-  spread  mean distance of the copies' features to their centroid, divided by the encoder's mean
-          feature norm on clean observations (so encoders of different scale compare);
-  TV      mean total-variation distance between the policy on each copy and on the clean frame.
+The experiment of the paper's t-SNE figure: take an observation, make `--copies` perturbed copies of
+it, each through a fresh random 3x3 convolution (network randomisation, Lee et al. 2020: the filter's
+raw float output goes to the network, no clipping or rounding), encode them with each checkpoint's
+256-d hidden layer, and embed all features together with t-SNE, one colour per encoder. This is done
+for `--frames` frames of each of `--seeds` (each seed its own test levels, random actions and filters);
+each encoder's numbers are the mean and sample std over those frames:
+  spread   mean distance of the copies' features to their centroid, divided by the same spread of
+           the encoder's features over the clean frames (so encoders of different scale and offset
+           compare: a constant added to every feature changes neither)
+  TV       mean total-variation distance between the policy on each copy and on the clean frame
+  entropy  the policy's mean entropy on the clean frames (log 15 = 2.708 is uniform): a near-uniform
+           policy has a small TV whatever its features do, so read TV beside it
+and, for every pair of encoders, linear CKA (Kornblith et al. 2019) of their features on the clean
+frames (for example PPO seed 1 against PPO seed 2, or MDPO's agents).
 
     python tsne.py sweeps/demo/runs/bigfish__ppo__1 sweeps/demo/runs/bigfish__mdpo__1 --label "CPU, 2 cores"
     python tsne.py runs/x runs/y runs/z --no-figure      # just the numbers, for any checkpoints
+    python tsne.py runs/mdpo_k3 runs/mdpo_k3 runs/mdpo_k3 --mdpo-agent 1 2 3 --no-figure
 
-A run directory or its checkpoint.pt both work; an MDPO checkpoint contributes --mdpo-agent.
+A run directory or its checkpoint.pt both work; an MDPO checkpoint (K agents) contributes the agent
+--mdpo-agent names (one number for all checkpoints, or one per checkpoint).
 """
 
+import itertools
 import json
 import os
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 import matplotlib
@@ -25,13 +36,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 import tyro  # noqa: E402
 
+import mdpo  # noqa: E402
 import ppo  # noqa: E402
-from plot import METHOD_COLOURS, METHOD_NAMES  # noqa: E402
-
-OTHER_COLOURS = ["#2ca02c", "#9467bd", "#8c564b", "#7f7f7f"]
+import sweep  # noqa: E402
+from plot import OTHER_COLOURS, METHOD_COLOURS, UsageError, display_name  # noqa: E402
 
 
 @dataclass
@@ -39,17 +49,19 @@ class TsneArgs:
     checkpoints: tyro.conf.Positional[List[str]]
     """run directories or checkpoint files, all of the same game"""
     labels: Optional[List[str]] = None
-    """one name per checkpoint (default: the method, e.g. PPO, MDPO)"""
-    mdpo_agent: int = 1
-    """which agent of an MDPO checkpoint to use (1 or 2)"""
+    """one name per checkpoint (default: the method, e.g. PPO, MDPO, and the agent of an MDPO run)"""
+    mdpo_agent: List[int] = field(default_factory=lambda: [1])
+    """which agent (1..K) of an MDPO checkpoint to use: one number for all, or one per checkpoint"""
     copies: int = 100
-    """random-convolution copies of the observation"""
+    """random-convolution copies of each perturbed frame"""
+    frames: int = 4
+    """frames perturbed per seed (the first of the clean frames, each of its own level)"""
+    seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
+    """seeds of the levels, the random actions and the filters; the figure shows the first seed's first frame"""
     clean_frames: int = 256
-    """clean observations that set each encoder's feature scale"""
+    """clean observations per seed that set each encoder's feature spread and its policy entropy"""
     warmup_steps: int = 50
-    """random-action steps before the frame is taken, so that the scene is not a start screen"""
-    seed: int = 0
-    """seed of the level, the actions, the filters and t-SNE"""
+    """random-action steps before the frames are taken, so that the scene is not a start screen"""
     out: str = "Fig"
     """where the figure and the numbers go"""
     label: str = ""
@@ -59,81 +71,99 @@ class TsneArgs:
 
 
 def load_encoder(path: str, mdpo_agent: int):
-    """(agent, config) from a run directory or checkpoint file of either script."""
+    """(agent, config, agent number or None) from a run directory or checkpoint file of either script;
+    an MDPO checkpoint holds a list of K agents' state dicts and gives agent `mdpo_agent` (1-based)."""
     if os.path.isdir(path):
         path = os.path.join(path, "checkpoint.pt")
     if not os.path.isfile(path):
-        raise SystemExit(f"error: no checkpoint at {path}")
+        raise UsageError(f"no checkpoint at {path}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # a torn or foreign file: say so in one line
-        raise SystemExit(f"error: {path} is unreadable ({type(error).__name__})") from None
+        raise UsageError(f"{path} is unreadable ({type(error).__name__})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("script") not in ("ppo", "mdpo"):
-        raise SystemExit(f"error: {path} is not a checkpoint of ppo.py or mdpo.py")
-    args = checkpoint["args"]
-    agent = ppo.Agent(dropout=args.get("dropout", 0.0))
-    state = checkpoint["agent"] if checkpoint["script"] == "ppo" else checkpoint["agents"][mdpo_agent - 1]
-    agent.load_state_dict(state)
-    return agent.eval(), checkpoint["script"], args
+        raise UsageError(f"{path} is not a checkpoint of ppo.py or mdpo.py")
+    config = {"script": checkpoint["script"], "args": checkpoint["args"]}
+    agent = ppo.Agent(dropout=config["args"].get("dropout", 0.0))
+    if checkpoint["script"] == "ppo":
+        agent.load_state_dict(checkpoint["agent"])
+        return agent.eval(), config, None
+    agents = checkpoint["agents"]
+    if not 1 <= mdpo_agent <= len(agents):
+        raise UsageError(f"--mdpo-agent {mdpo_agent}: {path} has agents 1 to {len(agents)}")
+    agent.load_state_dict(agents[mdpo_agent - 1])
+    return agent.eval(), config, mdpo_agent
 
 
 def observations(env_id: str, count: int, warmup_steps: int, seed: int) -> np.ndarray:
-    """`count` frames of unseen levels after `warmup_steps` random actions: frame 0 is the one perturbed."""
+    """`count` frames of unseen levels (one per env) after `warmup_steps` random actions."""
     env = ppo.ProcgenVecEnv(env_id, count, 0, 0, "hard", seed)
     rng = np.random.default_rng(seed)
     obs, _ = env.reset()
     for _ in range(warmup_steps):
         obs, *_ = env.step(rng.integers(0, 15, count))
+    env.close()
     return obs
 
 
 def random_conv_copies(frame: np.ndarray, copies: int, seed: int) -> torch.Tensor:
-    """`copies` versions of one uint8 HWC frame, each through its own random 3x3 RGB->RGB convolution
-    with Xavier-normal weights (Lee et al. 2020), clipped back to the valid pixel range."""
+    """`copies` float32 versions of one uint8 HWC frame, each through its own random 3x3 convolution
+    (ppo.random_conv, the project's one implementation), unclipped as Lee et al. feed them."""
     generator = torch.Generator().manual_seed(seed)
-    image = torch.as_tensor(frame).permute(2, 0, 1).float().unsqueeze(0) / 255.0
-    out = []
-    for _ in range(copies):
-        weight = torch.empty(3, 3, 3, 3)
-        std = (2.0 / (3 * 9 + 3 * 9)) ** 0.5
-        weight.normal_(0, std, generator=generator)
-        out.append(F.conv2d(image, weight, padding=1).clamp(0, 1))
-    return (torch.cat(out).permute(0, 2, 3, 1) * 255.0).round().to(torch.uint8)
+    frames = torch.as_tensor(frame).unsqueeze(0).expand(copies, *frame.shape)
+    return ppo.random_conv(frames, generator)
 
 
 @torch.no_grad()
-def robustness(agent, clean: torch.Tensor, perturbed: torch.Tensor) -> dict:
-    """The spread of the perturbed copies' features and the TV distance of their policies."""
+def robustness(agent, clean: torch.Tensor, perturbed: List[torch.Tensor]) -> dict:
+    """perturbed[i] holds copies of clean[i]. For each i: the spread of the copies' features over the
+    spread of the clean frames' features, and the TV distance of their policies from clean[i]'s. Beside
+    them the policy's mean entropy on the clean frames, and the clean frames' features."""
     clean_hidden = agent.hidden(clean)
-    scale = clean_hidden.norm(dim=1).mean()
-    hidden = agent.hidden(perturbed)
-    spread = (hidden - hidden.mean(0)).norm(dim=1).mean() / scale
-    clean_policy = agent.actor(clean_hidden[:1]).softmax(-1)
-    policies = agent.actor(hidden).softmax(-1)
-    tv = 0.5 * (policies - clean_policy).abs().sum(-1).mean()
-    return {"spread": float(spread), "tv_distance": float(tv), "features": (hidden / scale).numpy()}
+    clean_spread = (clean_hidden - clean_hidden.mean(0)).norm(dim=1).mean()
+    clean_log_policies = agent.actor(clean_hidden).log_softmax(-1)
+    entropy = -(clean_log_policies.exp() * clean_log_policies).sum(-1).mean()
+    spreads, tvs, features = [], [], []
+    for index, copies in enumerate(perturbed):
+        hidden = agent.hidden(copies)
+        spreads.append(float((hidden - hidden.mean(0)).norm(dim=1).mean() / clean_spread))
+        policies = agent.actor(hidden).softmax(-1)
+        tvs.append(float(0.5 * (policies - clean_log_policies[index].exp()).abs().sum(-1).mean()))
+        features.append((hidden / clean_spread).numpy())
+    return {"spread": spreads, "tv_distance": tvs, "entropy": float(entropy), "features": features,
+            "clean_features": clean_hidden}
 
 
-def draw(frame, perturbed, results, labels, title, path):
+def mean_std(values) -> List[float]:
+    """[mean, sample std (ddof=1)] over the frames; the std is nan for a single frame."""
+    values = np.asarray(values, dtype=np.float64)
+    return [float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else float("nan")]
+
+
+def draw(frame, perturbed, results, labels, colours, title, path):
     from sklearn.manifold import TSNE
 
     features = np.concatenate([r["features"] for r in results])
     perplexity = min(30, len(features) - 1)
-    embedded = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=0).fit_transform(features)
+    # The exact gradient: a few hundred points take a second, and Barnes-Hut's threads crawl on a busy machine.
+    embedded = TSNE(n_components=2, perplexity=perplexity, init="pca", method="exact",
+                    random_state=0).fit_transform(features)
     fig = plt.figure(figsize=(12, 4.6))
     grid = fig.add_gridspec(2, 4, width_ratios=[1, 1, 0.15, 3])
-    for k, (image, name) in enumerate([(frame, "observation")] + [(perturbed[i], f"random conv {i + 1}") for i in range(3)]):
+    # The filters' raw output is shown clipped to the displayable range; the network got it unclipped.
+    shown = [(frame, "observation")] + [(perturbed[i].clip(0, 255) / 255, f"random conv {i + 1}") for i in range(3)]
+    for k, (image, name) in enumerate(shown):
         ax = fig.add_subplot(grid[k // 2, k % 2])
         ax.imshow(image)
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     ax = fig.add_subplot(grid[:, 3])
     start = 0
-    for k, (result, label) in enumerate(zip(results, labels)):
+    for result, label, colour in zip(results, labels, colours):
         n = len(result["features"])
-        colour = METHOD_COLOURS.get(label, OTHER_COLOURS[k % len(OTHER_COLOURS)])
         ax.scatter(*embedded[start:start + n].T, s=18, color=colour,
-                   label=f"{label} encoder: spread {result['spread']:.3f}, TV {result['tv_distance']:.3f}")
+                   label=f"{label}: spread {result['spread']:.3f}, TV {result['tv_distance']:.3f}, "
+                         f"entropy {result['entropy']:.2f}")
         start += n
     ax.set_xlabel("t-SNE component 1")
     ax.set_ylabel("t-SNE component 2")
@@ -149,45 +179,106 @@ def draw(frame, perturbed, results, labels, title, path):
 def check(args: TsneArgs) -> None:
     """Bad settings fail here, in one line, before any checkpoint is loaded."""
     if args.labels and len(args.labels) != len(args.checkpoints):
-        raise SystemExit("error: give one --labels entry per checkpoint")
-    if args.mdpo_agent not in (1, 2):
-        raise SystemExit(f"error: --mdpo-agent must be 1 or 2, got {args.mdpo_agent}")
+        raise UsageError("give one --labels entry per checkpoint")
+    if len(args.mdpo_agent) not in (1, len(args.checkpoints)):
+        raise UsageError("give one --mdpo-agent for all checkpoints or one per checkpoint")
+    if min(args.mdpo_agent) < 1:
+        raise UsageError(f"--mdpo-agent counts from 1, got {min(args.mdpo_agent)}")
     if args.copies < 3:  # the figure shows three of them
-        raise SystemExit(f"error: --copies must be at least 3, got {args.copies}")
-    if args.clean_frames < 1 or args.warmup_steps < 0:
-        raise SystemExit("error: --clean-frames must be positive and --warmup-steps not negative")
+        raise UsageError(f"--copies must be at least 3, got {args.copies}")
+    if args.clean_frames < 2 or args.warmup_steps < 0:  # a spread needs two frames
+        raise UsageError("--clean-frames must be at least 2 and --warmup-steps not negative")
+    if not 1 <= args.frames <= args.clean_frames:
+        raise UsageError(f"--frames must lie in [1, --clean-frames], got {args.frames}")
+    if not args.seeds or len(set(args.seeds)) != len(args.seeds):
+        raise UsageError("--seeds must name at least one seed, each once")
+
+
+def label_of(config: dict, agent_number: Optional[int]) -> str:
+    name = display_name(sweep.method_of(config))
+    return name if agent_number is None else f"{name} agent {agent_number}"
+
+
+def measure(encoders, game: str, args: TsneArgs):
+    """Every encoder on every seed's frames: per encoder the numbers of every (seed, frame), the pairwise CKA
+    of the encoders on each seed's clean frames, and what the figure shows (the first seed's first frame)."""
+    numbers = [{"spread": [], "tv_distance": [], "entropy": []} for _ in encoders]
+    ckas = {pair: [] for pair in itertools.combinations(range(len(encoders)), 2)}
+    figure = None
+    for seed in args.seeds:
+        frames = observations(game, args.clean_frames, args.warmup_steps, seed)
+        perturbed = [random_conv_copies(frames[index], args.copies, seed * 1_000_003 + index)
+                     for index in range(args.frames)]
+        results = [robustness(agent, torch.as_tensor(frames), perturbed) for agent, _, _ in encoders]
+        for k, result in enumerate(results):
+            for key in numbers[k]:
+                numbers[k][key] += result[key] if isinstance(result[key], list) else [result[key]]
+        for i, j in ckas:
+            ckas[(i, j)].append(mdpo.linear_cka(results[i]["clean_features"], results[j]["clean_features"]))
+        if figure is None:
+            figure = (frames[0], perturbed[0].numpy(), [{"features": r["features"][0], "spread": r["spread"][0],
+                                                         "tv_distance": r["tv_distance"][0], "entropy": r["entropy"]}
+                                                        for r in results])
+    return numbers, ckas, figure
+
+
+def colours_of(labels: List[str], methods: List[str]) -> List[str]:
+    """The method's colour for the first encoder of each method, other colours for the rest."""
+    colours, others = [], iter(OTHER_COLOURS * len(labels))
+    for method in methods:
+        colour = METHOD_COLOURS.get(method)
+        colours.append(colour if colour and colour not in colours else next(others))
+    return colours
 
 
 def main(args: TsneArgs) -> dict:
     check(args)
-    encoders = [load_encoder(path, args.mdpo_agent) for path in args.checkpoints]
-    games = {config["env_id"] for _, _, config in encoders}
+    agent_numbers = args.mdpo_agent * len(args.checkpoints) if len(args.mdpo_agent) == 1 else args.mdpo_agent
+    encoders = [load_encoder(path, number) for path, number in zip(args.checkpoints, agent_numbers)]
+    games = {config["args"]["env_id"] for _, config, _ in encoders}
     if len(games) != 1:
-        raise SystemExit(f"error: the checkpoints are of different games: {', '.join(sorted(games))}")
+        raise UsageError(f"the checkpoints are of different games: {', '.join(sorted(games))}")
     game = games.pop()
-    labels = args.labels or [METHOD_NAMES.get(config["exp_name"], config["exp_name"]) for _, _, config in encoders]
+    labels = args.labels or [label_of(config, number) for _, config, number in encoders]
 
-    frames = observations(game, args.clean_frames, args.warmup_steps, args.seed)
-    clean = torch.as_tensor(frames)
-    perturbed = random_conv_copies(frames[0], args.copies, args.seed)
-    results = [robustness(agent, clean, perturbed) for agent, _, _ in encoders]
-
+    numbers, ckas, (frame, perturbed, first_results) = measure(encoders, game, args)
+    summary = {"game": game, "copies": args.copies, "frames_per_seed": args.frames, "seeds": args.seeds,
+               "clean_frames": args.clean_frames, "encoders": [
+                   {"label": label, "checkpoint": path, "mdpo_agent": number,
+                    **{key: mean_std(values) for key, values in numbers[k].items()}}
+                   for k, (label, path, (_, _, number)) in enumerate(zip(labels, args.checkpoints, encoders))],
+               "linear_cka": [{"a": labels[i], "b": labels[j], "cka": mean_std(values)}
+                              for (i, j), values in ckas.items()]}
     os.makedirs(args.out, exist_ok=True)
-    summary = {"game": game, "copies": args.copies, "seed": args.seed, "encoders": [
-        {"label": label, "checkpoint": path, "spread": r["spread"], "tv_distance": r["tv_distance"]}
-        for label, path, r in zip(labels, args.checkpoints, results)]}
     with open(os.path.join(args.out, f"tsne_{game}.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    print(f"{game}: {args.copies} random-conv copies of one frame")
-    print("| encoder | feature spread | policy TV distance |\n|---|---|---|")
-    for entry in summary["encoders"]:
-        print(f"| {entry['label']} | {entry['spread']:.4f} | {entry['tv_distance']:.4f} |")
+    print_summary(summary)
     if args.figure:
-        title = f"{game}: {args.copies} random-convolution copies of one observation" + (f" ({args.label})" if args.label else "")
-        draw(frames[0], perturbed.numpy(), results, labels, title, os.path.join(args.out, f"tsne_{game}"))
+        title = (f"{game}: {args.copies} random-convolution copies of one observation (seed {args.seeds[0]}); "
+                 f"numbers of this frame" + (f" ({args.label})" if args.label else ""))
+        colours = colours_of(labels, [display_name(sweep.method_of(config)) for _, config, _ in encoders])
+        draw(frame, perturbed, first_results, labels, colours, title, os.path.join(args.out, f"tsne_{game}"))
         print(f"figure written to {args.out}/tsne_{game}.png")
     return summary
 
 
+def print_summary(summary: dict) -> None:
+    cases = len(summary["seeds"]) * summary["frames_per_seed"]
+    print(f"{summary['game']}: {summary['copies']} random-conv copies of each of {cases} frames "
+          f"({summary['frames_per_seed']} per seed, seeds {', '.join(map(str, summary['seeds']))}); "
+          "mean ± sample std over the frames")
+    print("| encoder | feature spread | policy TV distance | policy entropy on clean frames |\n|---|---|---|---|")
+    for entry in summary["encoders"]:
+        print(f"| {entry['label']} | " + " | ".join(f"{entry[key][0]:.4f} ± {entry[key][1]:.4f}"
+                                                    for key in ("spread", "tv_distance", "entropy")) + " |")
+    for pair in summary["linear_cka"]:
+        print(f"linear CKA of {pair['a']} and {pair['b']} on the clean frames: "
+              f"{pair['cka'][0]:.4f} ± {pair['cka'][1]:.4f} over {len(summary['seeds'])} seed(s)")
+
+
 if __name__ == "__main__":
-    main(tyro.cli(TsneArgs))
+    try:
+        main(tyro.cli(TsneArgs))
+    except (UsageError, ppo.UsageError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,324 @@
+"""plot.py on tiny hand-written run directories: every number against a hand computation."""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from torch.utils.tensorboard import SummaryWriter
+
+import plot
+from helpers import ROOT
+
+STEP = 1000  # evaluations at 1000, 2000, ...
+
+
+def write_run(root, script, game, seed, test, train=None, num_agents=2, cka=None, finished=None, name=None, **args):
+    """A run directory as ppo.py / mdpo.py leave it. An MDPO run's agents log test +- offsets that cancel
+    (their mean is `test`); `cka` goes to the run directory's own stream, as mdpo.py logs it."""
+    method = name or args.get("exp_name", script)
+    run_dir = os.path.join(root, f"{game}__{method}__{seed}")
+    os.makedirs(run_dir)
+    config_args = {"env_id": game, "exp_name": method, "seed": seed, **args}
+    if script == "mdpo":
+        config_args.setdefault("num_agents", num_agents)
+    json.dump({"script": script, "args": config_args}, open(os.path.join(run_dir, "config.json"), "w"))
+    k = config_args["num_agents"] if script == "mdpo" else 1
+    offsets = [0.0] if k == 1 else np.linspace(-1, 1, k)
+    event_dirs = [run_dir] if k == 1 else [os.path.join(run_dir, f"agent{i}") for i in range(1, k + 1)]
+    for offset, event_dir in zip(offsets, event_dirs):
+        writer = SummaryWriter(event_dir)
+        for i, value in enumerate(test):
+            writer.add_scalar("eval/test_return", value + offset, (i + 1) * STEP)
+            if train is not None:
+                writer.add_scalar("eval/train_return", train[i] + offset, (i + 1) * STEP)
+        writer.close()
+    if cka is not None:
+        writer = SummaryWriter(run_dir)
+        for i, value in enumerate(cka):
+            writer.add_scalar("eval/representation_cka", value, (i + 1) * STEP)
+        writer.close()
+    if finished is not None:
+        json.dump({"global_step": len(test) * STEP, "iteration": len(test), "finished": finished},
+                  open(os.path.join(run_dir, "status.json"), "w"))
+    return run_dir
+
+
+def plot_args(tmp_path, **kw):
+    kw.setdefault("bootstrap_reps", 50)
+    kw.setdefault("figures", False)  # drawing is slow; the figures are checked where they are the point
+    return plot.PlotArgs(runs=[str(tmp_path / "runs")], out=str(tmp_path / "fig"), label="synthetic", **kw)
+
+
+def table_cell(table, game, column):
+    """The cell of `column` in the row of `game` of the markdown table whose header has that column."""
+    lines = table.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| game") and f"| {column} |" in line)
+    names = [c.strip() for c in lines[start].strip("|").split("|")]
+    row = next(line for line in lines[start:] if line.startswith(f"| {game} "))
+    return [c.strip() for c in row.strip("|").split("|")][names.index(column)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The numbers of a whole call, at the step every run reached
+# ---------------------------------------------------------------------------------------------
+
+
+def test_plot_compares_every_run_at_the_step_all_reached_with_sample_std_and_welch(tmp_path):
+    runs = tmp_path / "runs"
+    ppo = {1: [1.0, 2.0, 4.0, 9.0], 2: [2.0, 3.0, 5.0, 9.0], 3: [0.0, 1.0, 3.0]}  # seed 3 stopped at 3,000
+    mdpo = {1: [3.0, 5.0, 8.0, 20.0], 2: [4.0, 6.0, 7.5, 20.0], 3: [3.0, 4.0, 6.0, 20.0]}
+    for seed in (1, 2, 3):
+        write_run(runs, "ppo", "bigfish", seed, ppo[seed], train=[v + 2 for v in ppo[seed]])
+        write_run(runs, "mdpo", "bigfish", seed, mdpo[seed], train=[v + 1 for v in mdpo[seed]])
+    summary = plot.main(plot_args(tmp_path, figures=True))
+    table = (tmp_path / "fig" / "final_test_returns.md").read_text()
+
+    assert summary["compared_at"] == 3000  # the last step every run reached: the fourth values play no part
+    assert "at 3,000 steps per agent (the last step all runs reached), 3 seeds, synthetic" in table
+    ppo_at, mdpo_at = [4.0, 5.0, 3.0], [8.0, 7.5, 6.0]
+    assert table_cell(table, "bigfish", "PPO") == f"{statistics.mean(ppo_at):.2f} ± {statistics.stdev(ppo_at):.2f} (3)"
+    assert table_cell(table, "bigfish", "MDPO") == f"{statistics.mean(mdpo_at):.2f} ± {statistics.stdev(mdpo_at):.2f} (3)"
+
+    # Welch's t-test by hand: t and the Welch-Satterthwaite degrees of freedom, p from Student's t.
+    from scipy import stats
+
+    va, vb = statistics.variance(mdpo_at) / 3, statistics.variance(ppo_at) / 3
+    t = (statistics.mean(mdpo_at) - statistics.mean(ppo_at)) / np.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 2)
+    p = 2 * stats.t.sf(abs(t), df)
+    assert summary["welch"]["bigfish"]["PPO"]["p"] == pytest.approx(p, rel=1e-9)
+    assert table_cell(table, "bigfish", "MDPO vs PPO") == f"{p:.3f} (3 vs 3 seeds)"
+
+    # Train minus test at the same step: PPO's train returns are 2 above its test returns, MDPO's 1.
+    assert summary["generalization_gap"]["bigfish"]["PPO"] == pytest.approx([2.0, 2.0, 2.0])
+    assert summary["generalization_gap"]["bigfish"]["MDPO"] == pytest.approx([1.0, 1.0, 1.0])
+    for name in ("test_return", "aggregate", "improvement", "profiles", "generalization_gap"):
+        assert (tmp_path / "fig" / f"{name}.png").stat().st_size > 0
+    assert json.load(open(tmp_path / "fig" / "plot_summary.json"))["compared_at"] == 3000
+
+
+def test_plot_finished_only_leaves_out_unfinished_runs(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs, "ppo", "bigfish", 1, [1.0, 2.0, 3.0], finished=True)
+    write_run(runs, "ppo", "bigfish", 2, [5.0], finished=False)  # preempted after one evaluation
+    write_run(runs, "ppo", "bigfish", 3, [6.0, 7.0])  # no status.json yet: not known to be finished
+    args = plot_args(tmp_path, finished_only=True)
+    summary = plot.main(args)
+    assert summary["compared_at"] == 3000
+    assert "(finished runs), 1 seed, synthetic" in (tmp_path / "fig" / "final_test_returns.md").read_text()
+    assert summary["aggregate"]["PPO"]["mean"][0] == pytest.approx((3.0 - 0) / 40)  # bigfish range (0, 40)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading runs: K agents, the x axis, the method from the config, resumed streams
+# ---------------------------------------------------------------------------------------------
+
+
+def test_load_run_averages_k_agents_and_scales_the_total_axis(tmp_path):
+    run_dir = write_run(tmp_path, "mdpo", "bigfish", 1, [3.0, 6.0], num_agents=3, cka=[0.5, 0.7])
+    # agent i logs test + (-1, 0, 1)[i]: check the streams are as written, then the mean of the three.
+    np.testing.assert_allclose(plot.read_scalars(os.path.join(run_dir, "agent3"), ["eval/test_return"])
+                               ["eval/test_return"][1], [4.0, 7.0])
+    run = plot.load_run(run_dir)
+    steps, values = run["curves"]["eval/test_return"]
+    np.testing.assert_array_equal(steps, [1000, 2000])
+    np.testing.assert_allclose(values, [3.0, 6.0])
+    assert len(run["agent_curves"]["eval/test_return"]) == 3
+    np.testing.assert_allclose(run["curves"]["eval/representation_cka"][1], [0.5, 0.7])
+    total = plot.load_run(run_dir, x_axis="total")
+    np.testing.assert_array_equal(total["curves"]["eval/test_return"][0], [3000, 6000])  # 3 agents x 1000
+    np.testing.assert_array_equal(total["curves"]["eval/representation_cka"][0], [3000, 6000])
+    ppo_dir = write_run(tmp_path, "ppo", "bigfish", 1, [1.0])
+    np.testing.assert_array_equal(plot.load_run(ppo_dir, x_axis="total")["curves"]["eval/test_return"][0], [1000])
+
+
+def test_x_axis_total_compares_mdpo_and_ppo_at_equal_samples(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs, "ppo", "bigfish", 1, [4.0, 8.0, 12.0, 16.0])
+    write_run(runs, "mdpo", "bigfish", 1, [10.0, 20.0, 30.0, 40.0])
+    per_agent = plot.main(plot_args(tmp_path))
+    assert per_agent["compared_at"] == 4000 and per_agent["aggregate"]["MDPO"]["mean"][0] == pytest.approx(1.0)
+    total = plot.main(plot_args(tmp_path, x_axis="total"))
+    # 4,000 samples: PPO's last evaluation, MDPO's at 2,000 steps per agent (two agents).
+    assert total["compared_at"] == 4000
+    assert total["aggregate"]["MDPO"]["mean"][0] == pytest.approx(20.0 / 40)
+    assert total["aggregate"]["PPO"]["mean"][0] == pytest.approx(16.0 / 40)
+    assert "environment steps of all agents" in (tmp_path / "fig" / "final_test_returns.md").read_text()
+
+
+def test_runs_are_grouped_by_what_their_config_ran_not_their_name(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs, "ppo", "bigfish", 1, [1.0], name="ppo")
+    write_run(runs, "ppo", "bigfish", 2, [1.0], name="ppo", l2_coef=1e-4)  # --l2-coef without --exp-name
+    write_run(runs, "mdpo", "bigfish", 1, [1.0], name="mdpo", alpha=0.0)
+    methods = {os.path.basename(d): plot.load_run(d)["method"] for d in plot.find_runs([str(runs)])}
+    assert methods == {"bigfish__ppo__1": "PPO", "bigfish__ppo__2": "PPO + L2", "bigfish__mdpo__1": "MDPO α=0"}
+
+
+def test_a_step_logged_twice_keeps_the_later_value(tmp_path):
+    writer = SummaryWriter(str(tmp_path))
+    for step, value in ((1000, 1.0), (2000, 2.0), (2000, 5.0), (3000, 6.0)):  # 2000 again after a resume
+        writer.add_scalar("eval/test_return", value, step)
+    writer.close()
+    steps, values = plot.read_scalars(str(tmp_path), ["eval/test_return"])["eval/test_return"]
+    np.testing.assert_array_equal(steps, [1000, 2000, 3000])
+    np.testing.assert_array_equal(values, [1.0, 5.0, 6.0])
+
+
+def test_value_at_takes_the_last_evaluation_at_or_before_the_step():
+    run = {"dir": "r", "curves": {"eval/test_return": (np.array([1000, 3000, 5000]), np.array([1.0, 3.0, 5.0]))}}
+    assert plot.value_at(run, "eval/test_return", 3000) == 3.0
+    assert plot.value_at(run, "eval/test_return", 4999) == 3.0
+    assert plot.value_at(run, "eval/test_return", 6000) == 5.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics against hand computations
+# ---------------------------------------------------------------------------------------------
+
+
+def test_iqm_mean_and_median_match_a_hand_computation():
+    # 4 seeds x 3 games. Sorted, the 12 scores are 0 0 0 0 .1 .2 .4 .4 .5 .6 .9 2; the IQM drops 3 at each
+    # end: (0 + .1 + .2 + .4 + .4 + .5) / 6. Per-game means .3, .875, .1: the median is .3, the mean 5.1 / 12.
+    scores = {"X": np.array([[0.0, 0.4, 0.0], [0.1, 0.5, 0.0], [0.2, 0.6, 0.0], [0.9, 2.0, 0.4]])}
+    estimates, intervals = plot.aggregate_estimates(scores, reps=200, seed=0)
+    np.testing.assert_allclose(estimates["X"], [1.6 / 6, 5.1 / 12, 0.3], rtol=1e-12)
+    assert intervals["X"].shape == (2, 3) and np.all(intervals["X"][0] <= intervals["X"][1])
+
+
+def test_bootstrap_intervals_are_stratified_by_game_percentile_and_seeded():
+    # One game, two seeds scoring 0 and 1: a resample's mean is 0, .5 or 1 with chance 1/4, 1/2, 1/4,
+    # so the 2.5% and 97.5% percentiles are exactly 0 and 1.
+    _, intervals = plot.aggregate_estimates({"X": np.array([[0.0], [1.0]])}, reps=2000, seed=0)
+    np.testing.assert_array_equal(intervals["X"][:, 1], [0.0, 1.0])
+    # Two games, each with equal seeds: resampling seeds within a game cannot move any estimate
+    # (resampling runs across games would).
+    _, intervals = plot.aggregate_estimates({"X": np.array([[0.0, 1.0], [0.0, 1.0]])}, reps=500, seed=0)
+    np.testing.assert_allclose(intervals["X"][:, 1], [0.5, 0.5])
+    # The same seed gives the same intervals; numpy's global generator is left as it was.
+    scores = {"X": np.random.default_rng(1).uniform(size=(5, 3))}
+    np.random.seed(123)
+    before = np.random.get_state()[1].copy()
+    first = plot.aggregate_estimates(scores, reps=300, seed=7)[1]["X"]
+    np.testing.assert_array_equal(np.random.get_state()[1], before)
+    np.testing.assert_array_equal(first, plot.aggregate_estimates(scores, reps=300, seed=7)[1]["X"])
+    assert not np.array_equal(first, plot.aggregate_estimates(scores, reps=300, seed=8)[1]["X"])
+
+
+def test_probability_of_improvement_matches_a_hand_count():
+    # Game 1: MDPO 3 5 1 against 2 4 0: of the 9 pairs MDPO wins 2 + 3 + 1 = 6.
+    # Game 2: MDPO 1 1 1 against 1 2 0: each MDPO run ties one (1/2), loses one, wins one: 4.5 of 9.
+    # P(MDPO > other) = (6/9 + 4.5/9) / 2 = 7/12.
+    scores = {"MDPO": np.array([[3.0, 1.0], [5.0, 1.0], [1.0, 1.0]]),
+              "PPO": np.array([[2.0, 1.0], [4.0, 2.0], [0.0, 0.0]])}
+    estimates, intervals = plot.improvement_estimates(scores, reps=200, seed=0)
+    assert set(estimates) == {"PPO"}
+    assert float(estimates["PPO"]) == pytest.approx(7 / 12, rel=1e-12)
+    low, high = np.ravel(intervals["PPO"])
+    assert 0 <= low <= 7 / 12 <= high <= 1
+
+
+def test_performance_profile_counts_the_runs_above_each_threshold():
+    scores = {"X": np.array([[0.1, 0.5], [0.3, 0.9]])}
+    profiles, _ = plot.performance_profiles(scores, np.array([0.0, 0.2, 0.5, 1.0]), reps=50, seed=0)
+    np.testing.assert_allclose(profiles["X"], [1.0, 0.75, 0.25, 0.0])  # strictly above tau
+
+
+def test_normalised_scores_use_the_hard_mode_range_at_the_compared_step(tmp_path):
+    runs = tmp_path / "runs"
+    for seed, values in ((1, [10.0, 20.0]), (2, [30.0, 40.0]), (3, [0.0, 4.0])):
+        write_run(runs, "ppo", "bigfish", seed, values)
+    for seed, values in ((1, [1.5, 35.0]), (2, [18.25, 1.5])):
+        write_run(runs, "ppo", "starpilot", seed, values)
+    grouped = plot.group([plot.load_run(d) for d in plot.find_runs([str(runs)])])
+    scores = plot.normalised_scores(grouped, ["PPO"], ["bigfish", "starpilot"], step=1000)
+    # bigfish (0, 40), starpilot (1.5, 35); two seeds on every game: the lowest-numbered two.
+    np.testing.assert_allclose(scores["PPO"], [[10 / 40, 0.0], [30 / 40, 0.5]])
+    scores = plot.normalised_scores(grouped, ["PPO"], ["bigfish", "starpilot"], step=2000)
+    np.testing.assert_allclose(scores["PPO"], [[20 / 40, 1.0], [40 / 40, 0.0]])
+
+
+def test_gap_is_train_minus_test():
+    run = {"dir": "r", "curves": {"eval/test_return": (np.array([1000]), np.array([3.0])),
+                                  "eval/train_return": (np.array([1000]), np.array([7.5]))}}
+    assert plot.gaps_at({"g": {"M": [run]}}, "g", "M", 1000) == [4.5]
+
+
+def test_sample_std_and_the_table_cells():
+    assert plot.sample_std([1.0, 2.0, 4.0]) == pytest.approx(statistics.stdev([1.0, 2.0, 4.0]))
+    assert np.isnan(plot.sample_std([1.0]))
+    assert plot.mean_std_cell([2.0]) == "2.00 (1)"
+    assert plot.p_cell(None, 1, 3) == "n/a (1 vs 3 seeds)"
+    assert np.isnan(plot.welch_p([1.0], [2.0, 3.0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# The representation-CKA figure
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cka_figure_from_the_runs_that_log_it_and_a_note_when_none(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs, "ppo", "bigfish", 1, [1.0, 2.0])
+    write_run(runs, "mdpo", "starpilot", 1, [1.0, 2.0])  # an MDPO run from before the CKA was logged
+    grouped = plot.group([plot.load_run(d) for d in plot.find_runs([str(runs)])])
+    assert not plot.plot_cka(grouped, "agent", "synthetic", str(tmp_path / "fig"))
+    assert not (tmp_path / "fig" / "representation_cka.png").exists()
+
+    for seed, cka in ((1, [0.2, 0.6]), (2, [0.4, 0.8])):
+        write_run(runs, "mdpo", "bigfish", seed, [1.0, 2.0], cka=cka)
+        write_run(runs, "mdpo", "bigfish", seed, [1.0, 2.0], cka=[0.1, 0.2], name="mdpo_alpha0", alpha=0.0)
+    grouped = plot.group([plot.load_run(d) for d in plot.find_runs([str(runs)])])
+    curves = [run["curves"]["eval/representation_cka"] for run in grouped["bigfish"]["MDPO"]]
+    steps, mean, std = plot.mean_std_curve(curves)
+    np.testing.assert_allclose(mean, [0.3, 0.7])
+    np.testing.assert_allclose(std, [statistics.stdev([0.2, 0.4]), statistics.stdev([0.6, 0.8])])
+    assert plot.plot_cka(grouped, "agent", "synthetic", str(tmp_path / "fig"))
+    assert (tmp_path / "fig" / "representation_cka.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+
+
+def test_plot_refuses_mixed_distribution_modes(tmp_path):
+    write_run(tmp_path / "runs", "ppo", "bigfish", 1, [1.0], distribution_mode="hard")
+    write_run(tmp_path / "runs", "ppo", "bigfish", 2, [1.0], distribution_mode="easy")
+    with pytest.raises(plot.UsageError, match=r"mix distribution modes \(easy: 1 runs, hard: 1 runs\)"):
+        plot.main(plot_args(tmp_path))
+
+
+def test_plot_refuses_when_no_game_has_every_method(tmp_path):
+    write_run(tmp_path / "runs", "ppo", "bigfish", 1, [1.0])
+    write_run(tmp_path / "runs", "mdpo", "starpilot", 1, [1.0])
+    with pytest.raises(plot.UsageError, match="no game has runs of every method"):
+        plot.main(plot_args(tmp_path))
+    assert not (tmp_path / "fig").exists()  # refused before drawing anything
+    summary = plot.main(plot_args(tmp_path, methods=["mdpo"]))
+    assert summary["games_covered"] == ["starpilot"]
+
+
+def test_plot_says_bad_input_in_one_line_with_exit_code_2(tmp_path):
+    result = subprocess.run([sys.executable, "plot.py", "--runs", str(tmp_path), "--out", str(tmp_path / "fig")],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: no evaluated runs under {tmp_path}"
+
+
+def test_plot_finds_only_runs_and_says_which_it_skips(tmp_path, capsys):
+    write_run(tmp_path / "runs", "ppo", "bigfish", 1, [1.0], train=[2.0])
+    (tmp_path / "runs" / "other_tool").mkdir()
+    (tmp_path / "runs" / "other_tool" / "config.json").write_text('{"model": "not ours"}')
+    (tmp_path / "runs" / "torn").mkdir()
+    (tmp_path / "runs" / "torn" / "config.json").write_text('{"script": "pp')
+    assert plot.find_runs([str(tmp_path / "runs")]) == [str(tmp_path / "runs" / "bigfish__ppo__1")]
+    assert "skipping " + str(tmp_path / "runs" / "torn") in capsys.readouterr().err
+    with pytest.raises(plot.UsageError, match="--bootstrap-reps must be positive"):
+        plot.main(plot_args(tmp_path, bootstrap_reps=0))
+    with pytest.raises(plot.UsageError, match="no runs of PPO \\+ L2; the runs hold: PPO"):
+        plot.main(plot_args(tmp_path, methods=["ppo_l2"]))

@@ -1,0 +1,170 @@
+"""tsne.py on tiny checkpoints and on an encoder whose features and policies are known by hand."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import ppo
+import tsne
+from helpers import ROOT
+
+
+def write_checkpoint(path, script, game="bigfish", uniform_policy=False, num_agents=2):
+    """A checkpoint as the scripts write it; agent k of an MDPO one (1-based) has actor bias k, so a test
+    can tell which agent was loaded."""
+    torch.manual_seed(len(str(path)))
+    agents = [ppo.Agent() for _ in range(1 if script == "ppo" else num_agents)]
+    for k, agent in enumerate(agents, start=1):
+        torch.nn.init.constant_(agent.actor.bias, float(k))
+        if uniform_policy:
+            torch.nn.init.zeros_(agent.actor.weight)
+    states = [agent.state_dict() for agent in agents]
+    args = {"env_id": game, "exp_name": script, "seed": 1, "dropout": 0.0}
+    if script == "mdpo":
+        args["num_agents"] = num_agents
+    checkpoint = {"script": script, "args": args}
+    checkpoint.update({"agent": states[0]} if script == "ppo" else {"agents": states})
+    os.makedirs(path)
+    torch.save(checkpoint, os.path.join(path, "checkpoint.pt"))
+    return str(path)
+
+
+class KnownEncoder(torch.nn.Module):
+    """Features = the first two channels of pixel (0, 0) plus `offset`; logits = (f1, f2, 0)."""
+
+    def __init__(self, offset=0.0):
+        super().__init__()
+        self.offset = offset
+
+    def hidden(self, frames):
+        return frames[:, 0, 0, :2].float() + self.offset
+
+    def actor(self, hidden):
+        return torch.cat([hidden - self.offset, torch.zeros(len(hidden), 1)], 1)
+
+
+def frames_with_first_pixels(pairs, dtype=torch.uint8):
+    frames = torch.zeros(len(pairs), 64, 64, 3, dtype=dtype)
+    frames[:, 0, 0, :2] = torch.tensor(pairs, dtype=dtype)
+    return frames
+
+
+def softmax(logits):
+    exps = [math.exp(x) for x in logits]
+    return [e / sum(exps) for e in exps]
+
+
+def test_robustness_numbers_match_a_hand_computation():
+    # Clean features (0,0) (2,0) (0,2) (2,2): centroid (1,1), every one sqrt(2) from it.
+    # Copies of clean frame 1 at (1,0) and (3,0): centroid (2,0), each 1 away: spread 1/sqrt(2).
+    clean = frames_with_first_pixels([[0, 0], [2, 0], [0, 2], [2, 2]])
+    copies = frames_with_first_pixels([[1.0, 0.0], [3.0, 0.0]], dtype=torch.float32)
+    for offset in (0.0, 50.0):  # a constant added to every feature changes no number
+        result = tsne.robustness(KnownEncoder(offset), clean, [copies, copies])
+        assert result["spread"] == pytest.approx([1 / math.sqrt(2)] * 2, rel=1e-6)
+        # TV of each copy's policy from clean frame 1's (logits 2, 0, 0); the second entry from frame 0's.
+        for index, reference in ((0, [0, 0, 0]), (1, [2, 0, 0])):
+            p0 = softmax(reference)
+            tv = np.mean([0.5 * sum(abs(a - b) for a, b in zip(softmax(logits), p0)) for logits in ([1, 0, 0], [3, 0, 0])])
+            assert result["tv_distance"][index] == pytest.approx(tv, rel=1e-6)
+        entropy = np.mean([-sum(p * math.log(p) for p in softmax([a, b, 0])) for a, b in ([0, 0], [2, 0], [0, 2], [2, 2])])
+        assert result["entropy"] == pytest.approx(entropy, rel=1e-6)
+
+
+def test_robustness_numbers_of_a_real_encoder_match_a_float64_rederivation():
+    torch.manual_seed(0)
+    agent = ppo.Agent().eval()
+    clean = torch.randint(0, 256, (6, 64, 64, 3), dtype=torch.uint8)
+    perturbed = torch.rand(9, 64, 64, 3) * 400 - 100  # raw random-conv output: floats outside [0, 255]
+    result = tsne.robustness(agent, clean, [perturbed])
+    with torch.no_grad():
+        h_clean = agent.hidden(clean).double().numpy()
+        h = agent.hidden(perturbed).double().numpy()
+        logits_clean = agent.actor(agent.hidden(clean)).double().numpy()
+        logits = agent.actor(agent.hidden(perturbed)).double().numpy()
+    p_clean = np.exp(logits_clean) / np.exp(logits_clean).sum(1, keepdims=True)
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    clean_spread = np.linalg.norm(h_clean - h_clean.mean(0), axis=1).mean()
+    assert result["spread"][0] == pytest.approx(np.linalg.norm(h - h.mean(0), axis=1).mean() / clean_spread, rel=1e-4)
+    assert result["tv_distance"][0] == pytest.approx(0.5 * np.abs(p - p_clean[0]).sum(1).mean(), rel=1e-4, abs=1e-7)
+    assert result["entropy"] == pytest.approx(-(p_clean * np.log(p_clean)).sum(1).mean(), rel=1e-5)
+
+
+def test_random_conv_copies_are_raw_floats_distinct_and_reproducible():
+    frame = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    copies = tsne.random_conv_copies(frame, 5, seed=3)
+    assert copies.shape == (5, 64, 64, 3) and copies.dtype == torch.float32
+    assert not torch.equal(copies[0], copies[1])
+    assert torch.equal(copies, tsne.random_conv_copies(frame, 5, seed=3))
+    assert not torch.equal(copies, tsne.random_conv_copies(frame, 5, seed=4))
+    # Not clipped to the pixel range nor rounded: Lee et al. feed the filter's output as it is.
+    assert copies.min() < 0 and copies.max() > 255
+    assert not torch.equal(copies, copies.round())
+
+
+def test_mdpo_agent_picks_the_agent_asked_for_from_k_agents(tmp_path):
+    path = write_checkpoint(tmp_path / "mdpo_k3", "mdpo", num_agents=3)
+    saved = torch.load(os.path.join(path, "checkpoint.pt"), weights_only=False)["agents"]
+    for number in (1, 2, 3):
+        agent, config, picked = tsne.load_encoder(path, number)
+        assert picked == number and config["args"]["num_agents"] == 3
+        assert torch.equal(agent.actor.bias, saved[number - 1]["actor.bias"])
+        assert torch.equal(agent.actor.bias, torch.full((15,), float(number)))
+        assert not agent.training
+    with pytest.raises(tsne.UsageError, match=r"--mdpo-agent 4: .* has agents 1 to 3"):
+        tsne.load_encoder(path, 4)
+
+
+def test_tsne_numbers_and_figure_from_ppo_and_k_agent_mdpo_checkpoints(tmp_path):
+    ppo_dir = write_checkpoint(tmp_path / "ppo_run", "ppo")
+    mdpo_dir = write_checkpoint(tmp_path / "mdpo_run", "mdpo", uniform_policy=True, num_agents=3)
+    summary = tsne.main(tsne.TsneArgs(checkpoints=[ppo_dir, mdpo_dir, mdpo_dir], mdpo_agent=[1, 3, 3], copies=6,
+                                      clean_frames=4, frames=2, seeds=[0, 1], warmup_steps=3,
+                                      out=str(tmp_path / "fig"), label="tiny"))
+    assert [e["label"] for e in summary["encoders"]] == ["PPO"] + ["MDPO (num_agents=3) agent 3"] * 2
+    ppo_entry, mdpo_entry, _ = summary["encoders"]
+    assert mdpo_entry["tv_distance"] == pytest.approx([0.0, 0.0], abs=1e-6)  # a uniform policy cannot move ...
+    assert mdpo_entry["entropy"][0] == pytest.approx(math.log(15), rel=1e-6)  # ... and its entropy says why
+    assert ppo_entry["spread"][0] > 0 and ppo_entry["spread"][1] > 0  # a std over 2 seeds x 2 frames
+    assert ppo_entry["entropy"][0] < math.log(15)
+    same = [pair for pair in summary["linear_cka"] if pair["a"] == pair["b"]]
+    assert len(summary["linear_cka"]) == 3 and same[0]["cka"][0] == pytest.approx(1.0, rel=1e-9)
+    assert (tmp_path / "fig" / "tsne_bigfish.png").stat().st_size > 0
+    assert json.load(open(tmp_path / "fig" / "tsne_bigfish.json")) == json.loads(json.dumps(summary))
+
+
+def test_tsne_refuses_checkpoints_of_different_games(tmp_path):
+    a = write_checkpoint(tmp_path / "a", "ppo", game="bigfish")
+    b = write_checkpoint(tmp_path / "b", "ppo", game="coinrun")
+    with pytest.raises(tsne.UsageError, match="different games"):
+        tsne.main(tsne.TsneArgs(checkpoints=[a, b], figure=False, out=str(tmp_path / "fig")))
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"mdpo_agent": [0]}, "--mdpo-agent counts from 1, got 0"),  # would silently pick the last agent
+    ({"mdpo_agent": [1, 2]}, "one --mdpo-agent for all checkpoints or one per checkpoint"),
+    ({"copies": 2}, "--copies must be at least 3"),
+    ({"clean_frames": 1}, "--clean-frames must be at least 2"),
+    ({"frames": 0}, r"--frames must lie in \[1, --clean-frames\]"),
+    ({"seeds": [1, 1]}, "--seeds must name at least one seed, each once"),
+    ({"labels": ["a", "b"]}, "one --labels entry per checkpoint"),
+])
+def test_tsne_refuses_bad_settings(tmp_path, settings, message):
+    run_dir = write_checkpoint(tmp_path / "run", "mdpo")
+    with pytest.raises(tsne.UsageError, match=message):
+        tsne.main(tsne.TsneArgs(checkpoints=[run_dir], figure=False, out=str(tmp_path / "fig"), **settings))
+
+
+def test_tsne_says_bad_input_in_one_line_with_exit_code_2(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    path.write_text("not a checkpoint")
+    result = subprocess.run([sys.executable, "tsne.py", str(path), "--no-figure", "--out", str(tmp_path / "fig")],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {path} is unreadable (UnpicklingError)"
