@@ -1,0 +1,346 @@
+"""Robustness under visual perturbations: the paper's Tables 1 and 2, from any of our checkpoints.
+
+For every agent of every run (PPO: its one agent; MDPO: each of its K) and every perturbation:
+  return    mean test return under the perturbation: the first complete episode of each of
+            --episodes envs on unseen levels (the training's evaluation protocol), the network seeing
+            perturbed frames, one random draw per episode; every agent meets the same levels, action
+            seeds and draws; `drop` = clean return - this
+  TV        mean and max total-variation distance between the policy on --frames test-level frames
+            and on --copies perturbed copies of each
+  spread    tsne.py's feature spread, over several frames: the mean distance of the copies' 256-d
+            features to their centroid, averaged over frames, divided by the spread of the clean
+            frames' features (a shared offset of the features then counts for nothing)
+  entropy   the policy's mean entropy on the clean frames: a near-uniform policy has a small TV
+            whatever its features do
+The perturbations are ppo.py's (the ones DrAC trains with live there too): random convolution
+(Lee et al. 2020; strength s blends s of the filtered frame in, 1 is theirs), brightness, contrast,
+saturation (a factor from U[1 - s, 1 + s]) and hue (a turn of the colour wheel from U[-s, s]).
+A strength is a number or weak / medium / strong (see STRENGTHS).
+
+    python robustness.py runs/bigfish__ppo__1 runs/bigfish__mdpo__1 --label "CPU, 2 cores"
+    python robustness.py RUNS... --perturbations random_conv hue:strong brightness:0.3 --episodes 100
+
+Writes Fig/robustness_{game}.md, .json, .png and .pdf; one line per run on the terminal.
+"""
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import List
+
+import numpy as np
+import torch
+import tyro
+from torch.distributions import Categorical
+
+import ppo
+
+# Named strengths of each perturbation; a number up to ppo.PERTURBATION_MAX_STRENGTH works too.
+STRENGTHS = {
+    "random_conv": {"weak": 0.25, "medium": 0.5, "strong": 1.0},
+    "brightness": {"weak": 0.2, "medium": 0.4, "strong": 0.8},
+    "contrast": {"weak": 0.2, "medium": 0.4, "strong": 0.8},
+    "saturation": {"weak": 0.2, "medium": 0.4, "strong": 0.8},
+    "hue": {"weak": 0.1, "medium": 0.25, "strong": 0.5},
+}
+# Without a strength: Lee et al.'s full random convolution, and DrAC's colour-jitter ranges (0.4) for colours.
+DEFAULT_STRENGTH = {"random_conv": "strong", "brightness": "medium", "contrast": "medium",
+                    "saturation": "medium", "hue": "medium"}
+
+
+@dataclass
+class RobustnessArgs:
+    runs: tyro.conf.Positional[List[str]]
+    """run directories (or their checkpoint.pt) of one game, any method"""
+    perturbations: List[str] = field(default_factory=lambda: list(STRENGTHS))
+    """perturbations as NAME or NAME:STRENGTH (weak, medium, strong or a number), e.g. hue:strong brightness:0.3"""
+    episodes: int = 64
+    """test episodes per agent and perturbation (evaluation envs, each its first complete episode)"""
+    frames: int = 64
+    """test-level frames for the TV distance, spread and entropy"""
+    copies: int = 8
+    """perturbed copies of each of those frames"""
+    warmup_steps: int = 50
+    """random-action steps before those frames are taken, so that they are not start screens"""
+    seed: int = 0
+    """seed of the test levels, the actions, the frames and the perturbations' draws"""
+    out: str = "Fig"
+    """where the table, JSON and figure go"""
+    label: str = ""
+    """what made the checkpoints, e.g. "CPU, 2 cores"; added to the title"""
+    figure: bool = True
+    """draw the figure (else only the table and JSON)"""
+
+
+class UsageError(Exception):
+    """Bad input: one line on stderr, exit code 2."""
+
+
+def parse_perturbation(spec: str):
+    """(name, strength) from NAME or NAME:STRENGTH; UsageError for an unknown name or a strength out of range."""
+    name, _, strength = spec.partition(":")
+    if name not in STRENGTHS:
+        raise UsageError(f"unknown perturbation {name!r}; choose from: {', '.join(STRENGTHS)}")
+    strength = strength or DEFAULT_STRENGTH[name]
+    if strength in STRENGTHS[name]:
+        return name, STRENGTHS[name][strength]
+    highest = ppo.PERTURBATION_MAX_STRENGTH[name]
+    try:
+        value = float(strength)
+    except ValueError:
+        raise UsageError(f"strength {strength!r} of {name}: give weak, medium, strong or a number in [0, {highest:g}]") from None
+    if not 0 <= value <= highest:
+        raise UsageError(f"strength {strength} of {name} is out of range: it must lie in [0, {highest:g}]")
+    return name, value
+
+
+def check(args: RobustnessArgs) -> list:
+    """The parsed perturbations; bad settings fail here, before any checkpoint is loaded."""
+    for name in ("episodes", "frames"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.copies < 2:  # the spread of one copy is 0
+        raise UsageError(f"--copies must be at least 2, got {args.copies}")
+    if args.warmup_steps < 0:
+        raise UsageError(f"--warmup-steps must not be negative, got {args.warmup_steps}")
+    perturbations = [parse_perturbation(spec) for spec in args.perturbations]
+    if len(set(perturbations)) != len(perturbations):
+        raise UsageError("a perturbation is given twice")
+    return perturbations
+
+
+def method_label(config: dict) -> str:
+    try:
+        from sweep import method_of
+    except ImportError:  # a checkout without sweep.py's methods table
+        return config["args"].get("exp_name", config.get("script", "?"))
+    return method_of(config)
+
+
+def load_run(path: str) -> dict:
+    """The run's config, method and agents (networks in eval mode), or a UsageError saying why not."""
+    run_dir = os.path.dirname(path) if path.endswith(".pt") else path
+    checkpoint_path = path if path.endswith(".pt") else os.path.join(path, "checkpoint.pt")
+    if not os.path.isfile(checkpoint_path):
+        raise UsageError(f"no checkpoint at {checkpoint_path}")
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        config = {"script": checkpoint["script"], "args": dict(checkpoint["args"])}
+        states = [checkpoint["agent"]] if config["script"] == "ppo" else list(checkpoint["agents"])
+        agents = []
+        for state in states:
+            agent = ppo.Agent(dropout=config["args"].get("dropout", 0.0))
+            agent.load_state_dict(state)
+            agents.append(agent.eval())
+    except Exception as error:  # torn, foreign or from another network: one line, not a traceback
+        raise UsageError(f"{checkpoint_path} is not a readable checkpoint of ppo.py or mdpo.py ({type(error).__name__})") from None
+    return {"run": run_dir, "config": config, "method": method_label(config), "agents": agents,
+            "game": config["args"]["env_id"], "mode": config["args"].get("distribution_mode", "hard"),
+            "seed": config["args"].get("seed"), "global_step": checkpoint.get("global_step")}
+
+
+def load_runs(paths) -> list:
+    runs = [load_run(path) for path in paths]
+    for key, what in (("game", "games"), ("mode", "distribution modes")):
+        values = sorted({run[key] for run in runs})
+        if len(values) > 1:
+            raise UsageError(f"the runs are of different {what}: {', '.join(values)}; give runs of one")
+    return runs
+
+
+def test_frames(game: str, mode: str, count: int, warmup_steps: int, seed: int) -> torch.Tensor:
+    """`count` frames of unseen levels, each after `warmup_steps` random actions."""
+    env = ppo.ProcgenVecEnv(game, count, 0, 0, mode, seed)
+    rng = np.random.default_rng(seed)
+    obs, _ = env.reset()
+    for _ in range(warmup_steps):
+        obs, *_ = env.step(rng.integers(0, 15, count))
+    return torch.as_tensor(obs)
+
+
+def tv_distance(logits_p, logits_q):
+    """Total-variation distance 1/2 sum_a |p(a) - q(a)| between the rows' categorical distributions."""
+    return 0.5 * (logits_p.softmax(-1) - logits_q.softmax(-1)).abs().sum(-1)
+
+
+def spread(features):
+    """Mean distance of feature vectors (last dim) to their centroid (over the second-to-last dim)."""
+    return (features - features.mean(-2, keepdim=True)).norm(dim=-1).mean()
+
+
+@torch.no_grad()
+def policy_shift(agent, clean, perturb, copies: int) -> dict:
+    """TV distance and feature spread of one agent between clean frames and `copies` perturbed copies of each."""
+    clean_hidden = agent.hidden(clean)
+    hidden = agent.hidden(perturb(clean.repeat_interleave(copies, 0)))
+    tv = tv_distance(agent.actor(clean_hidden).repeat_interleave(copies, 0), agent.actor(hidden))
+    copies_spread = spread(hidden.view(len(clean), copies, -1))
+    return {"tv_mean": float(tv.mean()), "tv_max": float(tv.max()), "spread": float(copies_spread / spread(clean_hidden))}
+
+
+@torch.no_grad()
+def entropy(agent, frames) -> float:
+    return float(Categorical(logits=agent(frames)[0]).entropy().mean())
+
+
+def perturbation_key(name, strength) -> str:
+    return f"{name}:{strength:g}"
+
+
+def measure_agent(agent, game, mode, frames, perturbations, args: RobustnessArgs) -> dict:
+    """Clean return, entropy and, per perturbation, return, drop, TV and spread of one agent."""
+    device = torch.device("cpu")
+    eval_seed = args.seed + 1_000_000  # the training's evaluations use seed + 1_000_000 + iteration
+
+    def test_return(perturb=None):
+        env = ppo.ProcgenVecEnv(game, args.episodes, 0, 0, mode, eval_seed)
+        return ppo.evaluate(agent, env, device, eval_seed, perturb=perturb)[0]
+
+    clean = test_return()
+    result = {"clean_return": clean, "entropy": entropy(agent, frames), "perturbations": {}}
+    for k, (name, strength) in enumerate(perturbations):
+        seed = args.seed * 1000 + k  # the same draws for every agent
+        perturbed = test_return(ppo.EpisodePerturbation(name, strength, args.episodes, seed))
+        shift = policy_shift(agent, frames, ppo.EpisodePerturbation(name, strength, len(frames) * args.copies, seed + 500),
+                             args.copies)
+        result["perturbations"][perturbation_key(name, strength)] = {
+            "return": perturbed, "drop": clean - perturbed, **shift}
+    return result
+
+
+def interval95(values):
+    """(mean, low, high): Student-t 95% interval of the mean with the sample std; no interval from one value."""
+    values = np.asarray(values, dtype=float)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, float("nan"), float("nan")
+    from scipy.stats import t
+
+    half = t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def summarise(results, keys) -> dict:
+    """Per method and condition ('clean' and each perturbation): the mean over seeds (a run's value is the
+    mean over its agents) with its 95% interval, and the number of seeds."""
+    summary = {}
+    for method in dict.fromkeys(r["method"] for r in results):
+        runs = [r for r in results if r["method"] == method]
+        per_seed = {"clean": [np.mean([a["clean_return"] for a in r["agents"]]) for r in runs]}
+        for key in keys:
+            per_seed[key] = [np.mean([a["perturbations"][key]["return"] for a in r["agents"]]) for r in runs]
+        summary[method] = {cond: dict(zip(("mean", "low", "high"), interval95(v)), n=len(v)) for cond, v in per_seed.items()}
+    return summary
+
+
+def budget_text(results) -> str:
+    steps = sorted({r["global_step"] for r in results if r["global_step"] is not None})
+    if not steps:
+        return "budget unknown"
+    if len(steps) == 1:
+        return f"{steps[0]:,} env steps per agent"
+    return f"budgets differ: {steps[0]:,} to {steps[-1]:,} env steps per agent"
+
+
+def markdown(game, results, keys, summary, title) -> str:
+    lines = [f"# {title.replace(chr(10), ': ')}", "", "Per method: mean over seeds of the test return (an MDPO seed is the mean of its agents), "
+             "95% Student-t interval with the sample std (none from one seed).", "",
+             "| method | seeds | clean | " + " | ".join(keys) + " |", "|---|---|---|" + "---|" * len(keys)]
+    for method, conds in summary.items():
+        cells = [f"{c['mean']:.2f}" + (f" [{c['low']:.2f}, {c['high']:.2f}]" if c["n"] > 1 else "")
+                 for c in (conds["clean"], *(conds[k] for k in keys))]
+        lines.append(f"| {method} | {conds['clean']['n']} | " + " | ".join(cells) + " |")
+    lines += ["", "Per agent: return under the perturbation, its drop from the clean return, the policy's mean and max "
+              "TV distance between clean and perturbed frames, the copies' feature spread relative to the clean "
+              "frames', and the policy's entropy on the clean frames.", "",
+              "| method | seed | agent | perturbation | return | drop | TV mean | TV max | spread | entropy |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for i, a in enumerate(r["agents"], 1):
+            lines.append(f"| {r['method']} | {r['seed']} | {i} | clean | {a['clean_return']:.2f} | | | | | {a['entropy']:.3f} |")
+            for key in keys:
+                p = a["perturbations"][key]
+                lines.append(f"| {r['method']} | {r['seed']} | {i} | {key} | {p['return']:.2f} | {p['drop']:.2f} | "
+                             f"{p['tv_mean']:.3f} | {p['tv_max']:.3f} | {p['spread']:.3f} | {a['entropy']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def draw(summary, keys, title, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conditions = ["clean", *keys]
+    methods = list(summary)
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(conditions) * max(1, len(methods) / 2)), 4))
+    for m, method in enumerate(methods):
+        stats = [summary[method][c] for c in conditions]
+        means = np.array([s["mean"] for s in stats])
+        errors = np.array([[s["mean"] - s["low"], s["high"] - s["mean"]] for s in stats]).T
+        x = np.arange(len(conditions)) + (m - (len(methods) - 1) / 2) * width
+        ax.bar(x, means, width, label=f"{method} (n={stats[0]['n']})",
+               yerr=None if np.isnan(errors).all() else np.nan_to_num(errors), capsize=3)
+    ax.set_xticks(np.arange(len(conditions)), conditions, fontsize=8)
+    ax.set_ylabel("test return")
+    ax.axhline(0, color="#999999", linewidth=0.8)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.text(0.01, 0.01, "bars: mean over seeds (MDPO: mean of its agents per seed); whiskers: 95% t-interval, sample std",
+             fontsize=7, color="#555555")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    for ext in ("png", "pdf"):
+        fig.savefig(f"{path}.{ext}", dpi=150)
+    plt.close(fig)
+
+
+def main(args: RobustnessArgs) -> dict:
+    perturbations = check(args)
+    runs = load_runs(args.runs)
+    game, mode = runs[0]["game"], runs[0]["mode"]
+    keys = [perturbation_key(*p) for p in perturbations]
+    frames = test_frames(game, mode, args.frames, args.warmup_steps, args.seed)
+    results = []
+    for run in runs:
+        agents = [measure_agent(agent, game, mode, frames, perturbations, args) for agent in run["agents"]]
+        results.append({key: run[key] for key in ("run", "method", "seed", "global_step")} | {"agents": agents})
+        print(run_line(results[-1], keys), flush=True)
+
+    summary = summarise(results, keys)
+    title = f"{game} ({mode}): test return under visual perturbations\n{budget_text(results)}" + (
+        f", {args.label}" if args.label else "") + f", {args.episodes} test episodes per agent"
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"robustness_{game}")
+    report = {"game": game, "distribution_mode": mode, "budget": budget_text(results), "label": args.label,
+              "episodes": args.episodes, "frames": args.frames, "copies": args.copies, "seed": args.seed,
+              "perturbations": keys, "runs": results, "summary": summary}
+    with open(stem + ".json", "w") as f:
+        json.dump(report, f, indent=2)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(game, results, keys, summary, title))
+    if args.figure:
+        draw(summary, keys, title, stem)
+    print(f"written: {stem}.md, {stem}.json" + (f", {stem}.png, {stem}.pdf" if args.figure else ""))
+    return report
+
+
+def run_line(result, keys) -> str:
+    """One terminal line per run: returns (mean over its agents) and mean TV per perturbation."""
+    agents = result["agents"]
+    parts = [f"clean {np.mean([a['clean_return'] for a in agents]):.2f}"]
+    for key in keys:
+        ret = np.mean([a["perturbations"][key]["return"] for a in agents])
+        tv = np.mean([a["perturbations"][key]["tv_mean"] for a in agents])
+        parts.append(f"{key} {ret:.2f} (TV {tv:.3f})")
+    return f"{result['run']}: {result['method']}, seed {result['seed']}, {len(agents)} agent(s): " + ", ".join(parts)
+
+
+if __name__ == "__main__":
+    cli_args = tyro.cli(RobustnessArgs)
+    try:
+        main(cli_args)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,167 @@
+"""robustness.py: its measures against hand computations, its bad input, and a run end to end."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import ppo
+import robustness
+from helpers import ROOT
+
+
+def test_tv_distance_of_a_policy_with_itself_is_zero_and_of_known_distributions_matches_by_hand():
+    logits = torch.randn(5, 15, generator=torch.Generator().manual_seed(0)) * 4
+    assert robustness.tv_distance(logits, logits).abs().max().item() == 0
+    p, q = torch.tensor([[0.7, 0.2, 0.1]]), torch.tensor([[0.1, 0.3, 0.6]])
+    # 1/2 (|0.7 - 0.1| + |0.2 - 0.3| + |0.1 - 0.6|) = 1/2 (0.6 + 0.1 + 0.5) = 0.6
+    assert robustness.tv_distance(p.log(), q.log()).item() == pytest.approx(0.6, abs=1e-6)
+    disjoint = torch.tensor([[0.0, -1e9], [-1e9, 0.0]])
+    assert robustness.tv_distance(disjoint[:1], disjoint[1:]).item() == pytest.approx(1.0)
+
+
+def test_spread_is_the_mean_distance_to_the_centroid_and_ignores_a_shared_offset():
+    points = torch.tensor([[0.0, 0.0], [2.0, 0.0], [1.0, 3.0], [1.0, -3.0]])  # centroid (1, 0)
+    assert robustness.spread(points).item() == pytest.approx((1 + 1 + 3 + 3) / 4)
+    assert robustness.spread(points + 100).item() == pytest.approx(robustness.spread(points).item())
+
+
+class ShiftedAgent(ppo.Agent):
+    """An agent whose features carry a large shared offset: the old spread (divided by the feature norm) shrank with it."""
+
+    def hidden(self, x):
+        return super().hidden(x) + 50.0
+
+
+def test_policy_shift_normalises_by_the_clean_frames_spread():
+    torch.manual_seed(0)
+    agent, shifted = ppo.Agent().eval(), ShiftedAgent().eval()
+    shifted.load_state_dict(agent.state_dict())
+    frames = torch.randint(0, 256, (6, 64, 64, 3), dtype=torch.uint8)
+    perturb = ppo.EpisodePerturbation("random_conv", 1.0, 6 * 3, seed=0)
+    plain = robustness.policy_shift(agent, frames, perturb, copies=3)
+    perturb = ppo.EpisodePerturbation("random_conv", 1.0, 6 * 3, seed=0)
+    with torch.no_grad():
+        clean = agent.hidden(frames)
+        copies = agent.hidden(perturb(frames.repeat_interleave(3, 0))).view(6, 3, -1)
+        by_hand = (copies - copies.mean(1, keepdim=True)).norm(dim=-1).mean() / (clean - clean.mean(0)).norm(dim=-1).mean()
+    assert plain["spread"] == pytest.approx(by_hand.item(), rel=1e-4)
+    perturb = ppo.EpisodePerturbation("random_conv", 1.0, 6 * 3, seed=0)
+    assert robustness.policy_shift(shifted, frames, perturb, copies=3)["spread"] == pytest.approx(plain["spread"], rel=1e-3)
+    assert 0 <= plain["tv_mean"] <= plain["tv_max"] <= 1
+    still = robustness.policy_shift(agent, frames, ppo.EpisodePerturbation("hue", 0.0, 18, seed=0), copies=3)
+    assert still["tv_max"] == 0 and still["spread"] < 1e-5  # float noise of batched forwards only
+
+
+def test_evaluation_network_sees_the_perturbed_frames_of_the_running_envs():
+    torch.manual_seed(1)
+    agent = ppo.Agent().eval()
+    obs = torch.randint(0, 256, (5, 64, 64, 3), dtype=torch.uint8).numpy()
+    perturb = ppo.EpisodePerturbation("random_conv", 1.0, 5, seed=3)
+    running = np.array([0, 3, 4])
+    logits_of = ppo.eval_network(agent, obs, False, torch.device("cpu"), perturb)
+    with torch.no_grad():
+        expected = agent(perturb(torch.as_tensor(obs[running]), running))[0]
+        torch.testing.assert_close(logits_of(obs, running), expected)
+        assert not torch.allclose(expected, agent(torch.as_tensor(obs[running]))[0])
+
+
+def test_interval_is_student_t_with_the_sample_std():
+    mean, low, high = robustness.interval95([1.0, 2.0, 3.0])
+    half = 4.302652729911275 / math.sqrt(3)  # t(0.975, 2 dof) x sample std 1 / sqrt(3)
+    assert (mean, low, high) == pytest.approx((2.0, 2.0 - half, 2.0 + half))
+    assert math.isnan(robustness.interval95([5.0])[1])
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("random_conv", ("random_conv", 1.0)), ("hue", ("hue", 0.25)), ("hue:strong", ("hue", 0.5)),
+    ("brightness:0.3", ("brightness", 0.3)), ("contrast:0", ("contrast", 0.0)),
+])
+def test_perturbation_specs(spec, expected):
+    assert robustness.parse_perturbation(spec) == expected
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("blur", "unknown perturbation 'blur'"), ("hue:0.6", "out of range"), ("brightness:-0.1", "out of range"),
+    ("saturation:lots", "give weak, medium, strong or a number"),
+])
+def test_bad_perturbation_specs(spec, message):
+    with pytest.raises(robustness.UsageError, match=message):
+        robustness.parse_perturbation(spec)
+
+
+def fake_run(path, script="ppo", game="bigfish", agents=1):
+    """A run directory as ppo.py / mdpo.py write it, with untrained networks (no training needed to load one)."""
+    os.makedirs(path)
+    args = {"env_id": game, "seed": 1, "exp_name": script, "distribution_mode": "hard", "dropout": 0.0}
+    states = [ppo.Agent().state_dict() for _ in range(agents)]
+    checkpoint = {"script": script, "args": args, "global_step": 64,
+                  **({"agent": states[0]} if script == "ppo" else {"agents": states})}
+    torch.save(checkpoint, os.path.join(path, "checkpoint.pt"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"script": script, "args": args}, f)
+    return str(path)
+
+
+def test_every_agent_of_an_mdpo_run_is_loaded(tmp_path):
+    run = robustness.load_run(fake_run(tmp_path / "mdpo", "mdpo", agents=3))
+    assert len(run["agents"]) == 3 and run["game"] == "bigfish" and not run["agents"][0].training
+
+
+def run_cli(*flags):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "robustness.py"), *flags], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+
+
+def assert_one_line_error(result, fragment):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
+
+
+def test_bad_input_fails_in_one_line(tmp_path):
+    ppo_run = fake_run(tmp_path / "a")
+    other_game = fake_run(tmp_path / "b", game="coinrun")
+    torn = tmp_path / "torn"
+    torn.mkdir()
+    (torn / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    # The command line turns a UsageError into one line and exit code 2 (two calls: each costs an interpreter).
+    assert_one_line_error(run_cli(ppo_run, "--perturbations", "blur"), "unknown perturbation 'blur'")
+    assert_one_line_error(run_cli(ppo_run, other_game), "different games: bigfish, coinrun")
+    for runs, flags, message in [
+        ([ppo_run], dict(perturbations=["hue:0.9"]), "out of range"),
+        ([ppo_run, str(torn)], {}, "is not a readable checkpoint"),
+        ([str(tmp_path / "missing")], {}, "no checkpoint at"),
+        ([ppo_run], dict(copies=1), "--copies must be at least 2"),
+    ]:
+        with pytest.raises(robustness.UsageError, match=message):
+            robustness.main(robustness.RobustnessArgs(runs=runs, out=str(tmp_path / "out"), **flags))
+    assert not os.path.exists(tmp_path / "out")  # refused before any work
+
+
+def test_a_tiny_run_end_to_end(tmp_path, capsys):
+    run_dir = str(tmp_path / "starpilot__ppo__1")
+    ppo.main(ppo.Args(env_id="starpilot", num_envs=4, num_steps=16, num_minibatches=2, total_timesteps=64,
+                      eval_episodes=1, cuda=False, run_dir=run_dir))
+    out = str(tmp_path / "fig")
+    report = robustness.main(robustness.RobustnessArgs(
+        runs=[run_dir], perturbations=["random_conv", "hue:0"], episodes=1, frames=4, copies=2, warmup_steps=5,
+        out=out, label="test"))
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"{run_dir}: ppo, seed 1, 1 agent(s): clean ")
+    for ext in ("md", "json", "png", "pdf"):
+        assert os.path.isfile(os.path.join(out, f"robustness_starpilot.{ext}"))
+    agent = report["runs"][0]["agents"][0]
+    conv, still = agent["perturbations"]["random_conv:1"], agent["perturbations"]["hue:0"]
+    # Zero strength changes nothing: the same levels and action seeds give the clean return exactly.
+    assert still["return"] == agent["clean_return"] and still["drop"] == 0 and still["tv_max"] == 0
+    assert conv["tv_mean"] > 0 and conv["drop"] == pytest.approx(agent["clean_return"] - conv["return"])
+    assert 0 < agent["entropy"] <= math.log(15) + 1e-6
+    with open(os.path.join(out, "robustness_starpilot.json")) as f:
+        saved = json.load(f)
+    assert saved["summary"]["ppo"]["clean"]["n"] == 1 and saved["budget"] == "64 env steps per agent"
