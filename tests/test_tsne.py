@@ -96,6 +96,11 @@ def test_robustness_numbers_of_a_real_encoder_match_a_float64_rederivation():
     assert result["entropy"] == pytest.approx(-(p_clean * np.log(p_clean)).sum(1).mean(), rel=1e-5)
 
 
+def test_mean_and_sample_std_over_frames():
+    assert tsne.mean_std([1.0, 2.0, 4.0]) == pytest.approx([7 / 3, math.sqrt(7 / 3)])  # ddof=1 by hand
+    assert math.isnan(tsne.mean_std([1.0])[1])
+
+
 def test_random_conv_copies_are_raw_floats_distinct_and_reproducible():
     frame = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     copies = tsne.random_conv_copies(frame, 5, seed=3)
