@@ -11,19 +11,22 @@ Measures, on the chosen device and in this order:
      iteration, from their perf/* timers: rollout, update, and evaluation amortised over the default
      --eval-interval (the run evaluates once, at its last iteration);
   4. each end-to-end rate as a ratio of its floor; the bf16 rows also as a speed-up over float32;
-  5. MDPO's two rollouts with the env steps in turn against overlapped (its GPU default), side by side.
-It prints a markdown table last. Defaults: a small config on the CPU, the paper's on a GPU.
+  5. MDPO's two rollouts with the env steps in turn against overlapped (its GPU default), side by side;
+  6. with --agent-counts, MDPO's float32 iteration with K agents against K = 2, side by side, with
+     the samples and network passes each iteration takes.
+It prints markdown tables last. Defaults: a small config on the CPU, the paper's on a GPU.
 
     python bench.py                # float32 and bf16, CPU config or GPU paper defaults
     python bench.py --compile      # adds torch.compile rows
+    python bench.py --agent-counts 2 3 4 --no-bf16   # what more agents cost per iteration
 """
 
 import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -53,6 +56,8 @@ class BenchArgs:
     """also measure the opt-in bf16 autocast path"""
     compile: bool = False
     """also measure the opt-in torch.compile path (float32, and with bf16 when measured)"""
+    agent_counts: List[int] = field(default_factory=lambda: [2])
+    """MDPO's numbers of agents K to time side by side (float32); the other rows use K = 2"""
 
 
 def synchronize(device):
@@ -111,10 +116,10 @@ def rollout_overlap(device, config: dict, repeats: int = 3) -> tuple:
     Both use the scripts' own policies, envs and buffers; only the order of the env steps differs.
     """
     args = mdpo.validate_args(mdpo.Args(total_timesteps=config["num_envs"] * config["num_steps"], **config))
-    agents = [mdpo.make_agent(args, device) for _ in range(2)]
+    agents = [mdpo.make_agent(args, device) for _ in range(args.num_agents)]
     policies = [mdpo.make_policy(torch.compile(agent) if args.compile else agent, args, device) for agent in agents]
-    envs = [mdpo.make_envs(args, seed=args.seed) for _ in range(2)]
-    rollouts = [mdpo.Rollout(args, device) for _ in range(2)]
+    envs = [mdpo.make_envs(args, seed=args.seed) for _ in range(args.num_agents)]
+    rollouts = [mdpo.Rollout(args, device) for _ in range(args.num_agents)]
     for agent_envs, rollout in zip(envs, rollouts):
         rollout.start(agent_envs)
 
@@ -155,6 +160,8 @@ def check(bench: BenchArgs) -> None:
         raise ppo.UsageError(f"--iterations must be at least 1, got {bench.iterations}")
     if bench.floor_seconds <= 0:
         raise ppo.UsageError(f"--floor-seconds must be positive, got {bench.floor_seconds}")
+    if min(bench.agent_counts) < 2:
+        raise ppo.UsageError(f"--agent-counts must all be at least 2, got {bench.agent_counts}")
 
 
 def main(bench: BenchArgs) -> None:
@@ -196,6 +203,11 @@ def main(bench: BenchArgs) -> None:
             results[(script, name)] = end_to_end(module, {**base, "bf16": bf16, "compile": compiled}, bench)
             print(f"{script} {name}: {results[(script, name)]['sps']:,.0f} steps/s", file=sys.stderr)
 
+    by_agents = {2: results[("MDPO", "float32")]}
+    for count in sorted(set(bench.agent_counts) - {2}):
+        by_agents[count] = end_to_end(mdpo, {**base, "num_agents": count}, bench)
+        print(f"MDPO with {count} agents: {by_agents[count]['iteration']:.2f} s per iteration", file=sys.stderr)
+
     overlap = {}
     for name, bf16, compiled in variants:
         overlap[name] = rollout_overlap(device, {**base, "bf16": bf16, "compile": compiled})
@@ -223,6 +235,19 @@ def main(bench: BenchArgs) -> None:
         per_agent = " per agent" if script == "MDPO" else ""
         print(f"| {script}{per_agent} | {name} | {floor:,.0f} | {result['sps']:,.0f} | {result['sps'] / floor:.2f} "
               f"| {result['rollout']:.2f} | {result['update']:.2f} | {result['eval']:.3f} | {speedup:.2f}x |")
+    print_cost_table(results[("PPO", "float32")], by_agents, num_envs * num_steps, bench.update_epochs)
+
+
+def print_cost_table(ppo_result: dict, by_agents: dict, batch: int, epochs: int) -> None:
+    """Per iteration, float32: PPO and MDPO with K agents. Every MDPO agent runs its network forward and
+    backward over all K agents' minibatches (its own for its PPO loss, its peers' for their KL terms)."""
+    print("\n| float32 | env samples / it | inference passes (samples) | fwd+bwd passes (samples) | s / it | vs MDPO K = 2 |")
+    print("|---|---|---|---|---|---|")
+    print(f"| PPO | {batch:,} | {batch:,} | {epochs * batch:,} | {ppo_result['iteration']:.2f} "
+          f"| {ppo_result['iteration'] / by_agents[2]['iteration']:.2f}x |")
+    for count, result in by_agents.items():
+        print(f"| MDPO, K = {count} | {count * batch:,} | {count * batch:,} | {count * count * epochs * batch:,} "
+              f"| {result['iteration']:.2f} | {result['iteration'] / by_agents[2]['iteration']:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -7,16 +7,28 @@ towards the other agent's: mutual distillation as a regulariser. Run `python mdp
 
 import contextlib
 import ctypes
+import errno
+import fcntl
 import importlib.util
 import io
+import itertools
 import json
+import math
 import os
 import random
+import signal
+import socket
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
+
+if not (3, 10) <= sys.version_info[:2] <= (3, 12):  # Procgen has wheels for these only; say so before any import fails
+    print(f"error: Python {sys.version_info[0]}.{sys.version_info[1]} is not supported, Procgen needs 3.10 to 3.12: "
+          f"run `uv run {os.path.basename(sys.argv[0])} ...` (uv fetches a supported Python) or use a 3.10-3.12 venv",
+          file=sys.stderr)
+    sys.exit(2)
 
 import gymnasium as gym
 import numpy as np
@@ -108,8 +120,10 @@ class Args:
     """value loss coefficient"""
     max_grad_norm: float = 0.5
     """gradient norm clip, per agent"""
+    num_agents: int = 2
+    """K, the number of agents learning side by side (each with its own envs)"""
     alpha: float = 1.0
-    """weight of the mutual KL term (0: two independent PPO learners)"""
+    """weight of the mutual KL term (0: K independent PPO learners under one loss and optimiser)"""
     detach_peer: bool = False
     """treat the peer's policy as a fixed target in the KL term (classic deep mutual learning)"""
 
@@ -148,6 +162,9 @@ RESUMABLE_FIELDS = {
 
 def validate_args(args: Args) -> Args:
     """Check the flags and fill in the computed sizes; raise UsageError on bad input."""
+    for name, value in asdict(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     if args.env_id not in PROCGEN_GAMES:
         raise UsageError(f"unknown game {args.env_id!r}; choose one of: {', '.join(PROCGEN_GAMES)}")
     if args.distribution_mode not in DISTRIBUTION_MODES:
@@ -155,6 +172,8 @@ def validate_args(args: Args) -> Args:
     if args.env_id not in MODE_GAMES.get(args.distribution_mode, PROCGEN_GAMES):
         raise UsageError(f"{args.env_id} has no {args.distribution_mode} mode; the games that have it: "
                          f"{', '.join(MODE_GAMES[args.distribution_mode])}")
+    if args.num_agents < 2:
+        raise UsageError(f"--num-agents must be at least 2 (mutual distillation needs peers), got {args.num_agents}")
     if args.eval_episodes is None:
         args = replace(args, eval_episodes=args.num_envs)
     for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs",
@@ -268,28 +287,61 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     return layer
 
 
+class SharedDropout(nn.Module):
+    """Dropout as Cobbe et al. (2019) define it in openai/coinrun: one mask per layer, of the layer's
+    feature shape, shared by every sample in the batch.
+
+    The mask is a buffer, so it is the same in the rollout and in the update (PPO's ratio compares
+    one network), is saved with the weights, and changes only when `redraw()` is called (once after
+    each update phase). In eval mode (evaluation) the layer is the identity.
+    """
+
+    def __init__(self, p, shape):
+        super().__init__()
+        self.p = p
+        self.register_buffer("mask", torch.empty(shape))
+        self.redraw()
+
+    @torch.no_grad()
+    def redraw(self):
+        # In place: a CUDA graph replaying the rollout's policy reads the buffer where it lives.
+        keep = torch.rand(self.mask.shape, device=self.mask.device) > self.p
+        self.mask.copy_(keep / (1 - self.p))
+
+    def forward(self, x):
+        return x * self.mask.to(x.dtype) if self.training else x
+
+
+def dropout_layer(p, channels, size):
+    """Dropout after a convolution whose output is channels x size x size; nothing when p = 0."""
+    return SharedDropout(p, (1, channels, size, size)) if p > 0 else nn.Identity()
+
+
 class ResidualBlock(nn.Module):
-    def __init__(self, channels):
+    def __init__(self, channels, size, dropout=0.0):
         super().__init__()
         self.conv0 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.drop0 = dropout_layer(dropout, channels, size)
         self.conv1 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.drop1 = dropout_layer(dropout, channels, size)
 
     def forward(self, x):
         inputs = x
-        x = self.conv0(F.relu(x))
-        x = self.conv1(F.relu(x))
+        x = self.drop0(self.conv0(F.relu(x)))
+        x = self.drop1(self.conv1(F.relu(x)))
         return x + inputs
 
 
 class ConvSequence(nn.Module):
-    def __init__(self, in_channels, out_channels):
+    def __init__(self, in_channels, out_channels, size, dropout=0.0):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.res_block0 = ResidualBlock(out_channels)
-        self.res_block1 = ResidualBlock(out_channels)
+        self.drop = dropout_layer(dropout, out_channels, size)
+        self.res_block0 = ResidualBlock(out_channels, size // 2, dropout)
+        self.res_block1 = ResidualBlock(out_channels, size // 2, dropout)
 
     def forward(self, x):
-        x = self.conv(x)
+        x = self.drop(self.conv(x))
         x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
         x = self.res_block0(x)
         return self.res_block1(x)
@@ -299,15 +351,20 @@ class Agent(nn.Module):
     def __init__(self, dropout=0.0):
         super().__init__()
         layers = []
-        channels = 3
+        channels, size = 3, 64
         for out_channels in (16, 32, 32):
-            layers += [ConvSequence(channels, out_channels), nn.Dropout(dropout)]
-            channels = out_channels
+            layers.append(ConvSequence(channels, out_channels, size, dropout))
+            channels, size = out_channels, size // 2
         # 64x64 frames are halved by each of the three max-pools: 32 channels x 8 x 8 = 2048 features.
         layers += [nn.Flatten(), nn.ReLU(), nn.Linear(32 * 8 * 8, 256), nn.ReLU()]
         self.network = nn.Sequential(*layers)
         self.actor = layer_init(nn.Linear(256, 15), std=0.01)
         self.critic = layer_init(nn.Linear(256, 1), std=1)
+
+    def redraw_dropout_masks(self):
+        for module in self.modules():
+            if isinstance(module, SharedDropout):
+                module.redraw()
 
     def hidden(self, x):
         """The 256-d representation of uint8 NHWC frames."""
@@ -483,7 +540,7 @@ def finish_rollout(policy, rollout: Rollout, args: Args, device) -> dict:
 
 
 def collect_rollouts(policies, envs, rollouts, args: Args, device, global_step: int, overlap: bool):
-    """Both agents' rollouts, their steps interleaved; returns the new global_step, episodes and batches.
+    """Every agent's rollout, their steps interleaved; returns the new global_step, episodes and batches.
 
     With `overlap` (on a GPU) each agent's env step runs on a worker thread while the main thread
     stores the other agent's last step and runs its policy: Procgen steps on its own threads and
@@ -491,20 +548,20 @@ def collect_rollouts(policies, envs, rollouts, args: Args, device, global_step: 
     measured 0.80-1.00x of stepping in turn on 2 cores), so there the env steps run in the main
     thread. Either way each agent sees exactly what it would see stepping alone.
     """
-    episodes = [[], []]  # per agent: (global step, raw return, length) of every episode that ended
-    stepping = [None, None]  # per agent: its env step, in flight or done
+    episodes = [[] for _ in envs]  # per agent: (global step, raw return, length) of every episode that ended
+    stepping = [None for _ in envs]  # per agent: its env step, in flight or done
 
     def store(i, step):
         store_step(stepping[i].result(), rollouts[i], step, global_step + (step + 1) * args.num_envs, episodes[i])
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    with ThreadPoolExecutor(max_workers=len(envs)) as pool:
         for step in range(args.num_steps):
-            for i in range(2):
+            for i in range(len(envs)):
                 if step > 0:
                     store(i, step - 1)
                 actions = act(policies[i], rollouts[i], step)
                 stepping[i] = pool.submit(envs[i].step, actions) if overlap else finished(envs[i].step(actions))
-        for i in range(2):
+        for i in range(len(envs)):
             store(i, args.num_steps - 1)
     batches = [finish_rollout(policy, rollout, args, device) for policy, rollout in zip(policies, rollouts)]
     return global_step + args.num_steps * args.num_envs, episodes, batches
@@ -519,7 +576,8 @@ def finished(result) -> Future:
 
 def ppo_objective(logits, new_value, batch: dict, mb_inds, args: Args):
     """PPO's loss (clipped surrogate + clipped value loss - entropy bonus) on one agent's minibatch."""
-    probs = Categorical(logits=logits)
+    # No argument validation: non-finite logits must reach the divergence check, not raise here.
+    probs = Categorical(logits=logits, validate_args=False)
     pg_loss, v_loss, approx_kl, clipfrac = ppo_losses(
         probs.log_prob(batch["actions"][mb_inds]), batch["logprobs"][mb_inds], batch["advantages"][mb_inds],
         new_value, batch["values"][mb_inds], batch["returns"][mb_inds], args.clip_coef, args.norm_adv)
@@ -531,23 +589,26 @@ def ppo_objective(logits, new_value, batch: dict, mb_inds, args: Args):
 
 
 def minibatch_loss(agents, batches, mb_inds, args: Args):
-    """Each agent's loss L_i = PPO loss + alpha * KL(pi_j || pi_i) on its own minibatch B_i."""
+    """Each agent's loss L_i = PPO loss + alpha * mean over peers j of KL(pi_j || pi_i) on its own minibatch B_i."""
     obs = [batch["obs"][mb_inds] for batch in batches]
-    own_logits, own_values, cross_logits = [], [], []
-    for i, agent in enumerate(agents):
-        # One forward over both agents' states: its own for its PPO loss, the peer's for the peer's KL.
-        with torch.autocast(obs[i].device.type, torch.bfloat16, enabled=args.bf16):
-            logits, values = agent(torch.cat([obs[i], obs[1 - i]]))
-        own_logits.append(logits[:len(mb_inds)])
+    # on_states[j][i]: agent j's logits on agent i's states; own_values[i]: agent i's values on its own.
+    on_states, own_values = [], []
+    for j, agent in enumerate(agents):
+        # One forward over every agent's states: its own first (for its PPO loss), then its peers' (for their KL).
+        order = [j] + [i for i in range(len(agents)) if i != j]
+        with torch.autocast(obs[j].device.type, torch.bfloat16, enabled=args.bf16):
+            logits, values = agent(torch.cat([obs[i] for i in order]))
+        chunks = logits.split(len(mb_inds))
+        on_states.append([chunks[order.index(i)] for i in range(len(agents))])
         own_values.append(values[:len(mb_inds)])
-        cross_logits.append(logits[len(mb_inds):])
     losses, stats = [], []
-    for i in range(2):
-        loss, agent_stats = ppo_objective(own_logits[i], own_values[i], batches[i], mb_inds, args)
-        peer_logits = cross_logits[1 - i]  # the peer's policy on agent i's states
+    for i in range(len(agents)):
+        own_logits = on_states[i][i]
+        loss, agent_stats = ppo_objective(own_logits, own_values[i], batches[i], mb_inds, args)
+        peer_logits = [on_states[j][i] for j in range(len(agents)) if j != i]  # the peers' policies on i's states
         if args.detach_peer:
-            peer_logits = peer_logits.detach()
-        kl = mutual_kl(peer_logits, own_logits[i])
+            peer_logits = [logits.detach() for logits in peer_logits]
+        kl = torch.stack([mutual_kl(logits, own_logits) for logits in peer_logits]).mean()
         if args.alpha > 0:  # alpha = 0 leaves the agents independent: no gradient crosses
             loss = loss + args.alpha * kl
         agent_stats["mutual_kl"] = kl
@@ -557,17 +618,17 @@ def minibatch_loss(agents, batches, mb_inds, args: Args):
 
 
 def update(agents, optimizer, batches, args: Args) -> list:
-    """update_epochs passes of minibatch steps on L = (L_1 + L_2) / 2; returns each agent's mean losses."""
-    totals = [{}, {}]
+    """update_epochs passes of minibatch steps on L = mean_i L_i; returns each agent's mean losses."""
+    totals = [{} for _ in agents]
     for _ in range(args.update_epochs):
         permutation = torch.randperm(args.batch_size, device=batches[0]["obs"].device)
         for start in range(0, args.batch_size, args.minibatch_size):
-            mb_inds = permutation[start:start + args.minibatch_size]  # the same indices for both buffers
+            mb_inds = permutation[start:start + args.minibatch_size]  # the same indices for every agent's buffer
             losses, stats = minibatch_loss(agents, batches, mb_inds, args)
             optimizer.zero_grad(set_to_none=True)
-            ((losses[0] + losses[1]) / 2).backward()
-            for agent in agents:  # each agent's gradient is clipped on its own
-                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+            (sum(losses) / len(agents)).backward()
+            for agent, agent_stats in zip(agents, stats):  # each agent's gradient is clipped on its own
+                agent_stats["grad_norm"] = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
             optimizer.step()
             for agent_totals, agent_stats in zip(totals, stats):
                 for key, value in agent_stats.items():
@@ -662,6 +723,54 @@ def log_evaluation(writer, agent, args: Args, device, iteration, global_step, ru
 
 
 # ---------------------------------------------------------------------------------------------
+# Agreement between the agents: representation similarity and policy distance
+# ---------------------------------------------------------------------------------------------
+
+
+def probe_frames(args: Args, num_envs: int = 16, steps: int = 16) -> torch.Tensor:
+    """A fixed set of test-level frames (full level distribution), drawn once from the run's seed with
+    random actions: where the agents' representations and policies are compared at every evaluation."""
+    envs = ProcgenVecEnv(args.env_id, num_envs, 0, 0, args.distribution_mode, args.seed + 2_000_000)
+    actions = np.random.default_rng(args.seed).integers(0, 15, (steps, num_envs))
+    frames = [envs.step(step_actions)[0].copy() for step_actions in actions]
+    envs.close()
+    return torch.from_numpy(np.concatenate(frames))
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA (Kornblith et al. 2019) of two representations of the same n inputs (n x d1, n x d2):
+    ||Y'X||_F^2 / (||X'X||_F ||Y'Y||_F) on column-centred features; 1 for representations that differ
+    by an orthogonal transform and an isotropic scaling, in float64."""
+    x = x.double() - x.double().mean(0)
+    y = y.double() - y.double().mean(0)
+    return float((y.T @ x).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm()))
+
+
+@torch.inference_mode()
+def log_agreement(writer, agents, frames, global_step, bf16) -> None:
+    """Log the mean over agent pairs of linear CKA between their 256-d features and of the total-variation
+    distance between their policies, on the probe frames (each pair too when K > 2)."""
+    features, probs = [], []
+    for agent in agents:
+        was_training = agent.training
+        agent.eval()
+        with torch.autocast(frames.device.type, torch.bfloat16, enabled=bf16):
+            hidden = agent.hidden(frames)
+            logits = agent.actor(hidden)
+        agent.train(was_training)
+        features.append(hidden.float())
+        probs.append(logits.float().softmax(-1))
+    ckas, tvs = [], []
+    for i, j in itertools.combinations(range(len(agents)), 2):
+        ckas.append(linear_cka(features[i], features[j]))
+        tvs.append(float(0.5 * (probs[i] - probs[j]).abs().sum(-1).mean()))
+        if len(agents) > 2:
+            writer.add_scalar(f"eval/representation_cka_{i + 1}_{j + 1}", ckas[-1], global_step)
+    writer.add_scalar("eval/representation_cka", float(np.mean(ckas)), global_step)
+    writer.add_scalar("eval/policy_tv", float(np.mean(tvs)), global_step)
+
+
+# ---------------------------------------------------------------------------------------------
 # Run directory, checkpoints, resume
 # ---------------------------------------------------------------------------------------------
 
@@ -669,7 +778,8 @@ def log_evaluation(writer, agent, args: Args, device, iteration, global_step, ru
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # The current device's state only, so the run can resume on a machine with another number of GPUs.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -679,25 +789,88 @@ def restore_rng_state(state: dict) -> None:
     # The checkpoint is loaded onto the training device, but RNG states must be CPU byte tensors.
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([cuda_state.cpu() for cuda_state in state["cuda"]])
+        cuda_state = state["cuda"]
+        if isinstance(cuda_state, (list, tuple)):  # older checkpoints saved every visible GPU's state
+            cuda_state = cuda_state[0]
+        torch.cuda.set_rng_state(cuda_state.cpu())
+
+
+class Diverged(Exception):
+    """A loss, gradient or weight went non-finite: the run stops with exit code 3, its last good checkpoint kept."""
+
+
+class StorageError(Exception):
+    """A checkpoint could not be written (full disk, unwritable directory): the previous one is intact."""
+
+
+class Preempted(Exception):
+    """SIGTERM or SIGUSR2 arrived: the run wrote a checkpoint and stops with exit code 4, to be resumed."""
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR2 (what Slurm and submitit send before they kill a job) ask the run to stop
+    at the end of the current iteration, after a checkpoint. The handlers only set a flag."""
+
+    def __init__(self):
+        self.received = None
+        self.previous = {}
+        for signum in (signal.SIGTERM, signal.SIGUSR2):
+            self.previous[signum] = signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def restore(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Ctrl-C waits until the block is done, so that a checkpoint and its status.json are written together."""
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+def write_durably(path: str, write) -> None:
+    """write(file) into path + ".tmp", flushed and fsynced, then renamed over path, and the rename fsynced:
+    a kill or a machine crash at any moment leaves either the old file or the new one, never a torn one."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        raise
+    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def save_checkpoint(run_dir: str, checkpoint: dict) -> None:
-    """Write atomically: a run killed mid-write keeps its previous checkpoint.
-
-    status.json beside it tells tools such as sweep.py how far the run got without loading it.
-    """
-    for name, write in (("checkpoint.pt", lambda path: torch.save(checkpoint, path)),
-                        ("status.json", lambda path: write_status(path, checkpoint))):
-        path = os.path.join(run_dir, name)
-        write(path + ".tmp")
-        os.replace(path + ".tmp", path)
+    """Write the checkpoint, then status.json (which tells tools such as sweep.py how far the run got
+    without loading it). Each write is atomic and Ctrl-C waits for both; a kill between the two leaves
+    status.json one checkpoint behind, which the next resume rewrites from the checkpoint."""
+    with interrupts_deferred():
+        write_durably(os.path.join(run_dir, "checkpoint.pt"), lambda f: torch.save(checkpoint, f))
+        write_status(run_dir, checkpoint)
 
 
-def write_status(path: str, checkpoint: dict) -> None:
-    with open(path, "w") as f:
-        json.dump({"global_step": checkpoint["global_step"], "iteration": checkpoint["iteration"],
-                   "finished": checkpoint["iteration"] >= checkpoint["args"]["num_iterations"]}, f)
+def write_status(run_dir: str, checkpoint: dict) -> None:
+    status = {"global_step": checkpoint["global_step"], "iteration": checkpoint["iteration"],
+              "finished": checkpoint["iteration"] >= checkpoint["args"]["num_iterations"]}
+    write_durably(os.path.join(run_dir, "status.json"), lambda f: f.write(json.dumps(status).encode()))
 
 
 def saved_config(run_dir: str) -> dict:
@@ -706,7 +879,8 @@ def saved_config(run_dir: str) -> dict:
     if not os.path.isdir(run_dir):
         raise UsageError(f"cannot resume: {run_dir} does not exist")
     if not os.path.isfile(path) or not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
-        raise UsageError(f"cannot resume: {run_dir} holds no checkpoint of a run")
+        raise UsageError(f"cannot resume: {run_dir} holds no checkpoint of a run "
+                         "(a run stopped before its first checkpoint starts afresh without --resume)")
     try:
         with open(path) as f:
             config = json.load(f)
@@ -722,7 +896,8 @@ def saved_config(run_dir: str) -> dict:
 def check_compatible(args: Args, config: dict) -> None:
     """Refuse to resume with flags that change what the run computes."""
     for key, value in asdict(args).items():
-        if key not in RESUMABLE_FIELDS and config["args"].get(key) != value:
+        # A field missing from an older run's config held its default there.
+        if key not in RESUMABLE_FIELDS and config["args"].get(key, Args.__dataclass_fields__[key].default) != value:
             raise UsageError(f"cannot resume: --{key.replace('_', '-')} is {value!r} here but "
                              f"{config['args'].get(key)!r} in the checkpoint")
 
@@ -741,21 +916,79 @@ def load_checkpoint(args: Args, device) -> dict:
     return checkpoint
 
 
-def prepare_run_dir(args: Args) -> str:
-    """The run directory, after checking that nothing in it would be overwritten."""
+def lock_run_dir(run_dir: str):
+    """Hold an exclusive lock on run_dir/lock while this process trains there (the kernel drops it
+    when the process dies, even by SIGKILL): two processes never train one run directory."""
+    os.makedirs(run_dir, exist_ok=True)
+    lock = open(os.path.join(run_dir, "lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        owner = lock.read().strip() or "another process"
+        lock.close()
+        raise UsageError(f"{run_dir} is in use by {owner}") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                           "slurm_job_id": os.environ.get("SLURM_JOB_ID")}))
+    lock.flush()
+    return lock
+
+
+def open_run_dir(args: Args):
+    """The run directory, locked, and the args to run with: running the command of a run that holds a
+    checkpoint again continues it (as --resume does); a run stopped before its first checkpoint starts afresh."""
     if args.resume:
-        run_dir = args.resume
-    else:
-        run_dir = args.run_dir or f"runs/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        if os.path.exists(os.path.join(run_dir, "config.json")):
-            raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --run-dir")
-        os.makedirs(run_dir, exist_ok=True)
+        saved_config(args.resume)  # a missing or foreign run fails here, before anything is written
+    run_dir = args.resume or args.run_dir or f"runs/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    lock = lock_run_dir(run_dir)
+    if not args.resume and os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+        saved_config(run_dir)
+        print(f"{run_dir} holds a checkpoint: continuing it", file=sys.stderr)
+        args = replace(args, resume=run_dir)
+    elif not args.resume:
+        discard_unfinished_run(run_dir)
+    return args, run_dir, lock
+
+
+def discard_unfinished_run(run_dir: str) -> None:
+    """Remove what a run that stopped before its first checkpoint logged, so that it starts afresh."""
+    if not os.path.isfile(os.path.join(run_dir, "config.json")):
+        return
+    print(f"{run_dir} holds a run stopped before its first checkpoint: starting it afresh", file=sys.stderr)
+    for directory, _, files in os.walk(run_dir):
+        for name in files:
+            if name.startswith("events.out.tfevents.") or name in ("config.json", "status.json", "diverged.json"):
+                os.remove(os.path.join(directory, name))
+
+
+def write_config(args: Args, run_dir: str) -> None:
     # Rewritten on resume too, so that a run extended with more --total-timesteps resumes as extended.
-    path = os.path.join(run_dir, "config.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump({"script": SCRIPT, "args": asdict(args)}, f, indent=2)
-    os.replace(path + ".tmp", path)
-    return run_dir
+    config = {"script": SCRIPT, "args": asdict(args)}
+    write_durably(os.path.join(run_dir, "config.json"), lambda f: f.write(json.dumps(config, indent=2).encode()))
+
+
+def stop_diverged(run_dir: str, iteration: int, global_step: int, what: str):
+    """Record where and how the run diverged, keep the last good checkpoint, and stop (exit code 3)."""
+    record = {"iteration": iteration, "global_step": global_step, "what": what}
+    write_durably(os.path.join(run_dir, "diverged.json"), lambda f: f.write(json.dumps(record).encode()))
+    raise Diverged(f"diverged at iteration {iteration} (step {global_step}): {what}; "
+                   f"the last good checkpoint in {run_dir} is kept")
+
+
+def find_nonfinite(stats: list, agents: list) -> Optional[str]:
+    """What went non-finite in an iteration's losses and gradient norms (already on the host) or in
+    the weights after its last optimiser step; None when everything is finite."""
+    for i, (agent_stats, agent) in enumerate(zip(stats, agents)):
+        whose = f"agent {i + 1}'s " if len(agents) > 1 else ""
+        for key, value in agent_stats.items():
+            if not math.isfinite(value):
+                return f"{whose}{key} is {value}"
+        weights = torch.cat([p.detach().flatten() for p in agent.parameters()])
+        if not bool(torch.isfinite(weights).all()):
+            return f"{whose}weights are non-finite after the update"
+    return None
 
 
 class Timer:
@@ -834,70 +1067,93 @@ def main(args: Args) -> str:
     if args.track and importlib.util.find_spec("wandb") is None:
         raise UsageError("--track needs Weights & Biases: pip install wandb")
     device = select_device(args)
+    args, run_dir, lock = open_run_dir(args)
+    try:
+        train(args, run_dir, device)
+    finally:
+        lock.close()
+    return run_dir
+
+
+def train(args: Args, run_dir: str, device) -> None:
     checkpoint = load_checkpoint(args, device) if args.resume else None
-    run_dir = prepare_run_dir(args)
+    write_config(args, run_dir)
+    if checkpoint:  # a kill between the checkpoint and status.json left the latter one checkpoint behind
+        write_status(run_dir, checkpoint)
     seed_everything(args)
     keep_freed_memory()
 
-    agents = [make_agent(args, device) for _ in range(2)]
-    # One optimiser over both agents' parameters: L = (L_1 + L_2) / 2 is minimised jointly.
+    agents = [make_agent(args, device) for _ in range(args.num_agents)]
+    # One optimiser over every agent's parameters: L = mean_i L_i is minimised jointly.
     # Fused Adam updates every parameter in one pass: 0.04 s less per update on 2 CPU cores.
     optimizer = torch.optim.Adam([p for agent in agents for p in agent.parameters()], lr=args.learning_rate, eps=1e-5,
                                  fused=True)
-    envs = [make_envs(args, seed=args.seed) for _ in range(2)]  # each agent its own envs, same level seed
-    rollouts = [Rollout(args, device) for _ in range(2)]
+    envs = [make_envs(args, seed=args.seed) for _ in agents]  # each agent its own envs, same level seed
+    rollouts = [Rollout(args, device) for _ in agents]
     for agent_envs, rollout in zip(envs, rollouts):
         rollout.start(agent_envs)
     iteration, global_step = 0, 0
+    probes = checkpoint["probe_frames"] if checkpoint and "probe_frames" in checkpoint else probe_frames(args)
     if checkpoint:
-        for i in range(2):
-            agents[i].load_state_dict(checkpoint["agents"][i])
+        if len(checkpoint["agents"]) != args.num_agents:
+            raise UsageError(f"cannot resume: {args.resume} holds {len(checkpoint['agents'])} agents, not {args.num_agents}")
+        for i, agent in enumerate(agents):
+            load_weights(agent, checkpoint["agents"][i], args.resume)
             restore_env_state(envs[i], checkpoint["envs"][i])
             rollouts[i].next_obs.copy_(checkpoint["next_obs"][i])
             rollouts[i].next_done.copy_(checkpoint["next_done"][i])
         optimizer.load_state_dict(checkpoint["optimizer"])
         restore_rng_state(checkpoint["rng"])
         iteration, global_step = checkpoint["iteration"], checkpoint["global_step"]
+    probes = probes.to(device)
     # Evaluation uses the plain module: on the CPU its batch shrinks as envs finish, which would recompile.
     models = [torch.compile(agent) if args.compile else agent for agent in agents]
     policies = [make_policy(model, args, device) for model in models]
 
     if args.track:
         start_tracking(args, run_dir)
-    # One event stream per agent, so that both agents overlay on the same charts.
-    # purge_step hides what the interrupted process logged after its last checkpoint.
-    writers = [SummaryWriter(os.path.join(run_dir, f"agent{i + 1}"), purge_step=global_step + 1 if checkpoint else None)
-               for i in range(2)]
+    # One event stream per agent, so that the agents overlay on the same charts, and the run's own for
+    # what compares them. purge_step hides what the interrupted process logged after its last checkpoint.
+    purge_step = global_step + 1 if checkpoint else None
+    writers = [SummaryWriter(os.path.join(run_dir, f"agent{i + 1}"), purge_step=purge_step) for i in range(len(agents))]
+    run_writer = SummaryWriter(run_dir, purge_step=purge_step)
     for writer in writers:
         writer.add_text("hyperparameters", hyperparameter_table(args))
 
     def checkpoint_now():
-        save_checkpoint(run_dir, {
+        write_checkpoint(run_dir, {
             "script": SCRIPT, "args": asdict(args), "iteration": iteration, "global_step": global_step,
             "agents": [agent.state_dict() for agent in agents], "optimizer": optimizer.state_dict(),
             "envs": [env_state(agent_envs) for agent_envs in envs],
             "next_obs": [rollout.next_obs for rollout in rollouts],
-            "next_done": [rollout.next_done for rollout in rollouts], "rng": rng_state()})
+            "next_done": [rollout.next_done for rollout in rollouts], "rng": rng_state(),
+            "probe_frames": probes.cpu()})
 
     progress = tqdm(total=args.num_iterations * args.batch_size, initial=global_step, unit="step",
                     dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30)
     start_time, start_step = time.time(), global_step
-    last_return, test_return = [float("nan")] * 2, [float("nan")] * 2
+    last_return, test_return = [float("nan")] * len(agents), [float("nan")] * len(agents)
+    stop = StopSignals()
     try:
         while iteration < args.num_iterations:
             iteration += 1
             timer = Timer()
             global_step, episodes, batches = collect_rollouts(policies, envs, rollouts, args, device, global_step,
                                                          overlap=device.type == "cuda")
-            for i in range(2):
+            for i, writer in enumerate(writers):
                 for step, episode_return, length in episodes[i]:
-                    writers[i].add_scalar("charts/episodic_return", episode_return, step)
-                    writers[i].add_scalar("charts/episodic_length", length, step)
+                    writer.add_scalar("charts/episodic_return", episode_return, step)
+                    writer.add_scalar("charts/episodic_length", length, step)
                 if episodes[i]:
                     last_return[i] = float(np.mean([r for _, r, _ in episodes[i]]))
             timer.lap("rollout")
             stats = update(models, optimizer, batches, args)
+            for agent in agents:
+                agent.redraw_dropout_masks()  # once after each update phase, as in coinrun (nothing without dropout)
             timer.lap("update")
+            what = find_nonfinite(stats, agents)
+            if what:
+                stop_diverged(run_dir, iteration, global_step, what)
 
             for i, writer in enumerate(writers):
                 for key, value in stats[i].items():
@@ -910,29 +1166,54 @@ def main(args: Args) -> str:
                     test_return[i] = log_evaluation(writer, agents[i], args, device, iteration, global_step, run_dir,
                                                     f"agent{i + 1}")
                 timer.lap("eval")
+                log_agreement(run_writer, agents, probes, global_step, args.bf16)
+                timer.lap("agreement")
             sps = int((global_step - start_step) / (time.time() - start_time))
             for writer in writers:
                 writer.add_scalar("charts/SPS", sps, global_step)
-            if iteration % args.checkpoint_interval == 0 or iteration == args.num_iterations:
+            if iteration % args.checkpoint_interval == 0 or iteration == args.num_iterations or stop.received:
                 checkpoint_now()
             for writer in writers:
                 timer.log(writer, global_step)
             progress.update(args.batch_size)
             progress.set_postfix(sps=sps, train_return=f"{np.mean(last_return):.2f}", test_return=f"{np.mean(test_return):.2f}")
+            if stop.received and iteration < args.num_iterations:
+                raise Preempted(f"stopped by {stop.received} after iteration {iteration}, checkpoint written; "
+                                f"continue with: python {SCRIPT}.py --resume {run_dir}")
     except KeyboardInterrupt:
-        progress.close()
-        if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
-            print(f"interrupted; continue with: python {SCRIPT}.py --resume {run_dir}", file=sys.stderr)
-        else:
-            print(f"interrupted before the first checkpoint (iteration {args.checkpoint_interval}): nothing to resume",
-                  file=sys.stderr)
-        raise SystemExit(130)
+        report_interrupt(run_dir, args)
     finally:
+        stop.restore()
+        progress.close()
         for writer, agent_envs in zip(writers, envs):
             writer.close()
             agent_envs.close()
-    progress.close()
-    return run_dir
+        run_writer.close()
+
+
+def load_weights(agent, state_dict: dict, run_dir: str) -> None:
+    try:
+        agent.load_state_dict(state_dict)
+    except RuntimeError:
+        raise UsageError(f"cannot resume: the network in {run_dir} does not match this {SCRIPT}.py "
+                         "(made by an older version)") from None
+
+
+def write_checkpoint(run_dir: str, checkpoint: dict) -> None:
+    try:
+        save_checkpoint(run_dir, checkpoint)
+    except OSError as error:
+        raise StorageError(f"could not write the checkpoint in {run_dir} ({error.strerror}); the previous "
+                           f"checkpoint is intact: make room and continue with: python {SCRIPT}.py --resume {run_dir}") from None
+
+
+def report_interrupt(run_dir: str, args: Args):
+    if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+        print(f"interrupted; continue with: python {SCRIPT}.py --resume {run_dir}", file=sys.stderr)
+    else:
+        print(f"interrupted before the first checkpoint (iteration {args.checkpoint_interval}): nothing to resume",
+              file=sys.stderr)
+    raise SystemExit(130)
 
 
 def resume_defaults(argv) -> Optional[Args]:
@@ -949,10 +1230,19 @@ def resume_defaults(argv) -> Optional[Args]:
     return None
 
 
+# Exit codes: 2 bad input, 3 diverged, 4 stopped by a signal after a checkpoint (resume it), 1 cannot write, 130 Ctrl-C.
+EXIT_CODES = ((UsageError, 2), (Diverged, 3), (Preempted, 4), (StorageError, 1))
+
 if __name__ == "__main__":
     cli_args = tyro.cli(Args, default=resume_defaults(sys.argv[1:]))
     try:
         main(cli_args)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    except tuple(error_type for error_type, _ in EXIT_CODES) as error:
+        print(f"error: {error}" if not isinstance(error, Preempted) else str(error), file=sys.stderr)
+        sys.exit(next(code for error_type, code in EXIT_CODES if isinstance(error, error_type)))
+    except OSError as error:  # the disk filled up or the run directory became unwritable while logging
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+            raise
+        print(f"error: could not write the run ({error.strerror}); continue from its last checkpoint with --resume",
+              file=sys.stderr)
+        sys.exit(1)

@@ -7,15 +7,26 @@ the paper's two other baselines. Run `python ppo.py --help` for every flag.
 
 import contextlib
 import ctypes
+import errno
+import fcntl
 import importlib.util
 import io
 import json
+import math
 import os
 import random
+import signal
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
+
+if not (3, 10) <= sys.version_info[:2] <= (3, 12):  # Procgen has wheels for these only; say so before any import fails
+    print(f"error: Python {sys.version_info[0]}.{sys.version_info[1]} is not supported, Procgen needs 3.10 to 3.12: "
+          f"run `uv run {os.path.basename(sys.argv[0])} ...` (uv fetches a supported Python) or use a 3.10-3.12 venv",
+          file=sys.stderr)
+    sys.exit(2)
 
 import gymnasium as gym
 import numpy as np
@@ -111,6 +122,11 @@ class Args:
     """L2 regularisation of the weights (the PPO + L2 baseline uses 1e-4)"""
     dropout: float = 0.0
     """dropout probability in the encoder (the PPO + dropout baseline uses 0.1)"""
+    augment: str = "none"
+    """DrAC's augmentation for its regularisers: none, crop, grayscale, cutout, cutout-color, flip, rotate,
+    random-conv, color-jitter, or ucb (UCB-DrAC: a bandit picks one for each update)"""
+    drac_coef: float = 0.0
+    """weight of DrAC's regularisers G_pi + G_V (their alpha_r, 0.1 in their paper; 0 with --augment none: plain PPO)"""
 
     # Evaluation
     eval_interval: int = 25
@@ -147,6 +163,9 @@ RESUMABLE_FIELDS = {
 
 def validate_args(args: Args) -> Args:
     """Check the flags and fill in the computed sizes; raise UsageError on bad input."""
+    for name, value in asdict(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     if args.env_id not in PROCGEN_GAMES:
         raise UsageError(f"unknown game {args.env_id!r}; choose one of: {', '.join(PROCGEN_GAMES)}")
     if args.distribution_mode not in DISTRIBUTION_MODES:
@@ -169,6 +188,12 @@ def validate_args(args: Args) -> Args:
         raise UsageError("--gamma and --gae-lambda must lie in [0, 1]")
     if not 0 <= args.dropout < 1:
         raise UsageError(f"--dropout must lie in [0, 1), got {args.dropout}")
+    if args.augment not in AUGMENT_CHOICES:
+        raise UsageError(f"unknown augmentation {args.augment!r}; choose one of: {', '.join(AUGMENT_CHOICES)}")
+    if not (np.isfinite(args.drac_coef) and args.drac_coef >= 0):
+        raise UsageError(f"--drac-coef must be a finite number >= 0, got {args.drac_coef}")
+    if (args.augment == "none") != (args.drac_coef == 0):
+        raise UsageError("DrAC needs both --augment and a positive --drac-coef (its paper uses 0.1); plain PPO neither")
     batch_size = args.num_envs * args.num_steps
     if batch_size % args.num_minibatches:
         raise UsageError(f"the batch (num-envs x num-steps = {batch_size}) does not divide into "
@@ -269,28 +294,61 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     return layer
 
 
+class SharedDropout(nn.Module):
+    """Dropout as Cobbe et al. (2019) define it in openai/coinrun: one mask per layer, of the layer's
+    feature shape, shared by every sample in the batch.
+
+    The mask is a buffer, so it is the same in the rollout and in the update (PPO's ratio compares
+    one network), is saved with the weights, and changes only when `redraw()` is called (once after
+    each update phase). In eval mode (evaluation) the layer is the identity.
+    """
+
+    def __init__(self, p, shape):
+        super().__init__()
+        self.p = p
+        self.register_buffer("mask", torch.empty(shape))
+        self.redraw()
+
+    @torch.no_grad()
+    def redraw(self):
+        # In place: a CUDA graph replaying the rollout's policy reads the buffer where it lives.
+        keep = torch.rand(self.mask.shape, device=self.mask.device) > self.p
+        self.mask.copy_(keep / (1 - self.p))
+
+    def forward(self, x):
+        return x * self.mask.to(x.dtype) if self.training else x
+
+
+def dropout_layer(p, channels, size):
+    """Dropout after a convolution whose output is channels x size x size; nothing when p = 0."""
+    return SharedDropout(p, (1, channels, size, size)) if p > 0 else nn.Identity()
+
+
 class ResidualBlock(nn.Module):
-    def __init__(self, channels):
+    def __init__(self, channels, size, dropout=0.0):
         super().__init__()
         self.conv0 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.drop0 = dropout_layer(dropout, channels, size)
         self.conv1 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.drop1 = dropout_layer(dropout, channels, size)
 
     def forward(self, x):
         inputs = x
-        x = self.conv0(F.relu(x))
-        x = self.conv1(F.relu(x))
+        x = self.drop0(self.conv0(F.relu(x)))
+        x = self.drop1(self.conv1(F.relu(x)))
         return x + inputs
 
 
 class ConvSequence(nn.Module):
-    def __init__(self, in_channels, out_channels):
+    def __init__(self, in_channels, out_channels, size, dropout=0.0):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.res_block0 = ResidualBlock(out_channels)
-        self.res_block1 = ResidualBlock(out_channels)
+        self.drop = dropout_layer(dropout, out_channels, size)
+        self.res_block0 = ResidualBlock(out_channels, size // 2, dropout)
+        self.res_block1 = ResidualBlock(out_channels, size // 2, dropout)
 
     def forward(self, x):
-        x = self.conv(x)
+        x = self.drop(self.conv(x))
         x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
         x = self.res_block0(x)
         return self.res_block1(x)
@@ -300,15 +358,20 @@ class Agent(nn.Module):
     def __init__(self, dropout=0.0):
         super().__init__()
         layers = []
-        channels = 3
+        channels, size = 3, 64
         for out_channels in (16, 32, 32):
-            layers += [ConvSequence(channels, out_channels), nn.Dropout(dropout)]
-            channels = out_channels
+            layers.append(ConvSequence(channels, out_channels, size, dropout))
+            channels, size = out_channels, size // 2
         # 64x64 frames are halved by each of the three max-pools: 32 channels x 8 x 8 = 2048 features.
         layers += [nn.Flatten(), nn.ReLU(), nn.Linear(32 * 8 * 8, 256), nn.ReLU()]
         self.network = nn.Sequential(*layers)
         self.actor = layer_init(nn.Linear(256, 15), std=0.01)
         self.critic = layer_init(nn.Linear(256, 1), std=1)
+
+    def redraw_dropout_masks(self):
+        for module in self.modules():
+            if isinstance(module, SharedDropout):
+                module.redraw()
 
     def hidden(self, x):
         """The 256-d representation of uint8 NHWC frames."""
@@ -318,6 +381,186 @@ class Agent(nn.Module):
     def forward(self, x):
         hidden = self.hidden(x)
         return self.actor(hidden).float(), self.critic(hidden).float().squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Image perturbations: DrAC's training augmentations and the robustness tests' perturbations
+# ---------------------------------------------------------------------------------------------
+# The project's one implementation: ppo.py trains with them (--augment), robustness.py and tsne.py
+# test with them, so "random convolution" means the same thing in both. Each takes uint8 NHWC
+# frames (the network's input) and draws its random parameters from an explicit CPU generator, so
+# a seed fixes them on any device. Each returns frames on the same pixel scale, which Agent.hidden
+# reads as it reads the envs' frames: uint8, except random convolution's raw output (float32,
+# unclamped), which is what Lee et al. (2020) and DrAC feed the network.
+
+
+def to_unit(frames):
+    """uint8 NHWC frames as float NCHW images in [0, 1], the form kornia's colour operations take."""
+    return frames.permute(0, 3, 1, 2).float() / 255.0
+
+
+def from_unit(images):
+    """float NCHW images in [0, 1] back to uint8 NHWC frames (rounded)."""
+    return (images * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def uniform(n, low, high, generator, device):
+    """n draws from U[low, high), made on the CPU by `generator` and moved to `device`."""
+    return (low + (high - low) * torch.rand(n, generator=generator)).to(device)
+
+
+def crop(frames, generator, pad=12):
+    """DrAC's crop: pad each frame by `pad` pixels replicating its border, then cut a random window of
+    the frame's size (offsets 0 ... 2 * pad, uniform). Clamped indices are the replicated border."""
+    n, size = frames.shape[:2]
+    offsets = torch.randint(0, 2 * pad + 1, (n, 2, 1), generator=generator).to(frames.device) - pad
+    span = torch.arange(size, device=frames.device)
+    rows, cols = (span + offsets[:, 0]).clamp(0, size - 1), (span + offsets[:, 1]).clamp(0, size - 1)
+    return frames[torch.arange(n, device=frames.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def grayscale(frames, generator=None):
+    """DrAC's grayscale: kornia's luma (0.299 R + 0.587 G + 0.114 B) in all three channels. Nothing random."""
+    import kornia  # imported here: 2.7 s that the default training does not need
+
+    gray = kornia.color.rgb_to_grayscale(to_unit(frames))
+    return from_unit(gray.expand(-1, 3, -1, -1))
+
+
+def cutout_boxes(n, generator, device, size=64, box_min=7, box_max=22, pivot_h=12, pivot_w=24):
+    """(n, size, size) masks of DrAC's cutout boxes: sides h, w drawn from [box_min, box_max), the box
+    covering rows [pivot_h + h, pivot_h + 2h) and columns [pivot_w + w, pivot_w + 2w), cut at the edge."""
+    sides = torch.randint(box_min, box_max, (2, n, 1), generator=generator).to(device)
+    span = torch.arange(size, device=device)
+    starts = sides + torch.tensor([[[pivot_h]], [[pivot_w]]], device=device)
+    inside = (span >= starts) & (span < starts + sides)  # (2, n, size): rows, then columns
+    return inside[0][:, :, None] & inside[1][:, None, :]
+
+
+def cutout(frames, generator):
+    """DrAC's cutout: one black box per frame (see cutout_boxes)."""
+    boxes = cutout_boxes(frames.shape[0], generator, frames.device, frames.shape[1])
+    return frames.masked_fill(boxes[..., None], 0)
+
+
+def cutout_color(frames, generator):
+    """DrAC's cutout-color: one box per frame filled with a random colour, each channel from 0 ... 254."""
+    boxes = cutout_boxes(frames.shape[0], generator, frames.device, frames.shape[1])
+    colours = torch.randint(0, 255, (frames.shape[0], 1, 1, 3), generator=generator, dtype=torch.uint8)
+    return torch.where(boxes[..., None], colours.to(frames.device), frames)
+
+
+def flip(frames, generator, p=0.5):
+    """DrAC's flip: each frame upside down with probability p (their flip is of axis 2 of NCHW frames: rows)."""
+    chosen = (torch.rand(frames.shape[0], generator=generator) < p).to(frames.device)
+    return torch.where(chosen[:, None, None, None], frames.flip(1), frames)
+
+
+def rotate(frames, generator):
+    """DrAC's rotate: each frame turned by 0, 90, 180 or 270 degrees, uniformly (numpy's rot90 direction)."""
+    turns = torch.randint(0, 4, (frames.shape[0], 1, 1, 1), generator=generator).to(frames.device)
+    out = frames
+    for k in (1, 2, 3):
+        out = torch.where(turns == k, torch.rot90(frames, k, dims=(1, 2)), out)
+    return out
+
+
+def random_conv_weights(n, generator):
+    """n random 3x3 RGB -> RGB filters, Xavier-normal as Lee et al. and DrAC draw them: std sqrt(2 / (27 + 27))."""
+    return torch.randn((n, 3, 3, 3, 3), generator=generator) * (2 / 54) ** 0.5
+
+
+def convolve(frames, weights, strength=1.0):
+    """Frame i through filter i (padding 1, no bias): float32, unclamped, on the pixel scale (the filter is
+    linear, so the network's /255 gives the filter's output on [0, 1] images, Lee et al.'s input).
+    strength s blends (1 - s) * frame + s * filtered: 1 is Lee et al.'s random convolution, 0 the identity."""
+    n, size = frames.shape[:2]
+    images = frames.permute(0, 3, 1, 2).float().reshape(1, 3 * n, size, size)
+    filtered = F.conv2d(images, weights.to(frames.device).reshape(3 * n, 3, 3, 3), padding=1, groups=n)
+    filtered = filtered.reshape(n, 3, size, size).permute(0, 2, 3, 1).contiguous()
+    return filtered if strength == 1 else torch.lerp(frames.float(), filtered, strength)
+
+
+def random_conv(frames, generator):
+    """DrAC's random-conv: a fresh random filter for every frame."""
+    return convolve(frames, random_conv_weights(frames.shape[0], generator))
+
+
+def adjust_colour(frames, brightness=None, contrast=None, saturation=None, hue=None, contrast_first=False):
+    """Frames with per-frame colour factors ([n] tensors; None leaves that property alone), by kornia's
+    operations and DrAC's definitions: brightness scales the HSV value and saturation the HSV saturation
+    (both clipped to [0, 1]), hue turns the colour wheel by that fraction of a turn, contrast blends each
+    frame with its mean grey level (PIL's definition; DrAC's blends each channel with its own mean)."""
+    import kornia
+
+    images = to_unit(frames)
+    if contrast is not None and contrast_first:
+        images = kornia.enhance.adjust_contrast_with_mean_subtraction(images, contrast.to(frames.device))
+    if brightness is not None or saturation is not None or hue is not None:
+        hsv = kornia.color.rgb_to_hsv(images)
+        if brightness is not None:
+            hsv = torch.cat([hsv[:, :2], (hsv[:, 2:] * brightness.to(frames.device)[:, None, None, None]).clamp(0, 1)], 1)
+        if saturation is not None:
+            hsv = kornia.enhance.adjust_saturation_raw(hsv, saturation.to(frames.device))
+        if hue is not None:  # kornia's hue is an angle in radians
+            hsv = kornia.enhance.adjust_hue_raw(hsv, 2 * np.pi * hue.to(frames.device))
+        images = kornia.color.hsv_to_rgb(hsv)
+    if contrast is not None and not contrast_first:
+        images = kornia.enhance.adjust_contrast_with_mean_subtraction(images, contrast.to(frames.device))
+    return from_unit(images)
+
+
+def color_jitter(frames, generator):
+    """DrAC's color-jitter: brightness, contrast and saturation factors from U[0.6, 1.4] and a hue factor h
+    from U[-0.5, 0.5] per frame (their code turns the hue by h * 255/360 of a turn), contrast applied before
+    or after the other three with even odds, drawn once per batch."""
+    n, device = frames.shape[0], frames.device
+    brightness, contrast, saturation = (uniform(n, 0.6, 1.4, generator, device) for _ in range(3))
+    hue = uniform(n, -0.5, 0.5, generator, device) * 255 / 360
+    contrast_first = bool(torch.rand((), generator=generator) < 0.5)
+    return adjust_colour(frames, brightness, contrast, saturation, hue, contrast_first)
+
+
+# DrAC's eight augmentations for Procgen, by the names of their code (rraileanu/auto-drac, data_augs.py).
+AUGMENTATIONS = {
+    "crop": crop, "grayscale": grayscale, "cutout": cutout, "cutout-color": cutout_color, "flip": flip,
+    "rotate": rotate, "random-conv": random_conv, "color-jitter": color_jitter,
+}
+AUGMENT_CHOICES = ("none", *AUGMENTATIONS, "ucb")
+# The robustness tests' perturbations and the largest strength each takes.
+PERTURBATION_MAX_STRENGTH = {"random_conv": 1.0, "brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.5}
+
+
+class EpisodePerturbation:
+    """A robustness test's perturbation, fixed within an episode: every frame of env i's episode goes
+    through the same random filter or colour factor, drawn when the episode starts (Lee et al. draw one
+    random convolution per episode). Strength s: random_conv blends s of the filtered frame into the
+    frame (1: Lee et al.'s); brightness, contrast and saturation scale by a factor from U[1 - s, 1 + s];
+    hue turns the colour wheel by U[-s, s] of a turn. s = 0 is the identity."""
+
+    def __init__(self, name, strength, num_envs, seed):
+        if name not in PERTURBATION_MAX_STRENGTH:
+            raise ValueError(f"unknown perturbation {name!r}")
+        self.name, self.strength = name, strength
+        self.generator = torch.Generator().manual_seed(seed)
+        self.params = self.draw(num_envs)
+
+    def draw(self, n):
+        if self.name == "random_conv":
+            return random_conv_weights(n, self.generator)
+        centre = 0.0 if self.name == "hue" else 1.0
+        return uniform(n, centre - self.strength, centre + self.strength, self.generator, "cpu")
+
+    def start_episodes(self, envs):
+        """Fresh parameters for the episodes that start now in these envs."""
+        self.params[torch.as_tensor(envs)] = self.draw(len(envs))
+
+    def __call__(self, frames, envs=None):
+        """The frames of these envs (all, by default), perturbed with their episodes' parameters."""
+        params = self.params if envs is None else self.params[torch.as_tensor(envs)]
+        if self.name == "random_conv":
+            return convolve(frames, params, self.strength)
+        return adjust_colour(frames, **{self.name: params})
 
 
 def sample_action(logits):
@@ -415,8 +658,9 @@ def ppo_losses(new_logprob, old_logprob, advantages, new_value, old_value, retur
 
 
 def l2_penalty(agent):
-    """Sum of squared weights (biases are not regularised)."""
-    return sum(p.pow(2).sum() for p in agent.parameters() if p.dim() > 1)
+    """sum over weight tensors of sum(w**2) / 2, as tf.nn.l2_loss in Cobbe et al.'s coinrun (biases are not
+    regularised), so that --l2-coef 1e-4 means what their l2_weight 1e-4 means."""
+    return sum(p.pow(2).sum() for p in agent.parameters() if p.dim() > 1) / 2
 
 
 class Rollout:
@@ -492,7 +736,8 @@ def collect_rollout(policy, envs, rollout: Rollout, args: Args, device, global_s
 
 def ppo_objective(logits, new_value, batch: dict, mb_inds, args: Args):
     """PPO's loss (clipped surrogate + clipped value loss - entropy bonus) on one agent's minibatch."""
-    probs = Categorical(logits=logits)
+    # No argument validation: non-finite logits must reach the divergence check, not raise here.
+    probs = Categorical(logits=logits, validate_args=False)
     pg_loss, v_loss, approx_kl, clipfrac = ppo_losses(
         probs.log_prob(batch["actions"][mb_inds]), batch["logprobs"][mb_inds], batch["advantages"][mb_inds],
         new_value, batch["values"][mb_inds], batch["returns"][mb_inds], args.clip_coef, args.norm_adv)
@@ -503,11 +748,69 @@ def ppo_objective(logits, new_value, batch: dict, mb_inds, args: Args):
     return loss, stats
 
 
+def drac_terms(clean_logits, clean_value, aug_logits, aug_value):
+    """DrAC's regularisers (Raileanu et al. 2021) from the network's outputs on clean and augmented frames:
+    G_pi = mean KL(pi(.|s) || pi(.|f(s))) and G_V = mean (V(s) - V(f(s)))^2 / 2, the clean side a fixed
+    target (detached): gradients reach the network through the augmented frames only, as in their code.
+    Their code estimates G_pi by -log pi(a|f(s)) with a ~ pi(.|s), which has this KL's gradient in expectation;
+    the exact KL over the 15 actions has none of that sampling noise. The 1/2 of G_V is their code's."""
+    clean_logp, aug_logp = F.log_softmax(clean_logits.detach(), -1), F.log_softmax(aug_logits, -1)
+    g_pi = (clean_logp.exp() * (clean_logp - aug_logp)).sum(-1).mean()
+    g_v = 0.5 * (clean_value.detach() - aug_value).pow(2).mean()
+    return g_pi, g_v
+
+
+def drac_loss(agent, obs, logits, value, args: Args):
+    """G_pi + G_V on a minibatch's frames `obs`, given the network's logits and values on them, and its stats."""
+    # The augmentation's parameters come from the global stream, which checkpoints save: resumes stay exact.
+    generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+    augmented = AUGMENTATIONS[args.augment](obs, generator)
+    with torch.autocast(obs.device.type, torch.bfloat16, enabled=args.bf16):
+        aug_logits, aug_value = agent(augmented)
+    g_pi, g_v = drac_terms(logits, value, aug_logits, aug_value)
+    return g_pi + g_v, {"drac_pi": g_pi, "drac_v": g_v}
+
+
+class UCBAugmentation:
+    """UCB-DrAC's bandit over DrAC's augmentations (Raileanu et al. 2021, their code's defaults): before each
+    update, the augmentation with the highest Q + c * sqrt(log(N) / n), where Q is the mean of the last
+    `window` mean returns of the rollouts that followed its updates (0 before any), n its count (from 1)
+    and N the total (from 1); after the next rollout, that rollout's mean return estimate credits it."""
+
+    def __init__(self, names=tuple(AUGMENTATIONS), exploration=0.1, window=10):
+        self.names, self.exploration, self.window = list(names), exploration, window
+        self.counts, self.total = [1] * len(self.names), 1
+        self.returns = [[] for _ in self.names]
+        self.current = None  # the augmentation of the last update, waiting for its credit
+
+    def step(self, rollout_returns) -> str:
+        """Credit the last update's augmentation with this rollout's returns; choose the next update's."""
+        if self.current is not None:
+            self.total += 1
+            self.counts[self.current] += 1
+            self.returns[self.current] = (self.returns[self.current] + [float(rollout_returns.mean())])[-self.window:]
+        scores = [(np.mean(r) if r else 0.0) + self.exploration * np.sqrt(np.log(self.total) / n)
+                  for r, n in zip(self.returns, self.counts)]
+        self.current = int(np.argmax(scores))
+        return self.names[self.current]
+
+    def state_dict(self) -> dict:
+        return {"counts": list(self.counts), "total": self.total, "returns": [list(r) for r in self.returns],
+                "current": self.current}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.counts, self.total, self.current = list(state["counts"]), state["total"], state["current"]
+        self.returns = [list(r) for r in state["returns"]]
+
+
 def minibatch_loss(agent, batch: dict, mb_inds, args: Args):
     """The PPO loss on a minibatch, plus the L2 penalty of the PPO + L2 baseline."""
     with torch.autocast(batch["obs"].device.type, torch.bfloat16, enabled=args.bf16):
         logits, new_value = agent(batch["obs"][mb_inds])
     loss, stats = ppo_objective(logits, new_value, batch, mb_inds, args)
+    if args.drac_coef > 0:  # DrAC: the PPO terms stay on the clean frames; its regularisers see augmented ones
+        drac, drac_stats = drac_loss(agent, batch["obs"][mb_inds], logits, new_value, args)
+        loss, stats = loss + args.drac_coef * drac, {**stats, **drac_stats}
     if args.l2_coef > 0:
         loss = loss + args.l2_coef * l2_penalty(agent)
     return loss, {key: value.detach() for key, value in stats.items()}
@@ -523,7 +826,7 @@ def update(agent, optimizer, batch: dict, args: Args) -> dict:
             loss, stats = minibatch_loss(agent, batch, mb_inds, args)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+            stats["grad_norm"] = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)  # before clipping
             optimizer.step()
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value
@@ -543,8 +846,9 @@ def explained_variance(values, returns) -> float:
 
 
 @torch.inference_mode()
-def evaluate(agent, env, device, seed, bf16=False, capture_video=False):
+def evaluate(agent, env, device, seed, bf16=False, capture_video=False, perturb=None):
     """Mean raw return of the first complete episode of every env, and env 0's frames if asked.
+    `perturb(frames, envs)`, if given (an EpisodePerturbation), changes the frames the network sees.
 
     Counting only each env's first episode avoids the bias towards short episodes that stopping
     "once N episodes have finished" across envs would have. Actions are sampled from the policy
@@ -554,7 +858,7 @@ def evaluate(agent, env, device, seed, bf16=False, capture_video=False):
     agent.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
     obs, _ = env.reset()
-    logits_of = eval_network(agent, obs, bf16, device)
+    logits_of = eval_network(agent, obs, bf16, device, perturb)
     returns = np.zeros(env.num_envs)
     finished = np.zeros(env.num_envs, dtype=bool)
     frames = [obs[0]] if capture_video else []
@@ -573,7 +877,7 @@ def evaluate(agent, env, device, seed, bf16=False, capture_video=False):
     return float(returns.mean()), frames
 
 
-def eval_network(agent, first_obs, bf16, device):
+def eval_network(agent, first_obs, bf16, device, perturb=None):
     """logits_of(obs, running): the policy's logits for the running envs' frames.
 
     On a GPU the network runs on every env from a CUDA graph, where a smaller batch would save
@@ -583,6 +887,8 @@ def eval_network(agent, first_obs, bf16, device):
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16, cache_enabled=False):
             return agent(obs)[0]
 
+    if perturb is not None:  # robustness tests: eager, as perturbed frames may be float (random convolution)
+        return lambda obs, running: logits(perturb(torch.as_tensor(obs[running], device=device), running))
     if device.type == "cuda":
         graphed = CudaGraphed(logits, torch.as_tensor(first_obs, device=device))
         return lambda obs, running: graphed(torch.as_tensor(obs, device=device))[torch.as_tensor(running, device=device)]
@@ -624,7 +930,8 @@ def log_evaluation(writer, agent, args: Args, device, iteration, global_step, ru
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # The current device's state only, so the run can resume on a machine with another number of GPUs.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -634,25 +941,88 @@ def restore_rng_state(state: dict) -> None:
     # The checkpoint is loaded onto the training device, but RNG states must be CPU byte tensors.
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([cuda_state.cpu() for cuda_state in state["cuda"]])
+        cuda_state = state["cuda"]
+        if isinstance(cuda_state, (list, tuple)):  # older checkpoints saved every visible GPU's state
+            cuda_state = cuda_state[0]
+        torch.cuda.set_rng_state(cuda_state.cpu())
+
+
+class Diverged(Exception):
+    """A loss, gradient or weight went non-finite: the run stops with exit code 3, its last good checkpoint kept."""
+
+
+class StorageError(Exception):
+    """A checkpoint could not be written (full disk, unwritable directory): the previous one is intact."""
+
+
+class Preempted(Exception):
+    """SIGTERM or SIGUSR2 arrived: the run wrote a checkpoint and stops with exit code 4, to be resumed."""
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR2 (what Slurm and submitit send before they kill a job) ask the run to stop
+    at the end of the current iteration, after a checkpoint. The handlers only set a flag."""
+
+    def __init__(self):
+        self.received = None
+        self.previous = {}
+        for signum in (signal.SIGTERM, signal.SIGUSR2):
+            self.previous[signum] = signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def restore(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Ctrl-C waits until the block is done, so that a checkpoint and its status.json are written together."""
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+def write_durably(path: str, write) -> None:
+    """write(file) into path + ".tmp", flushed and fsynced, then renamed over path, and the rename fsynced:
+    a kill or a machine crash at any moment leaves either the old file or the new one, never a torn one."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        raise
+    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def save_checkpoint(run_dir: str, checkpoint: dict) -> None:
-    """Write atomically: a run killed mid-write keeps its previous checkpoint.
-
-    status.json beside it tells tools such as sweep.py how far the run got without loading it.
-    """
-    for name, write in (("checkpoint.pt", lambda path: torch.save(checkpoint, path)),
-                        ("status.json", lambda path: write_status(path, checkpoint))):
-        path = os.path.join(run_dir, name)
-        write(path + ".tmp")
-        os.replace(path + ".tmp", path)
+    """Write the checkpoint, then status.json (which tells tools such as sweep.py how far the run got
+    without loading it). Each write is atomic and Ctrl-C waits for both; a kill between the two leaves
+    status.json one checkpoint behind, which the next resume rewrites from the checkpoint."""
+    with interrupts_deferred():
+        write_durably(os.path.join(run_dir, "checkpoint.pt"), lambda f: torch.save(checkpoint, f))
+        write_status(run_dir, checkpoint)
 
 
-def write_status(path: str, checkpoint: dict) -> None:
-    with open(path, "w") as f:
-        json.dump({"global_step": checkpoint["global_step"], "iteration": checkpoint["iteration"],
-                   "finished": checkpoint["iteration"] >= checkpoint["args"]["num_iterations"]}, f)
+def write_status(run_dir: str, checkpoint: dict) -> None:
+    status = {"global_step": checkpoint["global_step"], "iteration": checkpoint["iteration"],
+              "finished": checkpoint["iteration"] >= checkpoint["args"]["num_iterations"]}
+    write_durably(os.path.join(run_dir, "status.json"), lambda f: f.write(json.dumps(status).encode()))
 
 
 def saved_config(run_dir: str) -> dict:
@@ -661,7 +1031,8 @@ def saved_config(run_dir: str) -> dict:
     if not os.path.isdir(run_dir):
         raise UsageError(f"cannot resume: {run_dir} does not exist")
     if not os.path.isfile(path) or not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
-        raise UsageError(f"cannot resume: {run_dir} holds no checkpoint of a run")
+        raise UsageError(f"cannot resume: {run_dir} holds no checkpoint of a run "
+                         "(a run stopped before its first checkpoint starts afresh without --resume)")
     try:
         with open(path) as f:
             config = json.load(f)
@@ -677,7 +1048,8 @@ def saved_config(run_dir: str) -> dict:
 def check_compatible(args: Args, config: dict) -> None:
     """Refuse to resume with flags that change what the run computes."""
     for key, value in asdict(args).items():
-        if key not in RESUMABLE_FIELDS and config["args"].get(key) != value:
+        # A field missing from an older run's config held its default there.
+        if key not in RESUMABLE_FIELDS and config["args"].get(key, Args.__dataclass_fields__[key].default) != value:
             raise UsageError(f"cannot resume: --{key.replace('_', '-')} is {value!r} here but "
                              f"{config['args'].get(key)!r} in the checkpoint")
 
@@ -696,21 +1068,79 @@ def load_checkpoint(args: Args, device) -> dict:
     return checkpoint
 
 
-def prepare_run_dir(args: Args) -> str:
-    """The run directory, after checking that nothing in it would be overwritten."""
+def lock_run_dir(run_dir: str):
+    """Hold an exclusive lock on run_dir/lock while this process trains there (the kernel drops it
+    when the process dies, even by SIGKILL): two processes never train one run directory."""
+    os.makedirs(run_dir, exist_ok=True)
+    lock = open(os.path.join(run_dir, "lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        owner = lock.read().strip() or "another process"
+        lock.close()
+        raise UsageError(f"{run_dir} is in use by {owner}") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                           "slurm_job_id": os.environ.get("SLURM_JOB_ID")}))
+    lock.flush()
+    return lock
+
+
+def open_run_dir(args: Args):
+    """The run directory, locked, and the args to run with: running the command of a run that holds a
+    checkpoint again continues it (as --resume does); a run stopped before its first checkpoint starts afresh."""
     if args.resume:
-        run_dir = args.resume
-    else:
-        run_dir = args.run_dir or f"runs/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        if os.path.exists(os.path.join(run_dir, "config.json")):
-            raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --run-dir")
-        os.makedirs(run_dir, exist_ok=True)
+        saved_config(args.resume)  # a missing or foreign run fails here, before anything is written
+    run_dir = args.resume or args.run_dir or f"runs/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    lock = lock_run_dir(run_dir)
+    if not args.resume and os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+        saved_config(run_dir)
+        print(f"{run_dir} holds a checkpoint: continuing it", file=sys.stderr)
+        args = replace(args, resume=run_dir)
+    elif not args.resume:
+        discard_unfinished_run(run_dir)
+    return args, run_dir, lock
+
+
+def discard_unfinished_run(run_dir: str) -> None:
+    """Remove what a run that stopped before its first checkpoint logged, so that it starts afresh."""
+    if not os.path.isfile(os.path.join(run_dir, "config.json")):
+        return
+    print(f"{run_dir} holds a run stopped before its first checkpoint: starting it afresh", file=sys.stderr)
+    for directory, _, files in os.walk(run_dir):
+        for name in files:
+            if name.startswith("events.out.tfevents.") or name in ("config.json", "status.json", "diverged.json"):
+                os.remove(os.path.join(directory, name))
+
+
+def write_config(args: Args, run_dir: str) -> None:
     # Rewritten on resume too, so that a run extended with more --total-timesteps resumes as extended.
-    path = os.path.join(run_dir, "config.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump({"script": SCRIPT, "args": asdict(args)}, f, indent=2)
-    os.replace(path + ".tmp", path)
-    return run_dir
+    config = {"script": SCRIPT, "args": asdict(args)}
+    write_durably(os.path.join(run_dir, "config.json"), lambda f: f.write(json.dumps(config, indent=2).encode()))
+
+
+def stop_diverged(run_dir: str, iteration: int, global_step: int, what: str):
+    """Record where and how the run diverged, keep the last good checkpoint, and stop (exit code 3)."""
+    record = {"iteration": iteration, "global_step": global_step, "what": what}
+    write_durably(os.path.join(run_dir, "diverged.json"), lambda f: f.write(json.dumps(record).encode()))
+    raise Diverged(f"diverged at iteration {iteration} (step {global_step}): {what}; "
+                   f"the last good checkpoint in {run_dir} is kept")
+
+
+def find_nonfinite(stats: list, agents: list) -> Optional[str]:
+    """What went non-finite in an iteration's losses and gradient norms (already on the host) or in
+    the weights after its last optimiser step; None when everything is finite."""
+    for i, (agent_stats, agent) in enumerate(zip(stats, agents)):
+        whose = f"agent {i + 1}'s " if len(agents) > 1 else ""
+        for key, value in agent_stats.items():
+            if not math.isfinite(value):
+                return f"{whose}{key} is {value}"
+        weights = torch.cat([p.detach().flatten() for p in agent.parameters()])
+        if not bool(torch.isfinite(weights).all()):
+            return f"{whose}weights are non-finite after the update"
+    return None
 
 
 class Timer:
@@ -789,8 +1219,19 @@ def main(args: Args) -> str:
     if args.track and importlib.util.find_spec("wandb") is None:
         raise UsageError("--track needs Weights & Biases: pip install wandb")
     device = select_device(args)
+    args, run_dir, lock = open_run_dir(args)
+    try:
+        train(args, run_dir, device)
+    finally:
+        lock.close()
+    return run_dir
+
+
+def train(args: Args, run_dir: str, device) -> None:
     checkpoint = load_checkpoint(args, device) if args.resume else None
-    run_dir = prepare_run_dir(args)
+    write_config(args, run_dir)
+    if checkpoint:  # a kill between the checkpoint and status.json left the latter one checkpoint behind
+        write_status(run_dir, checkpoint)
     seed_everything(args)
     keep_freed_memory()
 
@@ -802,7 +1243,7 @@ def main(args: Args) -> str:
     rollout.start(envs)
     iteration, global_step = 0, 0
     if checkpoint:
-        agent.load_state_dict(checkpoint["agent"])
+        load_weights(agent, checkpoint["agent"], args.resume)
         optimizer.load_state_dict(checkpoint["optimizer"])
         restore_env_state(envs, checkpoint["envs"])
         rollout.next_obs.copy_(checkpoint["next_obs"])
@@ -812,6 +1253,10 @@ def main(args: Args) -> str:
     # Evaluation uses the plain module: on the CPU its batch shrinks as envs finish, which would recompile.
     model = torch.compile(agent) if args.compile else agent
     policy = make_policy(model, args, device)
+    # UCB-DrAC's bandit; its state travels in the checkpoint, so a resumed run chooses as this one would have.
+    bandit = UCBAugmentation() if args.augment == "ucb" else None
+    if bandit and checkpoint:
+        bandit.load_state_dict(checkpoint["ucb"])
 
     if args.track:
         start_tracking(args, run_dir)
@@ -820,22 +1265,32 @@ def main(args: Args) -> str:
     writer.add_text("hyperparameters", hyperparameter_table(args))
 
     def checkpoint_now():
-        save_checkpoint(run_dir, {
+        write_checkpoint(run_dir, {
             "script": SCRIPT, "args": asdict(args), "iteration": iteration, "global_step": global_step,
             "agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "envs": env_state(envs),
-            "next_obs": rollout.next_obs, "next_done": rollout.next_done, "rng": rng_state()})
+            "next_obs": rollout.next_obs, "next_done": rollout.next_done, "rng": rng_state(),
+            **({"ucb": bandit.state_dict()} if bandit else {})})
 
     progress = tqdm(total=args.num_iterations * args.batch_size, initial=global_step, unit="step",
                     dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30)
     start_time, start_step, last_return, test_return = time.time(), global_step, float("nan"), float("nan")
+    stop = StopSignals()
     try:
         while iteration < args.num_iterations:
             iteration += 1
             timer = Timer()
             global_step, episodes, batch = collect_rollout(policy, envs, rollout, args, device, global_step)
             timer.lap("rollout")
-            stats = update(model, optimizer, batch, args)
+            update_args = args
+            if bandit:  # UCB-DrAC: credit the last update's augmentation with this rollout, choose the next
+                update_args = replace(args, augment=bandit.step(batch["returns"]))
+                writer.add_scalar("charts/ucb_augmentation", bandit.current, global_step)
+            stats = update(model, optimizer, batch, update_args)
+            agent.redraw_dropout_masks()  # once after each update phase, as in coinrun (nothing without dropout)
             timer.lap("update")
+            what = find_nonfinite([stats], [agent])
+            if what:
+                stop_diverged(run_dir, iteration, global_step, what)
 
             for step, episode_return, length in episodes:
                 writer.add_scalar("charts/episodic_return", episode_return, step)
@@ -852,24 +1307,46 @@ def main(args: Args) -> str:
                 timer.lap("eval")
             sps = int((global_step - start_step) / (time.time() - start_time))
             writer.add_scalar("charts/SPS", sps, global_step)
-            if iteration % args.checkpoint_interval == 0 or iteration == args.num_iterations:
+            if iteration % args.checkpoint_interval == 0 or iteration == args.num_iterations or stop.received:
                 checkpoint_now()
             timer.log(writer, global_step)
             progress.update(args.batch_size)
             progress.set_postfix(sps=sps, train_return=f"{last_return:.2f}", test_return=f"{test_return:.2f}")
+            if stop.received and iteration < args.num_iterations:
+                raise Preempted(f"stopped by {stop.received} after iteration {iteration}, checkpoint written; "
+                                f"continue with: python {SCRIPT}.py --resume {run_dir}")
     except KeyboardInterrupt:
-        progress.close()
-        if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
-            print(f"interrupted; continue with: python {SCRIPT}.py --resume {run_dir}", file=sys.stderr)
-        else:
-            print(f"interrupted before the first checkpoint (iteration {args.checkpoint_interval}): nothing to resume",
-                  file=sys.stderr)
-        raise SystemExit(130)
+        report_interrupt(run_dir, args)
     finally:
+        stop.restore()
+        progress.close()
         writer.close()
         envs.close()
-    progress.close()
-    return run_dir
+
+
+def load_weights(agent, state_dict: dict, run_dir: str) -> None:
+    try:
+        agent.load_state_dict(state_dict)
+    except RuntimeError:
+        raise UsageError(f"cannot resume: the network in {run_dir} does not match this {SCRIPT}.py "
+                         "(made by an older version)") from None
+
+
+def write_checkpoint(run_dir: str, checkpoint: dict) -> None:
+    try:
+        save_checkpoint(run_dir, checkpoint)
+    except OSError as error:
+        raise StorageError(f"could not write the checkpoint in {run_dir} ({error.strerror}); the previous "
+                           f"checkpoint is intact: make room and continue with: python {SCRIPT}.py --resume {run_dir}") from None
+
+
+def report_interrupt(run_dir: str, args: Args):
+    if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+        print(f"interrupted; continue with: python {SCRIPT}.py --resume {run_dir}", file=sys.stderr)
+    else:
+        print(f"interrupted before the first checkpoint (iteration {args.checkpoint_interval}): nothing to resume",
+              file=sys.stderr)
+    raise SystemExit(130)
 
 
 def resume_defaults(argv) -> Optional[Args]:
@@ -886,10 +1363,19 @@ def resume_defaults(argv) -> Optional[Args]:
     return None
 
 
+# Exit codes: 2 bad input, 3 diverged, 4 stopped by a signal after a checkpoint (resume it), 1 cannot write, 130 Ctrl-C.
+EXIT_CODES = ((UsageError, 2), (Diverged, 3), (Preempted, 4), (StorageError, 1))
+
 if __name__ == "__main__":
     cli_args = tyro.cli(Args, default=resume_defaults(sys.argv[1:]))
     try:
         main(cli_args)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    except tuple(error_type for error_type, _ in EXIT_CODES) as error:
+        print(f"error: {error}" if not isinstance(error, Preempted) else str(error), file=sys.stderr)
+        sys.exit(next(code for error_type, code in EXIT_CODES if isinstance(error, error_type)))
+    except OSError as error:  # the disk filled up or the run directory became unwritable while logging
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+            raise
+        print(f"error: could not write the run ({error.strerror}); continue from its last checkpoint with --resume",
+              file=sys.stderr)
+        sys.exit(1)

@@ -55,7 +55,8 @@ def test_ppo_fast_path_matches_plain_path():
     loss.backward()
     logits, value = plain_forward(plain, batch["obs"][inds])
     expected = plain_ppo_loss(logits, value, batch, inds, args)
-    expected = expected + args.l2_coef * sum((p ** 2).sum() for n, p in plain.named_parameters() if n.endswith("weight"))
+    # Cobbe et al.'s L2: l2_weight * sum over weight tensors of tf.nn.l2_loss(w) = sum(w**2) / 2.
+    expected = expected + args.l2_coef * sum((p ** 2).sum() / 2 for n, p in plain.named_parameters() if n.endswith("weight"))
     expected.backward()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     assert_same_gradients(fast, plain)

@@ -137,9 +137,15 @@ def test_clipped_policy_and_value_losses_match_reference(norm_adv):
         assert approx_kl.item() == pytest.approx(np.mean(ratio - 1 - (new_lp - old_lp)), rel=1e-10)
 
 
-def test_l2_penalty_sums_squared_weights_only():
+def test_l2_penalty_is_tf_l2_loss_of_the_weights_only():
+    # By hand: weights 3 and 4, bias 5; tf.nn.l2_loss(w) = sum(w**2) / 2 = (9 + 16) / 2 = 12.5, biases excluded.
+    layer = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[3.0, 4.0]]))
+        layer.bias.fill_(5.0)
+    assert ppo.l2_penalty(layer).item() == 12.5
     agent = ppo.Agent()
-    expected = sum(float((p.detach().double() ** 2).sum()) for name, p in agent.named_parameters() if name.endswith("weight"))
+    expected = sum(float((p.detach().double() ** 2).sum()) / 2 for name, p in agent.named_parameters() if name.endswith("weight"))
     assert ppo.l2_penalty(agent).item() == pytest.approx(expected, rel=1e-5)
 
 

@@ -1,0 +1,205 @@
+"""A run that goes wrong keeps what it had: divergence, a failed checkpoint write, SIGTERM, SIGKILL at
+any moment, and two processes on one run directory."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import mdpo
+import ppo
+from helpers import ROOT
+
+TINY = dict(env_id="bigfish", num_envs=4, num_steps=16, num_minibatches=2, update_epochs=1, eval_interval=2,
+            eval_episodes=2, checkpoint_interval=1, cuda=False)
+
+
+def tiny_flags(run_dir, total_timesteps):
+    flags = ["--run-dir", run_dir, "--total-timesteps", str(total_timesteps), "--no-cuda"]
+    for key, value in TINY.items():
+        if key != "cuda":
+            flags += [f"--{key.replace('_', '-')}", str(value)]
+    return flags
+
+
+def load(run_dir):
+    return torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False, map_location="cpu")
+
+
+def logged_scalars(event_dir):
+    """Every scalar the run logged, except the timings, as {tag: [(step, value), ...]}."""
+    accumulator = EventAccumulator(event_dir)
+    accumulator.Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]
+            if not tag.startswith("perf/") and tag != "charts/SPS"}
+
+
+@pytest.mark.parametrize("module", [ppo, mdpo])
+def test_weights_gone_non_finite_stop_the_run_and_keep_the_last_good_checkpoint(module, monkeypatch, tmp_path):
+    real_update, calls = module.update, []
+
+    def update_that_breaks_a_weight_on_its_last_step(models, optimizer, batch, args):
+        stats = real_update(models, optimizer, batch, args)
+        calls.append(1)
+        if len(calls) == 2:
+            with torch.no_grad():
+                next(optimizer.param_groups[0]["params"].__iter__()).view(-1)[0] = float("nan")
+        return stats
+
+    monkeypatch.setattr(module, "update", update_that_breaks_a_weight_on_its_last_step)
+    run_dir = str(tmp_path / "run")
+    with pytest.raises(module.Diverged, match="iteration 2 .*weights are non-finite"):
+        module.main(module.Args(total_timesteps=64 * 4, run_dir=run_dir, **TINY))
+    checkpoint = load(run_dir)
+    assert checkpoint["iteration"] == 1
+    states = checkpoint["agents"] if module is mdpo else [checkpoint["agent"]]
+    assert all(torch.isfinite(value).all() for state in states for value in state.values())
+    assert json.load(open(os.path.join(run_dir, "diverged.json"))) == {
+        "iteration": 2, "global_step": 128, "what": "weights are non-finite after the update" if module is ppo
+        else "agent 1's weights are non-finite after the update"}
+    assert json.load(open(os.path.join(run_dir, "status.json")))["iteration"] == 1
+
+
+def test_a_diverging_run_exits_with_code_3_and_one_line(tmp_path):
+    run_dir = str(tmp_path / "run")
+    result = subprocess.run([sys.executable, "ppo.py", *tiny_flags(run_dir, 64 * 3), "--learning-rate", "1e30"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 3, result.stderr[-2000:]
+    last_line = result.stderr.replace("\r", "\n").strip().splitlines()[-1]
+    assert last_line.startswith("error: diverged at iteration 1 (step 64): "), last_line
+    assert "Traceback" not in result.stderr and not os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one_and_the_same_command_resumes(monkeypatch, tmp_path):
+    run_dir = str(tmp_path / "run")
+    args = ppo.Args(total_timesteps=64 * 3, run_dir=run_dir, **TINY)
+    real_save, saves = torch.save, []
+
+    def save_on_a_full_disk(obj, f):
+        saves.append(1)
+        if len(saves) == 2:
+            f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, f)
+
+    monkeypatch.setattr(torch, "save", save_on_a_full_disk)
+    with pytest.raises(ppo.StorageError, match="No space left on device.*previous checkpoint is intact"):
+        ppo.main(args)
+    assert load(run_dir)["iteration"] == 1
+    assert not os.path.exists(os.path.join(run_dir, "checkpoint.pt.tmp"))
+    monkeypatch.setattr(torch, "save", real_save)
+    ppo.main(args)  # the same command again continues the run
+    assert load(run_dir)["iteration"] == 3
+
+
+def test_sigterm_writes_a_checkpoint_exits_4_and_the_run_resumes(tmp_path):
+    run_dir = str(tmp_path / "run")
+    process = subprocess.Popen([sys.executable, "mdpo.py", *tiny_flags(run_dir, 64 * 10_000)],
+                               stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    status = os.path.join(run_dir, "status.json")
+    while not os.path.exists(status):  # the first checkpoint: the training loop is running
+        assert process.poll() is None, process.stderr.read()[-2000:]
+        os.sched_yield()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 4, stderr[-2000:]
+    stopped_at = json.load(open(status))["iteration"]
+    assert stderr.replace("\r", "\n").strip().splitlines()[-1] == (
+        f"stopped by SIGTERM after iteration {stopped_at}, checkpoint written; "
+        f"continue with: python mdpo.py --resume {run_dir}")
+    assert load(run_dir)["iteration"] == stopped_at
+    assert not os.path.exists(os.path.join(run_dir, "lock")) or open(os.path.join(run_dir, "lock")).read()
+    result = subprocess.run([sys.executable, "mdpo.py", "--resume", run_dir, "--total-timesteps",
+                             str(64 * (stopped_at + 1))], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.load(open(status)) == {"global_step": 64 * (stopped_at + 1), "iteration": stopped_at + 1,
+                                       "finished": True}
+
+
+# A training process that SIGKILLs itself on its Nth durable write, either with the file half written
+# (before its rename) or just after the checkpoint's rename, before status.json.
+DYING_RUN = """
+import os, signal, sys, tyro
+sys.path.insert(0, {root!r})
+import ppo
+where, nth = sys.argv[1], int(sys.argv[2])
+real_write, writes = ppo.write_durably, []
+def write_then_die(path, write):
+    writes.append(path)
+    if len(writes) == nth and where == "mid-write":
+        with open(path + ".tmp", "wb") as f:
+            f.write(b"torn")
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_write(path, write)
+    if len(writes) == nth and where == "after-checkpoint-rename":
+        os.kill(os.getpid(), signal.SIGKILL)
+ppo.write_durably = write_then_die
+ppo.main(tyro.cli(ppo.Args, args=sys.argv[3:]))
+"""
+
+
+def test_sigkill_at_any_moment_then_resuming_equals_an_uninterrupted_run(tmp_path):
+    total = 64 * 6
+    straight = str(tmp_path / "straight")
+    ppo.main(tyro_args(straight, total))
+    killed = str(tmp_path / "killed")
+    command = [sys.executable, "ppo.py", *tiny_flags(killed, total)]
+    # Kills inside a checkpoint write (config.json is write 1; then checkpoint, status per iteration).
+    for where, nth in (("mid-write", 2), ("after-checkpoint-rename", 4), ("mid-write", 7)):
+        result = subprocess.run([sys.executable, "-c", DYING_RUN.format(root=ROOT), where, str(nth),
+                                 *tiny_flags(killed, total)], capture_output=True, cwd=ROOT, timeout=300)
+        assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    # Kills at random moments of whole runs (startup, rollout, update, evaluation, writes).
+    rng = np.random.default_rng(0)
+    for delay in rng.uniform(0.5, 6.0, size=3):
+        process = subprocess.Popen(command, stderr=subprocess.DEVNULL, cwd=ROOT)
+        try:
+            process.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    a, b = load(straight), load(killed)
+    assert a["iteration"] == b["iteration"] == 6
+    for name, value in a["agent"].items():
+        assert torch.equal(value, b["agent"][name]), name
+    assert logged_scalars(killed) == logged_scalars(straight)
+
+
+def tyro_args(run_dir, total):
+    return ppo.Args(total_timesteps=total, run_dir=run_dir, **TINY)
+
+
+def test_a_second_process_on_a_run_directory_is_refused(tmp_path):
+    run_dir = str(tmp_path / "run")
+    lock = ppo.lock_run_dir(run_dir)
+    try:
+        owner = json.loads(open(os.path.join(run_dir, "lock")).read())
+        assert owner["pid"] == os.getpid()
+        result = subprocess.run([sys.executable, "ppo.py", *tiny_flags(run_dir, 64)], capture_output=True,
+                                text=True, cwd=ROOT, timeout=300)
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines() == [f"error: {run_dir} is in use by {json.dumps(owner)}"]
+    finally:
+        lock.close()
+    ppo.lock_run_dir(run_dir).close()  # released: the directory is free again
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_afresh_with_the_same_command(tmp_path):
+    run_dir = str(tmp_path / "run")
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump({"script": "ppo", "args": {}}, f)
+    open(os.path.join(run_dir, "events.out.tfevents.1.host.1.0"), "wb").close()
+    ppo.main(tyro_args(run_dir, 64))
+    assert "events.out.tfevents.1.host.1.0" not in os.listdir(run_dir)
+    assert load(run_dir)["iteration"] == 1
