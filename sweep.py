@@ -1,26 +1,44 @@
 """Run a grid of (method, game, seed) training jobs, locally or on Slurm through submitit.
 
-Every job trains into {root}/runs/{game}__{method}__{seed}, so running the same sweep again is
-safe: a finished job is skipped, an interrupted one resumes from its checkpoint, a new one starts.
+Every job trains into {root}/runs/{game}__{method}__{seed}, so running the same sweep again is safe:
+- a finished run is skipped, if it was made with the same flags (all of them, except the ones a run may
+  resume with changed: ppo.RESUMABLE_FIELDS); one made with other flags is reported in one line and
+  skipped, never overwritten: move it away or use another --root;
+- a run with a checkpoint resumes (also when --total-timesteps grew: the run is extended);
+- a run in use (another sweep or training process holds its lock) is reported and left alone;
+- a run that diverged (exit code 3, diverged.json) is reported with where it diverged, and never rerun;
+- a run stopped by SIGTERM/SIGUSR2 (exit code 4, checkpoint written) is reported as preempted and
+  resumes the next time; on Slurm, submitit requeues it. The sweep passes these signals on to its
+  training processes, and lets submitit requeue only once the training process has checkpointed;
+- a run directory without a checkpoint, and not in use, starts afresh.
+The sweep exits with 1 when a job failed, diverged, was preempted or was made with other flags, else 0.
 
-    # 2 jobs at a time on this machine (spread over the visible GPUs, if any)
+    python sweep.py --list-methods      # every method, with what it controls for
+    # 2 jobs at a time on this machine (spread over the visible GPUs: CUDA_VISIBLE_DEVICES, if set)
     python sweep.py --root sweeps/demo --methods ppo mdpo --games bigfish starpilot --seeds 1 2 \
         --jobs 2 --flags="--total-timesteps 100000"
     # the paper's grid on a Slurm cluster, one GPU per job
     python sweep.py --root sweeps/paper --launcher slurm --partition gpu --time-min 2880 --gpus-per-job 1
+
+ppo_2x gets twice the --num-envs and twice the --total-timesteps that --flags give the other methods
+(defaults included), and evaluates on as many episodes as they do.
 """
 
+import contextlib
+import fcntl
 import json
 import os
 import queue
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field, replace
-from typing import List, Literal, Optional, Tuple
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, List, Literal, Optional, Tuple
 
 import tyro
 
@@ -74,7 +92,7 @@ METHODS = {
 # Not a method of its own: stands for ppo_drac_<DrAC's best augmentation on the job's game>.
 DRAC_BEST = "ppo_drac_best"
 DRAC_BEST_ABOUT = "each game's ppo_drac_<augment> with the augmentation DrAC found best on it"
-DEFAULT_METHODS = ["ppo", "ppo_l2", "ppo_dropout", "ppo_2x", DRAC_BEST, "mdpo", "mdpo_alpha0"]
+DEFAULT_METHODS = ["ppo", "ppo_l2", "ppo_dropout", "ppo_2x", DRAC_BEST, "ppo_ucb_drac", "mdpo", "mdpo_alpha0"]
 
 # The Args fields that tell the methods apart, with their values when no flag sets them. Runs made before
 # these fields existed lack them in config.json and ran at these values.
@@ -123,14 +141,20 @@ def method_list() -> str:
 # Flags the sweep sets for each job; in --flags they would relabel runs or overwrite each other's.
 JOB_FLAGS = {"--env-id", "--seed", "--exp-name", "--run-dir", "--resume"} | {
     flag for method in METHODS.values() for flag in method.flags[::2]}
+# The budget flags ppo_2x scales; it evaluates on as many episodes as the other methods do.
+BUDGET_FLAGS = {"--num-envs", "--total-timesteps", "--eval-episodes"}
+# Signals that ask a run to stop: Slurm sends SIGTERM before it kills or preempts a job, submitit has it
+# send SIGUSR2 before the time limit. The training scripts checkpoint on either and exit with code 4.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+EXIT_DIVERGED, EXIT_PREEMPTED = 3, 4
 
 
 @dataclass
 class SweepArgs:
     root: str = "sweeps/default"
-    """directory of the sweep: runs/, logs/ and submitit/ go under it"""
-    methods: List[str] = field(default_factory=lambda: list(METHODS))
-    """methods to run: ppo, ppo_l2, ppo_dropout, mdpo"""
+    """directory of the sweep: runs/, logs/, locks/ and submitit/ go under it"""
+    methods: List[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    """methods to run (--list-methods lists them)"""
     games: List[str] = field(default_factory=lambda: list(PROCGEN_GAMES))
     """Procgen games"""
     seeds: List[int] = field(default_factory=lambda: [1, 2, 3])
@@ -140,9 +164,10 @@ class SweepArgs:
     launcher: Literal["local", "slurm", "submitit-local"] = "local"
     """local: a pool of subprocesses here; slurm: one Slurm job per run; submitit-local: submitit's local executor"""
     jobs: int = 1
-    """local: how many jobs run at once"""
-    gpus: Optional[List[int]] = None
-    """local: GPU ids to spread the jobs over (default: all visible GPUs, none on a CPU machine)"""
+    """local, submitit-local: how many jobs run at once"""
+    gpus: Optional[List[str]] = None
+    """local, submitit-local: GPU ids to spread the jobs over, one per job at a time (default: the visible
+    GPUs: CUDA_VISIBLE_DEVICES if set, else all; none on a CPU machine)"""
     partition: Optional[str] = None
     """slurm: partition"""
     time_min: int = 2880
@@ -153,55 +178,255 @@ class SweepArgs:
     """slurm: CPU cores per job"""
     max_parallel: int = 64
     """slurm: how many jobs of the array run at once"""
+    signal_delay_s: int = 180
+    """slurm: seconds between the stop signal (SIGUSR2) before the time limit and the kill: time for the
+    training process to finish its iteration and write a checkpoint"""
     dry_run: bool = False
     """print what each job would do, and run nothing"""
+    list_methods: bool = False
+    """print every method with what it controls for, and exit"""
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr, exit code 2."""
+
+
+@dataclass
+class Outcome:
+    kind: str  # done, trained, resumed, locked, diverged, mismatch, preempted, failed, not started
+    detail: str = ""
+
+    def __str__(self):
+        return f"{self.kind}: {self.detail}" if self.detail else self.kind
+
+
+# Outcomes after which the sweep has not got what it was asked for (a locked run is being trained elsewhere).
+UNSUCCESSFUL = {"diverged", "mismatch", "preempted", "failed", "not started"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Locks. A training process holds run_dir/lock while it trains (ppo.lock_run_dir); a sweep job holds
+# {root}/locks/{name} from its decision to skip, resume or start until its training process has exited,
+# so that two sweeps on one root never both start, or delete, the same run.
+# ---------------------------------------------------------------------------------------------
+
+
+def describe_owner(text: str) -> str:
+    try:
+        owner = json.loads(text)
+        slurm = f" (Slurm job {owner['slurm_job_id']})" if owner.get("slurm_job_id") else ""
+        return f"{owner['host']}:{owner['pid']}{slurm}"
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return text.strip() or "another process"
+
+
+def lock_owner(path: str) -> Optional[str]:
+    """Who holds the lock on path, or None when nobody does (the same non-blocking flock the owner
+    takes, released at once)."""
+    try:
+        f = open(path, "r+")  # r+: an exclusive flock over NFS needs a file open for writing
+    except FileNotFoundError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return describe_owner(f.read())
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
+def take_lock(path: str):
+    """(the locked file, None), or (None, its owner) when another process holds it."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        owner = describe_owner(f.read())
+        f.close()
+        return None, owner
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                        "slurm_job_id": os.environ.get("SLURM_JOB_ID")}))
+    f.flush()
+    return f, None
+
+
+def read_json(path: str):
+    """The JSON in path, None when the file is missing or unreadable."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals
+# ---------------------------------------------------------------------------------------------
+
+
+class SignalForwarder:
+    """Passes SIGTERM and SIGUSR2 that this process receives on to the training processes it runs (which
+    checkpoint and exit with code 4), and remembers the signal so that no new training starts."""
+
+    def __init__(self):
+        self.children = set()
+        self.received = None
+
+    def handle(self, signum, frame):
+        self.received = signum
+        for child in tuple(self.children):  # tuple(): one step under the GIL, safe against worker threads
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signum)
+
+    @contextlib.contextmanager
+    def installed(self):
+        """Forward the stop signals while the block runs (main thread only); yields the handlers it replaced."""
+        self.received = None
+        previous = {signum: signal.signal(signum, self.handle) for signum in STOP_SIGNALS}
+        try:
+            yield previous
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def run(self, command: List[str], log, env: dict) -> Optional[int]:
+        """The exit code of the command, None when a stop signal came before it could start."""
+        if self.received:
+            return None
+        with subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env) as child:
+            self.children.add(child)
+            try:
+                if self.received:  # arrived between the check above and add(): handle() missed this child
+                    child.send_signal(self.received)
+                return child.wait()
+            finally:
+                self.children.discard(child)
+
+
+FORWARDER = SignalForwarder()
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs
+# ---------------------------------------------------------------------------------------------
+
+
+def config_difference(config: dict, expected: dict, script: str) -> Optional[str]:
+    """How a run's config.json differs from what the job would run, in the fields a resume may not
+    change; None when it does not. Fields the run predates count at their defaults (METHOD_FIELDS)."""
+    if not isinstance(config, dict) or not isinstance(config.get("args"), dict):
+        return "its config.json is missing or not a run's config"
+    if config.get("script") != script:
+        return f"it was made by {config.get('script')}.py, not {script}.py"
+    resumable = (mdpo if script == "mdpo" else ppo).RESUMABLE_FIELDS
+    missing = object()
+    for key, value in expected.items():
+        saved = config["args"].get(key, METHOD_FIELDS[script].get(key, missing))
+        if key not in resumable and saved != value:
+            there = "absent" if saved is missing else repr(saved)
+            return f"--{key.replace('_', '-')} is {there} there, {value!r} here"
+    saved_total, total = config["args"].get("total_timesteps"), expected["total_timesteps"]
+    if not isinstance(saved_total, int) or saved_total > total:
+        return f"--total-timesteps is {saved_total!r} there, {total!r} here (a run is extended, never shortened)"
+    return None
+
+
+class JobFailed(Exception):
+    pass
 
 
 class Job:
     """One training run. Calling it decides at run time whether to skip, resume or start, so that a
     requeued Slurm job (submitit calls checkpoint() on preemption or timeout) picks up where it was."""
 
-    def __init__(self, root, method, game, seed, flags, total_timesteps):
+    def __init__(self, root, method, game, seed, flags, expected: dict):
         self.method, self.game, self.seed = method, game, seed
+        self.script = METHODS[method].script
         self.name = f"{game}__{method}__{seed}"
-        self.run_dir = os.path.join(os.path.abspath(root), "runs", self.name)
-        self.log_path = os.path.join(os.path.abspath(root), "logs", self.name + ".log")
-        self.base = [sys.executable, os.path.join(ROOT, METHODS[method].script + ".py")]
+        root = os.path.abspath(root)
+        self.run_dir = os.path.join(root, "runs", self.name)
+        self.log_path = os.path.join(root, "logs", self.name + ".log")
+        self.claim_path = os.path.join(root, "locks", self.name)
+        self.base = [sys.executable, os.path.join(ROOT, self.script + ".py")]
         self.flags = ["--env-id", game, "--seed", str(seed), "--exp-name", method, *METHODS[method].flags, *flags]
-        self.total_timesteps = total_timesteps
+        self.expected = expected  # the Args the job runs with, as config.json stores them
 
-    def state(self) -> str:
-        """'done', 'resume' or 'new'."""
-        status_path = os.path.join(self.run_dir, "status.json")
-        if os.path.isfile(status_path):
-            with open(status_path) as f:
-                status = json.load(f)
-            with open(os.path.join(self.run_dir, "config.json")) as f:
-                saved_total = json.load(f)["args"]["total_timesteps"]
-            return "done" if status["finished"] and saved_total == self.total_timesteps else "resume"
-        return "new"
+    def state(self) -> Outcome:
+        """locked, diverged, mismatch or done (nothing to run), resume or new."""
+        for path in (self.claim_path, os.path.join(self.run_dir, "lock")):
+            owner = lock_owner(path)
+            if owner:
+                return Outcome("locked", f"in use by {owner}")
+        return self.run_dir_state()
+
+    def run_dir_state(self) -> Outcome:
+        diverged = os.path.join(self.run_dir, "diverged.json")
+        if os.path.exists(diverged):
+            return Outcome("diverged", describe_divergence(read_json(diverged)) + "; not rerun")
+        if not os.path.isfile(os.path.join(self.run_dir, "checkpoint.pt")):
+            return Outcome("new")
+        difference = config_difference(read_json(os.path.join(self.run_dir, "config.json")), self.expected,
+                                       self.script)
+        if difference:
+            return Outcome("mismatch", f"{self.run_dir} was made with other flags ({difference}); "
+                                       "left as it is: move it away or use another --root")
+        status = read_json(os.path.join(self.run_dir, "status.json")) or {}
+        saved_total = read_json(os.path.join(self.run_dir, "config.json"))["args"]["total_timesteps"]
+        if status.get("finished") and saved_total == self.expected["total_timesteps"]:
+            return Outcome("done")
+        return Outcome("resume")
 
     def command(self, state: str) -> List[str]:
         if state == "resume":
             return self.base + ["--resume", self.run_dir, *self.flags]
         return self.base + ["--run-dir", self.run_dir, *self.flags]
 
-    def __call__(self, env=None) -> str:
-        state = self.state()
-        if state == "done":
-            return "skipped"
-        if state == "new" and os.path.exists(self.run_dir):
-            shutil.rmtree(self.run_dir)  # died before its first checkpoint: nothing to keep
+    def __call__(self, env: Optional[dict] = None) -> Outcome:
+        claim, owner = take_lock(self.claim_path)
+        if claim is None:
+            return Outcome("locked", f"in use by {owner}")
+        with claim:
+            owner = lock_owner(os.path.join(self.run_dir, "lock"))
+            if owner:
+                return Outcome("locked", f"in use by {owner}")
+            state = self.run_dir_state()
+            if state.kind not in ("new", "resume"):
+                return state
+            if state.kind == "new" and os.path.exists(self.run_dir):
+                shutil.rmtree(self.run_dir)  # stopped before its first checkpoint, and not in use: nothing to keep
+            if threading.current_thread() is not threading.main_thread():
+                return self.train(state.kind, env)  # the sweep's main thread forwards the signals
+            with FORWARDER.installed() as previous:
+                outcome = self.train(state.kind, env)
+        if outcome.kind == "preempted" and callable(previous.get(FORWARDER.received)):
+            # Only now that the training process has checkpointed and exited, let the handler we replaced
+            # act: under submitit, it calls checkpoint() and requeues the job.
+            previous[FORWARDER.received](FORWARDER.received, None)
+        return outcome
+
+    def train(self, state: str, env: Optional[dict]) -> Outcome:
         command = self.command(state)
         os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
         with open(self.log_path, "a") as log:
             log.write(f"$ {shlex.join(command)}\n")
             log.flush()
-            result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                    env={**os.environ, **(env or {})})
-        if result.returncode != 0:
-            raise RuntimeError(f"{self.name} failed (exit {result.returncode}); see {self.log_path}")
-        return "resumed" if state == "resume" else "trained"
+            code = FORWARDER.run(command, log, {**os.environ, **(env or {})})
+        if code == 0:
+            return Outcome("resumed" if state == "resume" else "trained")
+        if code is None:
+            return Outcome("not started", f"stopped by {signal.Signals(FORWARDER.received).name} before it started")
+        if code == EXIT_DIVERGED:
+            diverged = read_json(os.path.join(self.run_dir, "diverged.json"))
+            return Outcome("diverged", describe_divergence(diverged) + f"; see {self.log_path}")
+        if code == EXIT_PREEMPTED or (FORWARDER.received and code < 0):
+            return Outcome("preempted", f"stopped by a signal (exit {code}); the next run of the sweep resumes it "
+                                        "from its last checkpoint")
+        raise JobFailed(f"{self.name} failed (exit {code}): {last_line(self.log_path)}; see {self.log_path}")
 
     def checkpoint(self, *args, **kwargs):
         import submitit
@@ -209,62 +434,153 @@ class Job:
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
 
-def make_jobs(args: SweepArgs) -> List[Job]:
-    for name in ("jobs", "time_min", "cpus_per_job", "max_parallel"):
+def describe_divergence(record) -> str:
+    if not isinstance(record, dict) or "iteration" not in record:
+        return "diverged (exit code 3), without a readable diverged.json"
+    return f"diverged at iteration {record['iteration']}: {record.get('what')}"
+
+
+def last_line(path: str) -> str:
+    """The last non-empty line of a log: where the training script says what went wrong."""
+    try:
+        with open(path, errors="replace") as f:
+            lines = [line.strip() for line in f.readlines()[-50:] if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the jobs
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_method(method: str, game: str) -> str:
+    return f"ppo_drac_{DRAC_BEST_AUGMENT[game]}" if method == DRAC_BEST else method
+
+
+def without_flags(flags: List[str], names: set) -> List[str]:
+    """flags less the named ones and their values (--name value and --name=value, - or _)."""
+    kept, skip = [], False
+    for flag in flags:
+        name = flag.split("=", 1)[0].replace("_", "-")
+        if skip:
+            skip = False
+        elif name in names:
+            skip = "=" not in flag
+        else:
+            kept.append(flag)
+    return kept
+
+
+def method_flags(method: str, flags: List[str], games: List[str]) -> List[str]:
+    """The extra flags of the method's jobs: --flags, with ppo_2x's budget doubled."""
+    scale = METHODS[method].budget_scale
+    if scale == 1:
+        return flags
+    base = parse_flags(method, flags, games)
+    return [*without_flags(flags, BUDGET_FLAGS), "--num-envs", str(scale * base.num_envs),
+            "--total-timesteps", str(scale * base.total_timesteps),
+            "--eval-episodes", str(base.eval_episodes or base.num_envs)]
+
+
+def check_settings(args: SweepArgs) -> List[str]:
+    """The extra flags, after refusing bad sweep settings."""
+    for name in ("jobs", "time_min", "cpus_per_job", "max_parallel", "signal_delay_s"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    unknown = [m for m in args.methods if m not in METHODS] + [g for g in args.games if g not in PROCGEN_GAMES]
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    known = [*METHODS, DRAC_BEST]
+    unknown = [m for m in args.methods if m not in known] + [g for g in args.games if g not in PROCGEN_GAMES]
     if unknown:
-        raise SystemExit(f"error: unknown method or game {unknown[0]!r}; methods: {', '.join(METHODS)}; "
-                         f"games: {', '.join(PROCGEN_GAMES)}")
+        raise UsageError(f"unknown method or game {unknown[0]!r}; methods: {', '.join(known)} "
+                         f"(--list-methods says what each is); games: {', '.join(PROCGEN_GAMES)}")
     flags = shlex.split(args.flags)
     for flag in flags:
         name = flag.split("=", 1)[0].replace("_", "-")
         if name in JOB_FLAGS:
-            raise SystemExit(f"error: --flags must not set {name}: the sweep sets it for each job")
-    total_timesteps = {method: parse_flags(method, flags, args.games).total_timesteps for method in args.methods}
-    return [Job(args.root, method, game, seed, flags, total_timesteps[method])
-            for game in args.games for method in args.methods for seed in args.seeds]
+            raise UsageError(f"--flags must not set {name}: the sweep sets it for each job")
+    return flags
+
+
+def make_jobs(args: SweepArgs) -> List[Job]:
+    flags = check_settings(args)
+    methods_of = {game: list(dict.fromkeys(resolve_method(m, game) for m in args.methods)) for game in args.games}
+    games_of = {}
+    for game, methods in methods_of.items():
+        for method in methods:
+            games_of.setdefault(method, []).append(game)
+    flags_of = {method: method_flags(method, flags, games) for method, games in games_of.items()}
+    parsed = {method: parse_flags(method, flags_of[method], games) for method, games in games_of.items()}
+    jobs = []
+    for game in args.games:
+        for method in methods_of[game]:
+            module = mdpo if METHODS[method].script == "mdpo" else ppo
+            for seed in args.seeds:
+                expected = asdict(module.validate_args(replace(parsed[method], env_id=game, seed=seed,
+                                                               exp_name=method)))
+                jobs.append(Job(args.root, method, game, seed, flags_of[method], expected))
+    return jobs
 
 
 def parse_flags(method: str, flags: List[str], games: List[str]):
     """The method's Args from the extra flags, parsed and checked for every game as its script will:
     a bad flag fails here, once, not in every job."""
-    script, method_flags = METHODS[method].script, METHODS[method].flags
+    script, flags = METHODS[method].script, [*METHODS[method].flags, *flags]
     module = mdpo if script == "mdpo" else ppo
     # An unknown or malformed flag: tyro prints what is wrong and exits with 2.
-    args = tyro.cli(module.Args, args=[*method_flags, *flags], prog=f"{script}.py (the sweep's --flags)")
+    args = tyro.cli(module.Args, args=flags, prog=f"{script}.py (the sweep's --flags)")
     try:
         for game in games:
             module.validate_args(replace(args, env_id=game))
     except module.UsageError as error:
-        raise SystemExit(f"error: --flags for {method}: {error}") from None
+        raise UsageError(f"--flags for {method}: {error}") from None
     return args
 
 
-def visible_gpus() -> List[int]:
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+
+def visible_gpus() -> List[str]:
+    """The GPUs this process may use: CUDA_VISIBLE_DEVICES when set (by the user or a scheduler), else all."""
+    inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if inherited is not None:
+        return [gpu.strip() for gpu in inherited.split(",") if gpu.strip()]
     try:
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired):
         return []
-    return list(range(sum(line.startswith("GPU ") for line in out.splitlines())))
+    return [str(i) for i in range(sum(line.startswith("GPU ") for line in out.splitlines()))]
 
 
-def run_local(jobs: List[Job], args: SweepArgs) -> int:
-    """A pool of `args.jobs` workers; worker k runs on GPU gpus[k % len(gpus)]. Returns the failures."""
-    gpus = visible_gpus() if args.gpus is None else args.gpus
+def job_gpus(args: SweepArgs) -> List[str]:
+    visible = visible_gpus()
+    if args.gpus is None:
+        return visible
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        hidden = [gpu for gpu in args.gpus if gpu not in visible]
+        if hidden:
+            raise UsageError(f"--gpus {hidden[0]} is not among CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']}")
+    return list(args.gpus)
+
+
+def run_pool(jobs: List[Job], slots: int, gpus: List[str], start: Callable) -> List[Outcome]:
+    """Runs the jobs on `slots` workers, worker k on GPU gpus[k % len(gpus)]: start(job, env) runs one
+    and returns its Outcome. Stops starting jobs once a stop signal came (forwarded to the running ones)."""
     todo = queue.Queue()
     for job in jobs:
         todo.put(job)
-    lock, counts, start = threading.Lock(), {"done": 0, "failed": 0, "running": 0}, time.time()
+    outcomes = {}
+    lock, counts, start_time = threading.Lock(), {"ended": 0, "running": 0}, time.time()
 
     def report(message):
-        print(f"[{time.time() - start:7.0f}s] {counts['done']}/{len(jobs)} done, {counts['running']} running, "
-              f"{counts['failed']} failed | {message}", flush=True)
+        print(f"[{time.time() - start_time:7.0f}s] {counts['ended']}/{len(jobs)} ended, "
+              f"{counts['running']} running | {message}", flush=True)
 
     def worker(slot):
-        env = {"CUDA_VISIBLE_DEVICES": str(gpus[slot % len(gpus)])} if gpus else {}
-        while True:
+        env = {"CUDA_VISIBLE_DEVICES": gpus[slot % len(gpus)]} if gpus else {}
+        while not FORWARDER.received:
             try:
                 job = todo.get_nowait()
             except queue.Empty:
@@ -273,60 +589,91 @@ def run_local(jobs: List[Job], args: SweepArgs) -> int:
                 counts["running"] += 1
                 report(f"start {job.name}" + (f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if env else ""))
             try:
-                outcome, failed = job(env), False
-            except RuntimeError as error:
-                outcome, failed = str(error), True
+                outcome = start(job, env)
+            except Exception as error:  # a failed job, or submitit's wrapping of one: the others go on
+                outcome = Outcome("failed", str(error).strip().splitlines()[-1] if str(error).strip() else repr(error))
             with lock:
                 counts["running"] -= 1
-                counts["failed" if failed else "done"] += 1
+                counts["ended"] += 1
+                outcomes[job.name] = outcome
                 report(f"{job.name}: {outcome}")
 
-    threads = [threading.Thread(target=worker, args=(slot,)) for slot in range(args.jobs)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return counts["failed"]
+    threads = [threading.Thread(target=worker, args=(slot,)) for slot in range(slots)]
+    with FORWARDER.installed():
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    return [outcomes.get(job.name, Outcome("not started", "the sweep was stopped")) for job in jobs]
 
 
-def run_submitit(jobs: List[Job], args: SweepArgs) -> int:
+def run_local(jobs: List[Job], args: SweepArgs) -> List[Outcome]:
+    return run_pool(jobs, args.jobs, job_gpus(args), lambda job, env: job(env))
+
+
+def run_submitit_local(jobs: List[Job], args: SweepArgs) -> List[Outcome]:
+    """submitit's local executor starts every job as soon as it is submitted: the pool submits one job per
+    worker and waits for it, so that --jobs bound what runs at once."""
     import submitit
 
-    cluster = "local" if args.launcher == "submitit-local" else "slurm"
-    executor = submitit.AutoExecutor(folder=os.path.join(args.root, "submitit", "%j"), cluster=cluster)
+    executor = submitit.AutoExecutor(folder=os.path.join(args.root, "submitit", "%j"), cluster="local")
     executor.update_parameters(timeout_min=args.time_min, name="mdpo-sweep")
-    if cluster == "slurm":
-        executor.update_parameters(slurm_partition=args.partition, gpus_per_node=args.gpus_per_job,
-                                   cpus_per_task=args.cpus_per_job, slurm_array_parallelism=args.max_parallel)
+    submitting = threading.Lock()
+
+    def start(job, env):
+        gpu = env.get("CUDA_VISIBLE_DEVICES")
+        with submitting:  # update_parameters and submit together, one job at a time
+            # Without gpus_per_node, submitit hides every GPU from the job (CUDA_VISIBLE_DEVICES="").
+            executor.update_parameters(gpus_per_node=1 if gpu else 0,
+                                       visible_gpus=(int(gpu),) if gpu and gpu.isdigit() else ())
+            handle = executor.submit(job, env)  # env also reaches the training process: GPU ids that are not numbers
+        return handle.result()
+
+    return run_pool(jobs, args.jobs, job_gpus(args), start)
+
+
+def run_slurm(jobs: List[Job], args: SweepArgs) -> List[Outcome]:
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=os.path.join(args.root, "submitit", "%j"), cluster="slurm")
+    executor.update_parameters(timeout_min=args.time_min, name="mdpo-sweep", slurm_partition=args.partition,
+                               gpus_per_node=args.gpus_per_job, cpus_per_task=args.cpus_per_job,
+                               slurm_array_parallelism=args.max_parallel, slurm_signal_delay_s=args.signal_delay_s)
     with executor.batch():
         submitted = [executor.submit(job) for job in jobs]
-    print(f"submitted {len(submitted)} jobs to {cluster}; job ids {submitted[0].job_id} ... {submitted[-1].job_id}",
-          flush=True)
-    if cluster == "slurm":
-        return 0  # the cluster runs them; run this command again later to resubmit any that failed
-    failed = 0
-    for job, handle in zip(jobs, submitted):
-        try:
-            print(f"{job.name}: {handle.result()}", flush=True)
-        except Exception as error:  # submitit wraps the job's exception
-            failed += 1
-            print(f"{job.name}: failed: {str(error).strip().splitlines()[-1]}", flush=True)
-    return failed
+    print(f"submitted {len(submitted)} jobs to slurm; job ids {submitted[0].job_id} ... {submitted[-1].job_id}; "
+          "run this command again later: it skips what is finished or running and resubmits the rest", flush=True)
+    return []  # the cluster runs them
 
 
 def main(args: SweepArgs) -> int:
+    if args.list_methods:
+        print(method_list())
+        return 0
     jobs = make_jobs(args)
-    pending = [job for job in jobs if job.state() != "done"]
-    print(f"{len(jobs)} jobs, {len(jobs) - len(pending)} already finished, {len(pending)} to run", flush=True)
+    states = [job.state() for job in jobs]
+    for job, state in zip(jobs, states):
+        if state.kind not in ("done", "new", "resume"):
+            print(f"{job.name}: {state}", flush=True)
+    pending = [job for job, state in zip(jobs, states) if state.kind in ("new", "resume")]
+    finished = sum(state.kind == "done" for state in states)
+    skipped = len(jobs) - finished - len(pending)
+    print(f"{len(jobs)} jobs, {finished} already finished, {len(pending)} to run"
+          + (f", {skipped} skipped (above)" if skipped else ""), flush=True)
     if args.dry_run:
-        for job in pending:
-            print(shlex.join(job.command(job.state())))
+        for job, state in zip(jobs, states):
+            if state.kind in ("new", "resume"):
+                print(shlex.join(job.command(state.kind)))
         return 0
-    if not pending:
-        return 0
-    failed = run_local(pending, args) if args.launcher == "local" else run_submitit(pending, args)
-    return 1 if failed else 0
+    launch = {"local": run_local, "submitit-local": run_submitit_local, "slurm": run_slurm}[args.launcher]
+    outcomes = launch(pending, args) if pending else []
+    return 1 if any(outcome.kind in UNSUCCESSFUL for outcome in [*states, *outcomes]) else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(tyro.cli(SweepArgs)))
+    cli_args = tyro.cli(SweepArgs)
+    try:
+        sys.exit(main(cli_args))
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

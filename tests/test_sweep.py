@@ -1,0 +1,481 @@
+"""sweep.py: the methods, method_of, and what a sweep does with runs that are in use, diverged,
+preempted or made with other flags. Most jobs here run a fake training script (FAKE_TRAIN), not ppo.py."""
+
+import fcntl
+import json
+import os
+import signal
+import sys
+import threading
+
+import pytest
+
+import sweep
+
+TINY_FLAGS = "--total-timesteps 128 --num-envs 4 --num-steps 32 --num-minibatches 2 --eval-episodes 2 --no-cuda"
+
+# Stands in for ppo.py/mdpo.py: FAKE_MODE says what it does. It holds run_dir/lock like the real scripts.
+FAKE_TRAIN = r'''
+import fcntl, json, os, signal, sys
+run_dir = sys.argv[sys.argv.index("--run-dir" if "--run-dir" in sys.argv else "--resume") + 1]
+os.makedirs(run_dir, exist_ok=True)
+lock = open(os.path.join(run_dir, "lock"), "a+")
+fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+with open(os.path.join(run_dir, "argv.json"), "w") as f:
+    json.dump(sys.argv[1:], f)
+mode = os.environ["FAKE_MODE"]
+if mode == "diverge":
+    with open(os.path.join(run_dir, "diverged.json"), "w") as f:
+        json.dump({"iteration": 7, "global_step": 896, "what": "agent 1's loss is nan"}, f)
+    sys.exit(3)
+if mode == "preempt":  # ask the sweep (our parent) to stop, as Slurm would, and checkpoint when told
+    def stop(signum, frame):
+        open(os.path.join(run_dir, "checkpoint.pt"), "w").close()
+        sys.exit(4)
+    signal.signal(signal.SIGUSR2, stop)
+    signal.signal(signal.SIGTERM, stop)
+    signal.alarm(20)  # only when the signal never reaches us: the test then fails instead of hanging
+    os.kill(os.getppid(), int(os.environ["FAKE_SIGNAL"]))
+    while True:
+        signal.pause()
+print("error: fake failure" if mode != "0" else "done", file=sys.stderr)
+sys.exit(int(mode))
+'''
+
+
+@pytest.fixture
+def fake_train(tmp_path, monkeypatch):
+    """From here on, sweep.make_jobs makes jobs that run FAKE_TRAIN; calling the returned function with
+    mode also sets FAKE_MODE (what the fake does: an exit code, "diverge" or "preempt")."""
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_TRAIN)
+    real_make_jobs = sweep.make_jobs
+
+    def make_jobs(args, mode=None):
+        if mode is not None:
+            monkeypatch.setenv("FAKE_MODE", mode)
+        jobs = real_make_jobs(args)
+        for job in jobs:
+            job.base = [sys.executable, str(script)]
+        return jobs
+
+    monkeypatch.setattr(sweep, "make_jobs", make_jobs)
+    monkeypatch.setenv("FAKE_MODE", "0")
+    return make_jobs
+
+
+def sweep_args(root, **kw):
+    kw = {"methods": ["ppo"], "games": ["bigfish"], "seeds": [1], "flags": TINY_FLAGS, **kw}
+    return sweep.SweepArgs(root=str(root), **kw)
+
+
+def write_run(job, config_args=None, finished=True, checkpoint=True):
+    """A run directory as the training scripts leave it, made with the job's args unless told otherwise."""
+    os.makedirs(job.run_dir, exist_ok=True)
+    with open(os.path.join(job.run_dir, "config.json"), "w") as f:
+        json.dump({"script": job.script, "args": job.expected if config_args is None else config_args}, f)
+    if checkpoint:
+        open(os.path.join(job.run_dir, "checkpoint.pt"), "w").close()
+        with open(os.path.join(job.run_dir, "status.json"), "w") as f:
+            json.dump({"global_step": 128, "iteration": 1, "finished": finished}, f)
+
+
+def held(path):
+    """Hold the flock on path as another process would (flock locks belong to the open file)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    f = open(path, "a+")
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    f.write(json.dumps({"host": "node7", "pid": 4242, "slurm_job_id": "99_3"}))
+    f.flush()
+    return f
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods
+# ---------------------------------------------------------------------------------------------
+
+
+def test_list_methods_prints_every_method_with_a_line_on_it(capsys):
+    assert sweep.main(sweep.SweepArgs(list_methods=True)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split()[0] for line in lines]
+    assert names == [*sweep.METHODS, "ppo_drac_best"]
+    assert all(len(line.split(None, 1)[1]) > 20 for line in lines)  # each says what it controls for
+    assert {"ppo", "ppo_l2", "ppo_dropout", "ppo_2x", "mdpo", "mdpo_alpha0", "ppo_ucb_drac",
+            "ppo_drac_crop", "ppo_drac_flip", "ppo_drac_rotate", "ppo_drac_random-conv",
+            "ppo_drac_color-jitter"} == set(sweep.METHODS)
+
+
+def test_method_flags_are_the_contracts():
+    assert sweep.METHODS["ppo_l2"].flags == ("--l2-coef", "1e-4")
+    assert sweep.METHODS["ppo_dropout"].flags == ("--dropout", "0.1")
+    assert sweep.METHODS["mdpo_alpha0"].flags == ("--alpha", "0")
+    assert sweep.METHODS["ppo_drac_crop"].flags == ("--augment", "crop", "--drac-coef", "0.1")
+    assert sweep.METHODS["ppo_ucb_drac"].flags == ("--augment", "ucb", "--drac-coef", "0.1")
+    # DrAC's best augmentation per game, as in the table used with rraileanu/auto-drac
+    assert len(sweep.DRAC_BEST_AUGMENT) == 16 and set(sweep.DRAC_BEST_AUGMENT) == set(sweep.PROCGEN_GAMES)
+    assert [sweep.DRAC_BEST_AUGMENT[g] for g in ("bigfish", "bossfight", "caveflyer", "coinrun", "climber")] == [
+        "crop", "flip", "rotate", "random-conv", "color-jitter"]
+
+
+@pytest.mark.parametrize("script, args, method", [
+    ("ppo", {"exp_name": "ppo"}, "ppo"),
+    # runs made before augment/drac_coef/num_agents existed: their defaults
+    ("ppo", {"exp_name": "ppo_l2", "l2_coef": 1e-4, "dropout": 0.0}, "ppo_l2"),
+    ("ppo", {"exp_name": "ppo_dropout", "l2_coef": 0.0, "dropout": 0.1}, "ppo_dropout"),
+    ("mdpo", {"exp_name": "mdpo", "alpha": 1.0, "detach_peer": False}, "mdpo"),
+    ("mdpo", {"exp_name": "mdpo_alpha0", "alpha": 0.0}, "mdpo_alpha0"),
+    # the args decide, not the name
+    ("ppo", {"exp_name": "ppo_l2", "l2_coef": 0.0, "augment": "none", "drac_coef": 0.0}, "ppo"),
+    ("ppo", {"exp_name": "my_run", "augment": "crop", "drac_coef": 0.1}, "ppo_drac_crop"),
+    ("ppo", {"exp_name": "x", "augment": "ucb", "drac_coef": 0.1}, "ppo_ucb_drac"),
+    ("mdpo", {"exp_name": "mdpo", "alpha": 0, "num_agents": 2}, "mdpo_alpha0"),
+    # plain PPO with a doubled budget: only the sweep's name can tell, and only for plain PPO args
+    ("ppo", {"exp_name": "ppo_2x", "num_envs": 128}, "ppo_2x"),
+    ("ppo", {"exp_name": "ppo_2x", "l2_coef": 1e-4}, "ppo_l2"),
+    # no method: named by what differs
+    ("ppo", {"exp_name": "ppo_l2", "l2_coef": 0.001}, "ppo (l2_coef=0.001)"),
+    ("ppo", {"l2_coef": 1e-4, "dropout": 0.1}, "ppo (l2_coef=0.0001, dropout=0.1)"),
+    ("ppo", {"augment": "crop", "drac_coef": 0.2}, "ppo (augment=crop, drac_coef=0.2)"),
+    ("mdpo", {"exp_name": "mdpo", "num_agents": 3}, "mdpo (num_agents=3)"),
+    ("mdpo", {"alpha": 0.5, "detach_peer": True}, "mdpo (alpha=0.5, detach_peer=True)"),
+])
+def test_method_of_reads_the_method_from_script_and_args(script, args, method):
+    assert sweep.method_of({"script": script, "args": args}) == method
+
+
+def test_method_of_a_config_that_is_not_a_run():
+    assert sweep.method_of({"script": "tsne", "args": {}}) == "unknown (tsne)"
+    assert sweep.method_of({}) == "unknown (None)"
+
+
+def test_method_of_every_job_is_its_method(tmp_path):
+    methods = [*sweep.METHODS]
+    jobs = sweep.make_jobs(sweep_args(tmp_path, methods=methods, dry_run=True))
+    assert [sweep.method_of({"script": job.script, "args": job.expected}) for job in jobs] == methods
+
+
+def test_ppo_drac_best_runs_each_game_with_its_augmentation(tmp_path):
+    jobs = sweep.make_jobs(sweep_args(tmp_path, methods=["ppo_drac_best", "ppo_drac_crop"],
+                                      games=["bigfish", "coinrun"]))
+    assert [job.name for job in jobs] == ["bigfish__ppo_drac_crop__1", "coinrun__ppo_drac_random-conv__1",
+                                          "coinrun__ppo_drac_crop__1"]
+    assert jobs[1].expected["augment"] == "random-conv" and jobs[1].expected["drac_coef"] == 0.1
+
+
+@pytest.mark.parametrize("flags", ["--total-timesteps 1024 --num-envs 4", "--total_timesteps=1024 --num_envs=4"])
+def test_ppo_2x_doubles_the_envs_and_steps_of_the_flags(tmp_path, flags):
+    args = sweep_args(tmp_path, methods=["ppo", "ppo_2x", "mdpo"],
+                      flags=flags + " --num-steps 32 --num-minibatches 2 --no-cuda")
+    ppo_job, ppo_2x_job, mdpo_job = sweep.make_jobs(args)
+    assert (ppo_job.expected["num_envs"], ppo_job.expected["total_timesteps"]) == (4, 1024)
+    assert (ppo_2x_job.expected["num_envs"], ppo_2x_job.expected["total_timesteps"]) == (8, 2048)
+    # as many iterations as PPO and MDPO (1024 / (4 x 32) = 8), evaluated on as many episodes (4)
+    assert ppo_2x_job.expected["num_iterations"] == mdpo_job.expected["num_iterations"] == 8
+    assert ppo_2x_job.expected["eval_episodes"] == 4
+
+
+def test_ppo_2x_doubles_the_defaults_too(tmp_path):
+    job, = sweep.make_jobs(sweep_args(tmp_path, methods=["ppo_2x"], flags="--no-cuda"))
+    assert (job.expected["num_envs"], job.expected["total_timesteps"]) == (128, 100_000_000)
+    assert job.expected["eval_episodes"] == 64
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sweep_rejects_unknown_names(tmp_path):
+    with pytest.raises(sweep.UsageError, match="unknown method or game 'pong'"):
+        sweep.main(sweep_args(tmp_path, games=["pong"]))
+    with pytest.raises(sweep.UsageError, match="unknown method or game 'ppo_drac_grayscale'.*--list-methods"):
+        sweep.main(sweep_args(tmp_path, methods=["ppo_drac_grayscale"]))
+
+
+@pytest.mark.parametrize("flags, message", [
+    ("--num-envs 0", "--flags for ppo: --num-envs must be positive"),
+    ("--num-envs 6 --num-steps 5", "does not divide"),
+    ("--distribution-mode memory", "bigfish has no memory mode"),  # checked for each game of the sweep
+    ("--seed 5", "must not set --seed"),  # would give every seed's run the same seed
+    ("--exp_name=x", "must not set --exp-name"),
+    ("--dropout 0.2", "must not set --dropout"),  # would turn plain PPO into PPO + dropout
+    ("--augment crop", "must not set --augment"),
+    ("--alpha 0.5", "must not set --alpha"),
+])
+def test_sweep_rejects_bad_flags_before_any_job_starts(tmp_path, flags, message):
+    with pytest.raises(sweep.UsageError, match=message):
+        sweep.main(sweep_args(tmp_path, flags=flags))
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "logs").exists()
+
+
+def test_sweep_rejects_non_positive_settings(tmp_path):
+    with pytest.raises(sweep.UsageError, match="--jobs must be positive, got 0"):
+        sweep.main(sweep_args(tmp_path, jobs=0))
+
+
+def test_sweep_checks_flags_against_each_chosen_method(tmp_path):
+    args = sweep_args(tmp_path, methods=["ppo", "mdpo"], flags="--num-agents 3", dry_run=True)
+    with pytest.raises(SystemExit) as error:  # MDPO's flag: ppo.py does not know it
+        sweep.main(args)
+    assert error.value.code == 2
+    args.methods = ["mdpo"]
+    assert sweep.main(args) == 0
+
+
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
+    import subprocess
+
+    result = subprocess.run([sys.executable, "sweep.py", "--root", str(tmp_path), "--games", "pong"],
+                            capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(sweep.__file__)))
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: unknown method or game 'pong'") and result.stderr.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs in use, diverged, preempted, made with other flags
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_run_in_use_by_a_training_process_is_skipped_and_left_as_it_is(tmp_path, fake_train, capsys):
+    args = sweep_args(tmp_path)
+    job, = sweep.make_jobs(args)
+    write_run(job, checkpoint=False)  # stopped before its first checkpoint, to all appearances
+    with held(os.path.join(job.run_dir, "lock")):
+        assert job.state().kind == "locked"
+        assert str(job()) == "locked: in use by node7:4242 (Slurm job 99_3)"
+        assert sweep.main(args) == 0
+        assert "bigfish__ppo__1: locked: in use by node7:4242 (Slurm job 99_3)" in capsys.readouterr().out
+    assert sorted(os.listdir(job.run_dir)) == ["config.json", "lock"]  # not replaced, not trained
+
+
+def test_a_run_claimed_by_another_sweep_is_skipped(tmp_path, fake_train):
+    job, = sweep.make_jobs(sweep_args(tmp_path))
+    write_run(job, checkpoint=False)
+    with held(job.claim_path):
+        assert job.state().kind == "locked"
+        assert job().kind == "locked"
+    assert sorted(os.listdir(job.run_dir)) == ["config.json"]
+    assert job().kind == "trained"  # released: the unfinished run starts afresh
+    assert os.path.isfile(os.path.join(job.run_dir, "argv.json"))
+
+
+def test_a_diverged_run_is_reported_and_never_rerun(tmp_path, fake_train, capsys):
+    args = sweep_args(tmp_path)
+    fake_train(args, mode="diverge")
+    assert sweep.main(args) == 1
+    assert "bigfish__ppo__1: diverged: diverged at iteration 7: agent 1's loss is nan" in capsys.readouterr().out
+    job, = sweep.make_jobs(args)
+    os.remove(os.path.join(job.run_dir, "argv.json"))
+    write_run(job, finished=False)  # its last good checkpoint
+    fake_train(args, mode="0")
+    assert sweep.main(args) == 1
+    out = capsys.readouterr().out
+    assert "bigfish__ppo__1: diverged: diverged at iteration 7: agent 1's loss is nan; not rerun" in out
+    assert "0 to run, 1 skipped" in out
+    assert not os.path.exists(os.path.join(job.run_dir, "argv.json"))
+
+
+def test_a_diverging_job_says_where(tmp_path, fake_train):
+    job, = fake_train(sweep_args(tmp_path), mode="diverge")
+    outcome = job()
+    assert outcome.kind == "diverged" and outcome.detail.startswith("diverged at iteration 7: agent 1's loss is nan")
+
+
+def test_a_finished_run_made_with_other_flags_is_reported_not_overwritten(tmp_path, fake_train, capsys):
+    args = sweep_args(tmp_path)
+    job, = sweep.make_jobs(args)
+    write_run(job, config_args={**job.expected, "num_steps": 16})
+    assert sweep.main(args) == 1
+    out = capsys.readouterr().out
+    assert f"bigfish__ppo__1: mismatch: {job.run_dir} was made with other flags (--num-steps is 16 there, 32 here)" in out
+    assert "0 to run" in out
+    assert json.load(open(os.path.join(job.run_dir, "config.json")))["args"]["num_steps"] == 16
+    assert not os.path.exists(os.path.join(job.run_dir, "argv.json"))
+
+
+def test_a_run_that_predates_the_new_fields_matches_at_their_defaults(tmp_path):
+    ppo_job, mdpo_job = sweep.make_jobs(sweep_args(tmp_path, methods=["ppo", "mdpo"]))
+    old_ppo = {k: v for k, v in ppo_job.expected.items() if k not in ("augment", "drac_coef")}
+    write_run(ppo_job, config_args=old_ppo)
+    write_run(mdpo_job, config_args={k: v for k, v in mdpo_job.expected.items() if k != "num_agents"})
+    assert ppo_job.state().kind == mdpo_job.state().kind == "done"
+    write_run(ppo_job, config_args={**old_ppo, "augment": "crop"})
+    assert "--augment is 'crop' there, 'none' here" in ppo_job.state().detail
+
+
+def test_resumable_fields_may_differ_and_a_run_is_extended_not_shortened(tmp_path):
+    job, = sweep.make_jobs(sweep_args(tmp_path))
+    write_run(job, config_args={**job.expected, "eval_interval": 3, "cuda": True, "run_dir": "elsewhere"})
+    assert job.state().kind == "done"
+    write_run(job, config_args={**job.expected, "total_timesteps": 64, "num_iterations": 2})
+    assert job.state().kind == "resume"
+    write_run(job, config_args={**job.expected, "total_timesteps": 256})
+    assert job.state().kind == "mismatch" and "--total-timesteps is 256 there, 128 here" in job.state().detail
+
+
+def test_a_run_without_checkpoint_and_not_in_use_starts_afresh(tmp_path, fake_train):
+    job, = sweep.make_jobs(sweep_args(tmp_path))
+    write_run(job, checkpoint=False)
+    open(os.path.join(job.run_dir, "events.out.tfevents.1"), "w").close()
+    assert job.state().kind == "new"
+    assert job().kind == "trained"
+    assert sorted(os.listdir(job.run_dir)) == ["argv.json", "lock"]
+    assert "--run-dir" in json.load(open(os.path.join(job.run_dir, "argv.json")))
+
+
+def test_a_failed_job_says_why_in_one_line(tmp_path, fake_train, capsys):
+    args = sweep_args(tmp_path)
+    job, = fake_train(args, mode="2")
+    with pytest.raises(sweep.JobFailed, match=r"^bigfish__ppo__1 failed \(exit 2\): error: fake failure; see "):
+        job()
+    assert sweep.main(args) == 1
+    assert "bigfish__ppo__1: failed: bigfish__ppo__1 failed (exit 2): error: fake failure; see" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGTERM])
+def test_a_stop_signal_reaches_the_training_process_before_submitit_requeues(tmp_path, fake_train, monkeypatch, signum):
+    monkeypatch.setenv("FAKE_SIGNAL", str(int(signum)))
+    job, = fake_train(sweep_args(tmp_path), mode="preempt")
+    checkpoint = os.path.join(job.run_dir, "checkpoint.pt")
+    requeued = []  # stands in for submitit's handler: it must run after the training process checkpointed
+
+    def submitit_handler(sig, frame):
+        requeued.append((sig, os.path.exists(checkpoint)))
+
+    previous = signal.signal(signum, submitit_handler)
+    try:
+        outcome = job()
+    finally:
+        signal.signal(signum, previous)
+    assert outcome.kind == "preempted"
+    assert requeued == [(signum, True)]
+    assert signal.getsignal(signum) is previous  # handlers restored
+
+
+def test_a_stop_signal_to_the_local_sweep_stops_its_jobs_and_starts_no_more(tmp_path, fake_train, monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_SIGNAL", str(int(signal.SIGTERM)))
+    args = sweep_args(tmp_path, seeds=[1, 2, 3])
+    fake_train(args, mode="preempt")
+    assert sweep.main(args) == 1
+    out = capsys.readouterr().out
+    assert out.count(": preempted: stopped by a signal (exit 4)") == 1
+    jobs = sweep.make_jobs(args)
+    assert [os.path.exists(job.run_dir) for job in jobs] == [True, False, False]
+    assert [os.path.exists(job.log_path) for job in jobs] == [True, False, False]  # not even tried
+
+
+# ---------------------------------------------------------------------------------------------
+# GPUs and concurrency
+# ---------------------------------------------------------------------------------------------
+
+
+class RecordingJob:
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def __call__(self, env=None):
+        self.log.append(dict(env or {}))
+        return sweep.Outcome("trained")
+
+
+def test_local_jobs_use_the_inherited_cuda_visible_devices(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert sweep.job_gpus(sweep_args(tmp_path)) == ["2", "3"]
+    log = []
+    outcomes = sweep.run_local([RecordingJob(f"job{i}", log) for i in range(4)], sweep_args(tmp_path, jobs=2))
+    assert [o.kind for o in outcomes] == ["trained"] * 4
+    assert {env["CUDA_VISIBLE_DEVICES"] for env in log} <= {"2", "3"} and len(log) == 4
+    with pytest.raises(sweep.UsageError, match="--gpus 0 is not among CUDA_VISIBLE_DEVICES=2,3"):
+        sweep.job_gpus(sweep_args(tmp_path, gpus=["0"]))
+    assert sweep.job_gpus(sweep_args(tmp_path, gpus=["3"])) == ["3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert sweep.job_gpus(sweep_args(tmp_path)) == []
+
+
+class FakeExecutor:
+    """submitit's local executor as far as the sweep uses it: a job starts when it is submitted."""
+
+    def __init__(self, folder, cluster):
+        assert cluster == "local"
+        self.parameters, self.started, self.collected, self.running, self.most_running = {}, [], [], 0, 0
+        FakeExecutor.last = self
+
+    def update_parameters(self, **kw):
+        self.parameters.update(kw)
+
+    def submit(self, job, env):
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        self.started.append((job.name, dict(self.parameters), env))
+        executor = self
+
+        class Handle:
+            def result(self):
+                executor.running -= 1
+                executor.collected.append(job.name)
+                return job(env)
+
+        return Handle()
+
+
+def test_submitit_local_runs_at_most_jobs_at_once_on_the_visible_gpus(tmp_path, monkeypatch):
+    import submitit
+
+    monkeypatch.setattr(submitit, "AutoExecutor", FakeExecutor)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    pools = []
+
+    def run_pool(jobs, slots, gpus, start):
+        def start_and_check(job, env):
+            outcome = start(job, env)
+            assert job.name in FakeExecutor.last.collected  # the slot is free again only once the job ended
+            return outcome
+
+        pools.append(slots)
+        return real_run_pool(jobs, slots, gpus, start_and_check)
+
+    real_run_pool = sweep.run_pool
+    monkeypatch.setattr(sweep, "run_pool", run_pool)
+    log = []
+    jobs = [RecordingJob(f"job{i}", log) for i in range(5)]
+    outcomes = sweep.run_submitit_local(jobs, sweep_args(tmp_path, jobs=2, launcher="submitit-local"))
+    executor = FakeExecutor.last
+    assert [o.kind for o in outcomes] == ["trained"] * 5 and len(executor.started) == 5
+    assert pools == [2] and executor.most_running <= 2
+    for name, parameters, env in executor.started:
+        assert parameters["gpus_per_node"] == 1
+        assert parameters["visible_gpus"] == (int(env["CUDA_VISIBLE_DEVICES"]),)
+        assert env["CUDA_VISIBLE_DEVICES"] in ("2", "3")
+
+
+# ---------------------------------------------------------------------------------------------
+# Real training, tiny
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sweep_runs_skips_finished_and_resumes_extended_jobs(tmp_path, capsys):
+    args = sweep_args(tmp_path, methods=["ppo", "mdpo"], jobs=2)
+    assert sweep.main(args) == 0
+    jobs = sweep.make_jobs(args)
+    assert [job.state().kind for job in jobs] == ["done", "done"]
+    for job in jobs:
+        assert json.load(open(os.path.join(job.run_dir, "status.json")))["global_step"] == 128
+        assert sweep.method_of(json.load(open(os.path.join(job.run_dir, "config.json")))) == job.method
+
+    capsys.readouterr()
+    assert sweep.main(args) == 0
+    assert "2 already finished, 0 to run" in capsys.readouterr().out
+
+    args.flags = TINY_FLAGS.replace("--total-timesteps 128", "--total-timesteps 256")
+    assert [job.state().kind for job in sweep.make_jobs(args)] == ["resume", "resume"]
+    job = sweep.make_jobs(args)[0]
+    assert "--resume" in job.command(job.state().kind)
+    assert sweep.main(args) == 0
+    for job in sweep.make_jobs(args):
+        assert json.load(open(os.path.join(job.run_dir, "status.json")))["global_step"] == 256
