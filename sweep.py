@@ -561,7 +561,8 @@ def job_gpus(args: SweepArgs) -> List[str]:
     if "CUDA_VISIBLE_DEVICES" in os.environ:
         hidden = [gpu for gpu in args.gpus if gpu not in visible]
         if hidden:
-            raise UsageError(f"--gpus {hidden[0]} is not among CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']}")
+            inherited = os.environ["CUDA_VISIBLE_DEVICES"]
+            raise UsageError(f"--gpus {hidden[0]} is not among CUDA_VISIBLE_DEVICES={inherited}")
     return list(args.gpus)
 
 
@@ -660,13 +661,14 @@ def main(args: SweepArgs) -> int:
     skipped = len(jobs) - finished - len(pending)
     print(f"{len(jobs)} jobs, {finished} already finished, {len(pending)} to run"
           + (f", {skipped} skipped (above)" if skipped else ""), flush=True)
+    outcomes = []
     if args.dry_run:
         for job, state in zip(jobs, states):
             if state.kind in ("new", "resume"):
                 print(shlex.join(job.command(state.kind)))
-        return 0
-    launch = {"local": run_local, "submitit-local": run_submitit_local, "slurm": run_slurm}[args.launcher]
-    outcomes = launch(pending, args) if pending else []
+    elif pending:
+        launch = {"local": run_local, "submitit-local": run_submitit_local, "slurm": run_slurm}[args.launcher]
+        outcomes = launch(pending, args)
     return 1 if any(outcome.kind in UNSUCCESSFUL for outcome in [*states, *outcomes]) else 0
 
 

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import sys
-import threading
 
 import pytest
 
@@ -288,10 +287,13 @@ def test_a_finished_run_made_with_other_flags_is_reported_not_overwritten(tmp_pa
     write_run(job, config_args={**job.expected, "num_steps": 16})
     assert sweep.main(args) == 1
     out = capsys.readouterr().out
-    assert f"bigfish__ppo__1: mismatch: {job.run_dir} was made with other flags (--num-steps is 16 there, 32 here)" in out
+    assert (f"bigfish__ppo__1: mismatch: {job.run_dir} was made with other flags "
+            "(--num-steps is 16 there, 32 here)") in out
     assert "0 to run" in out
     assert json.load(open(os.path.join(job.run_dir, "config.json")))["args"]["num_steps"] == 16
     assert not os.path.exists(os.path.join(job.run_dir, "argv.json"))
+    args.dry_run = True
+    assert sweep.main(args) == 1
 
 
 def test_a_run_that_predates_the_new_fields_matches_at_their_defaults(tmp_path):
@@ -330,7 +332,8 @@ def test_a_failed_job_says_why_in_one_line(tmp_path, fake_train, capsys):
     with pytest.raises(sweep.JobFailed, match=r"^bigfish__ppo__1 failed \(exit 2\): error: fake failure; see "):
         job()
     assert sweep.main(args) == 1
-    assert "bigfish__ppo__1: failed: bigfish__ppo__1 failed (exit 2): error: fake failure; see" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "bigfish__ppo__1: failed: bigfish__ppo__1 failed (exit 2): error: fake failure; see" in out
 
 
 # ---------------------------------------------------------------------------------------------
