@@ -50,7 +50,8 @@ def test_weights_gone_non_finite_stop_the_run_and_keep_the_last_good_checkpoint(
         calls.append(1)
         if len(calls) == 2:
             with torch.no_grad():
-                next(optimizer.param_groups[0]["params"].__iter__()).view(-1)[0] = float("nan")
+                weight = optimizer.param_groups[0]["params"][0]  # the first conv's weight (agent 1's in MDPO)
+                weight[(0,) * weight.dim()] = float("nan")
         return stats
 
     monkeypatch.setattr(module, "update", update_that_breaks_a_weight_on_its_last_step)
