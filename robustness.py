@@ -286,7 +286,7 @@ def draw(summary, keys, title, path):
     ax.set_xticks(np.arange(len(conditions)), conditions, fontsize=8)
     ax.set_ylabel("test return")
     ax.axhline(0, color="#999999", linewidth=0.8)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, never over them
     ax.set_title(title, fontsize=9)
     fig.text(0.01, 0.01, "bars: mean over seeds (MDPO: mean of its agents per seed); whiskers: 95% t-interval, sample std",
              fontsize=7, color="#555555")
