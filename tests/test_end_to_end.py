@@ -2,10 +2,9 @@
 
 import json
 import os
-import signal
+import re
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -145,44 +144,63 @@ def test_resume_with_no_other_flags_uses_the_saved_config(tmp_path):
     assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)["global_step"] == 256
 
 
+# A training process that presses Ctrl-C on itself at a chosen moment: just after the Nth checkpoint's
+# rename, before its status.json is written (the worst moment), or inside the first update.
+CTRL_C_RUN = """
+import os, signal, sys, tyro
+sys.path.insert(0, {root!r})
+import {script} as script
+where, nth = sys.argv[1], int(sys.argv[2])
+real_write, real_update, checkpoints = script.write_durably, script.update, []
+def write_then_interrupt(path, write):
+    real_write(path, write)
+    if path.endswith("checkpoint.pt"):
+        checkpoints.append(path)
+        if where == "after-checkpoint-rename" and len(checkpoints) == nth:
+            os.kill(os.getpid(), signal.SIGINT)
+def update_then_interrupt(*args):
+    if where == "in-update":
+        os.kill(os.getpid(), signal.SIGINT)
+    return real_update(*args)
+script.write_durably, script.update = write_then_interrupt, update_then_interrupt
+script.main(tyro.cli(script.Args, args=sys.argv[3:]))
+"""
+
+
+def last_message(stderr):
+    """The last line of stderr without the progress bar, which shares a line with the message and closes after it."""
+    text = re.sub(r"\s*\d+%\|[^|]*\|[^\[\n]*\[[^\]\n]*\]", "\n", stderr.replace("\r", "\n"))
+    return [line for line in text.splitlines() if line.strip()][-1]
+
+
+def run_interrupted(script, where, nth, flags):
+    return subprocess.run([sys.executable, "-c", CTRL_C_RUN.format(root=ROOT, script=script), where, str(nth), *flags],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
 def test_ctrl_c_stops_cleanly_and_the_run_resumes(tmp_path):
+    """Ctrl-C between the checkpoint's rename and status.json's waits for both: they agree, and the run resumes."""
     run_dir = str(tmp_path / "run")
     flags = ["--env-id", "starpilot", "--num-envs", "4", "--num-steps", "32", "--num-minibatches", "2",
-             "--total-timesteps", "1000000", "--checkpoint-interval", "1", "--no-cuda", "--run-dir", run_dir]
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "mdpo.py"), *flags], stderr=subprocess.PIPE,
-                               text=True, cwd=ROOT)
+             "--total-timesteps", str(128 * 4), "--checkpoint-interval", "1", "--eval-interval", "100",
+             "--eval-episodes", "2", "--no-cuda", "--run-dir", run_dir]
+    result = run_interrupted("mdpo", "after-checkpoint-rename", 2, flags)
+    assert result.returncode == 130, result.stderr[-2000:]
+    assert last_message(result.stderr) == f"interrupted; continue with: python mdpo.py --resume {run_dir}"
     status = os.path.join(run_dir, "status.json")
-    deadline = time.time() + 120
-    while not os.path.exists(status) and time.time() < deadline:
-        time.sleep(0.5)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130
-    assert stderr.replace("\r", "\n").strip().splitlines()[-1] == f"interrupted; continue with: python mdpo.py --resume {run_dir}"
-    stopped_at = json.load(open(status))["global_step"]
-    assert stopped_at > 0
+    assert json.load(open(status)) == {"global_step": 256, "iteration": 2, "finished": False}
+    assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)["iteration"] == 2
 
-    result = run_cli("mdpo.py", "--resume", run_dir, "--total-timesteps", str(stopped_at + 128))
+    result = run_cli("mdpo.py", "--resume", run_dir, "--total-timesteps", str(256 + 128))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert json.load(open(status)) == {"global_step": stopped_at + 128, "iteration": stopped_at // 128 + 1,
-                                       "finished": True}
+    assert json.load(open(status)) == {"global_step": 384, "iteration": 3, "finished": True}
 
 
 def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path):
     flags = ["--env-id", "starpilot", "--num-envs", "4", "--num-steps", "32", "--num-minibatches", "2",
              "--total-timesteps", "1000000", "--checkpoint-interval", "1000", "--no-cuda", "--run-dir",
              str(tmp_path / "run")]
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "ppo.py"), *flags], stderr=subprocess.PIPE,
-                               text=True, cwd=ROOT)
-    seen = ""
-    while "%" not in seen:  # the progress bar is drawn just before the training loop
-        char = process.stderr.read(1)
-        assert char, f"the run ended before training: {seen[-2000:]}"
-        seen += char
-    time.sleep(2)  # inside the loop now
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130
-    last_line = stderr.replace("\r", "\n").strip().splitlines()[-1]
-    assert last_line == "interrupted before the first checkpoint (iteration 1000): nothing to resume"
+    result = run_interrupted("ppo", "in-update", 1, flags)  # inside the training loop's first iteration
+    assert result.returncode == 130, result.stderr[-2000:]
+    assert last_message(result.stderr) == "interrupted before the first checkpoint (iteration 1000): nothing to resume"
     assert not os.path.exists(tmp_path / "run" / "checkpoint.pt")
