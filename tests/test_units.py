@@ -226,9 +226,11 @@ def test_training_rewards_are_clipped_to_plus_minus_ten(module):
 
 @pytest.mark.parametrize("module", [ppo, mdpo])
 def test_advantage_normalisation_needs_two_samples_per_minibatch(module):
-    # The std of one sample is NaN: every loss would be NaN, silently.
+    # The std of one sample is NaN: the policy loss of a one-sample minibatch would be NaN, silently.
+    one = torch.ones(1)
     with pytest.warns(UserWarning, match="degrees of freedom"):
-        assert torch.isnan(torch.randn(1).std())
+        policy_loss = module.ppo_losses(one, one, one, one, one, one, 0.2, norm_adv=True)[0]
+    assert torch.isnan(policy_loss)
     with pytest.raises(module.UsageError, match="at least 2 samples"):
         module.validate_args(module.Args(num_envs=1, num_steps=8, num_minibatches=8, total_timesteps=8))
     args = module.validate_args(module.Args(num_envs=1, num_steps=8, num_minibatches=8, total_timesteps=8, norm_adv=False))
