@@ -1181,6 +1181,7 @@ def train(args: Args, run_dir: str, device) -> None:
                 raise Preempted(f"stopped by {stop.received} after iteration {iteration}, checkpoint written; "
                                 f"continue with: python {SCRIPT}.py --resume {run_dir}")
     except KeyboardInterrupt:
+        progress.close()  # before the message, so that it is the last line
         report_interrupt(run_dir, args)
     finally:
         stop.restore()

@@ -67,7 +67,8 @@ def test_resumed_run_continues_exactly_where_it_stopped(module, cuda, tmp_path):
     On CUDA this covers the graphed policy too: building its graph must not move the random stream.
     """
     straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
-    extra = {"l2_coef": 1e-4, "dropout": 0.1} if module is ppo else {}
+    # PPO with every baseline's state at once: L2, dropout masks and UCB-DrAC's bandit must all resume exactly.
+    extra = {"l2_coef": 1e-4, "dropout": 0.1, "augment": "ucb", "drac_coef": 0.1} if module is ppo else {}
     extra["cuda"] = cuda
     module.main(module.Args(env_id="bigfish", total_timesteps=256, run_dir=straight, **{**TINY, **extra}))
     module.main(module.Args(env_id="bigfish", total_timesteps=128, run_dir=stopped, **{**TINY, **extra}))

@@ -33,15 +33,24 @@ def test_bench_prints_every_table_with_consistent_numbers(capsys):
     rows = markdown_rows(out)
     networks = [row for row in rows if row[0] == "float32" and len(row) == 4 and not row[3].endswith("x")]
     overlap = [row for row in rows if row[0] == "float32" and len(row) == 4 and row[3].endswith("x")]
-    scripts = {row[0]: row for row in rows if row[0] in ("PPO", "MDPO per agent")}
+    scripts = {row[0]: row for row in rows if row[0] in ("PPO", "MDPO per agent") and len(row) == 9}
+    costs = [row for row in rows if len(row) == 6][1:]  # after its header
+    assert [row[0] for row in costs] == ["PPO", "MDPO, K = 2"]
     assert len(networks) == 1 and len(overlap) == 1 and set(scripts) == {"PPO", "MDPO per agent"}
-    assert all(number(cell) > 0 for cell in networks[0][1:])
-    in_turn, overlapped, speedup = (number(cell) for cell in overlap[0][1:])
-    assert speedup == pytest.approx(in_turn / overlapped, abs=0.01)
+    assert all(number(cell) > 0 for cell in networks[0][1:] + overlap[0][1:])
     for row in scripts.values():
-        floor, end_to_end, ratio = (number(cell) for cell in row[2:5])
-        assert floor > 0 and end_to_end > 0 and ratio == pytest.approx(end_to_end / floor, abs=0.01)
-        assert row[1] == "float32" and row[-1] == "1.00x"
+        assert all(number(cell) > 0 for cell in row[2:8])
+        assert row[1] == "float32" and row[-1] == "1.00x"  # float32 against itself
+
+
+def test_bench_cost_table_counts_samples_and_passes_per_iteration(capsys):
+    # By hand, batch 100 and 3 epochs: PPO 100 samples, 100 inference and 300 fwd+bwd samples; MDPO with
+    # K agents K x 100 samples and inferences, and K agents x K minibatches x 3 epochs x 100 fwd+bwd samples.
+    bench.print_cost_table({"iteration": 1.0}, {2: {"iteration": 4.0}, 3: {"iteration": 10.0}}, batch=100, epochs=3)
+    rows = markdown_rows(capsys.readouterr().out)
+    assert rows[-3] == ["PPO", "100", "100", "300", "1.00", "0.25x"]
+    assert rows[-2] == ["MDPO, K = 2", "200", "200", "1,200", "4.00", "1.00x"]
+    assert rows[-1] == ["MDPO, K = 3", "300", "300", "2,700", "10.00", "2.50x"]
 
 
 @pytest.mark.parametrize("settings, message", [
