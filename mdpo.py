@@ -944,7 +944,7 @@ def open_run_dir(args: Args):
     run_dir = args.resume or args.run_dir or f"runs/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     lock = lock_run_dir(run_dir)
     if not args.resume and os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
-        saved_config(run_dir)
+        check_compatible(args, saved_config(run_dir))
         print(f"{run_dir} holds a checkpoint: continuing it", file=sys.stderr)
         args = replace(args, resume=run_dir)
     elif not args.resume:

@@ -183,7 +183,8 @@ def test_drac_loss_is_ppo_on_clean_frames_plus_coef_times_the_terms_on_augmented
     torch.manual_seed(0)
     args = tiny_args(ppo, augment="flip", drac_coef=0.3)
     agent = ppo.make_agent(args, torch.device("cpu"))
-    agent.actor.weight.data *= 100
+    # A policy peaked enough that G_pi is far from float32's rounding of a KL between near-equal rows.
+    agent.actor.weight.data *= 3000
     plain = plain_copy(agent)
     batch, inds = random_batch(1), torch.randperm(64)[:32]
     torch.manual_seed(5)
@@ -202,8 +203,8 @@ def test_drac_loss_is_ppo_on_clean_frames_plus_coef_times_the_terms_on_augmented
 @pytest.mark.parametrize("flags, message", [
     (dict(augment="blur", drac_coef=0.1), "unknown augmentation 'blur'; choose one of: none, crop"),
     (dict(augment="crop", drac_coef=-0.1), "--drac-coef must be a finite number >= 0"),
-    (dict(augment="crop", drac_coef=float("nan")), "--drac-coef must be a finite number >= 0"),
-    (dict(augment="crop", drac_coef=float("inf")), "--drac-coef must be a finite number >= 0"),
+    (dict(augment="crop", drac_coef=float("nan")), "--drac-coef must be a finite number"),
+    (dict(augment="crop", drac_coef=float("inf")), "--drac-coef must be a finite number"),
     (dict(augment="crop"), "DrAC needs both --augment and a positive --drac-coef"),
     (dict(drac_coef=0.1), "DrAC needs both --augment and a positive --drac-coef"),
 ])
