@@ -1,7 +1,6 @@
 """The baselines as their source defines them (Cobbe et al. 2019's dropout), K-agent MDPO, and the
 environment wrapper chain the scripts rely on."""
 
-import json
 import os
 
 import gymnasium as gym

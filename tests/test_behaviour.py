@@ -4,7 +4,6 @@ against a separately written IMPALA-CNN, resume of the logged episodes and of th
 input through both command lines. Scripted environments stand in for Procgen where the numbers
 must be known by hand."""
 
-import contextlib
 import copy
 import dataclasses
 import json
@@ -25,6 +24,7 @@ from torch.distributions import Categorical, kl_divergence
 import mdpo
 import ppo
 from helpers import ROOT, random_batch
+from test_numerics import plain_forward, plain_ppo_loss
 
 CPU = torch.device("cpu")
 # Runs of 2 envs x 8 steps: the scripted episodes (3 and 4 steps) straddle every rollout's end.
@@ -116,25 +116,6 @@ def event_dirs(module, run_dir):
 # ---------------------------------------------------------------------------------------------
 # The update step, re-derived with a plain loop
 # ---------------------------------------------------------------------------------------------
-
-
-def plain_forward(agent, obs):
-    """The textbook call: contiguous NCHW float frames, one network call per batch."""
-    hidden = agent.network(obs.permute(0, 3, 1, 2).contiguous().float() / 255.0)
-    return agent.actor(hidden), agent.critic(hidden).squeeze(-1)
-
-
-def plain_ppo_loss(logits, value, batch, inds, args):
-    """Clipped surrogate + vf_coef x clipped value loss - ent_coef x entropy, written out."""
-    dist = Categorical(logits=logits)
-    ratio = (dist.log_prob(batch["actions"][inds]) - batch["logprobs"][inds]).exp()
-    adv = batch["advantages"][inds]
-    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-    surrogate = torch.max(-adv * ratio, -adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
-    old_value, returns = batch["values"][inds], batch["returns"][inds]
-    clipped_value = old_value + (value - old_value).clamp(-args.clip_coef, args.clip_coef)
-    value_loss = 0.5 * torch.max((value - returns) ** 2, (clipped_value - returns) ** 2).mean()
-    return surrogate - args.ent_coef * dist.entropy().mean() + args.vf_coef * value_loss
 
 
 def clip_by_hand(agent, max_norm):
