@@ -156,6 +156,7 @@ def test_frames(game: str, mode: str, count: int, warmup_steps: int, seed: int) 
     obs, _ = env.reset()
     for _ in range(warmup_steps):
         obs, *_ = env.step(rng.integers(0, 15, count))
+    env.close()
     return torch.as_tensor(obs)
 
 

@@ -41,6 +41,7 @@ import tyro  # noqa: E402
 import mdpo  # noqa: E402
 import ppo  # noqa: E402
 import sweep  # noqa: E402
+from robustness import spread, test_frames, tv_distance  # noqa: E402
 from plot import OTHER_COLOURS, METHOD_COLOURS, UsageError, display_name  # noqa: E402
 
 
@@ -95,17 +96,6 @@ def load_encoder(path: str, mdpo_agent: int):
     return agent.eval(), config, mdpo_agent
 
 
-def observations(env_id: str, count: int, warmup_steps: int, seed: int) -> np.ndarray:
-    """`count` frames of unseen levels (one per env) after `warmup_steps` random actions."""
-    env = ppo.ProcgenVecEnv(env_id, count, 0, 0, "hard", seed)
-    rng = np.random.default_rng(seed)
-    obs, _ = env.reset()
-    for _ in range(warmup_steps):
-        obs, *_ = env.step(rng.integers(0, 15, count))
-    env.close()
-    return obs
-
-
 def random_conv_copies(frame: np.ndarray, copies: int, seed: int) -> torch.Tensor:
     """`copies` float32 versions of one uint8 HWC frame, each through its own random 3x3 convolution
     (ppo.random_conv, the project's one implementation), unclipped as Lee et al. feed them."""
@@ -120,15 +110,15 @@ def robustness(agent, clean: torch.Tensor, perturbed: List[torch.Tensor]) -> dic
     spread of the clean frames' features, and the TV distance of their policies from clean[i]'s. Beside
     them the policy's mean entropy on the clean frames, and the clean frames' features."""
     clean_hidden = agent.hidden(clean)
-    clean_spread = (clean_hidden - clean_hidden.mean(0)).norm(dim=1).mean()
+    clean_spread = spread(clean_hidden)
     clean_log_policies = agent.actor(clean_hidden).log_softmax(-1)
     entropy = -(clean_log_policies.exp() * clean_log_policies).sum(-1).mean()
     spreads, tvs, features = [], [], []
     for index, copies in enumerate(perturbed):
         hidden = agent.hidden(copies)
-        spreads.append(float((hidden - hidden.mean(0)).norm(dim=1).mean() / clean_spread))
-        policies = agent.actor(hidden).softmax(-1)
-        tvs.append(float(0.5 * (policies - clean_log_policies[index].exp()).abs().sum(-1).mean()))
+        spreads.append(float(spread(hidden) / clean_spread))
+        logits = agent.actor(hidden)
+        tvs.append(float(tv_distance(clean_log_policies[index].expand_as(logits), logits).mean()))
         features.append((hidden / clean_spread).numpy())
     return {"spread": spreads, "tv_distance": tvs, "entropy": float(entropy), "features": features,
             "clean_features": clean_hidden}
@@ -208,7 +198,7 @@ def measure(encoders, game: str, args: TsneArgs):
     ckas = {pair: [] for pair in itertools.combinations(range(len(encoders)), 2)}
     figure = None
     for seed in args.seeds:
-        frames = observations(game, args.clean_frames, args.warmup_steps, seed)
+        frames = test_frames(game, "hard", args.clean_frames, args.warmup_steps, seed).numpy()
         perturbed = [random_conv_copies(frames[index], args.copies, seed * 1_000_003 + index)
                      for index in range(args.frames)]
         results = [robustness(agent, torch.as_tensor(frames), perturbed) for agent, _, _ in encoders]
