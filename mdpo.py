@@ -1,8 +1,9 @@
 """MDPO, Mutual Distillation Policy Optimization, on Procgen with IMPALA-CNN actor-critics.
 
-Two agents learn side by side, each from its own vector of Procgen environments. Each minimises
-its PPO loss plus alpha x KL(peer || self) on its own states, which pulls its action distribution
-towards the other agent's: mutual distillation as a regulariser. Run `python mdpo.py --help`.
+Two (or --num-agents K) agents learn side by side, each from its own vector of Procgen environments.
+Each minimises its PPO loss plus alpha x the mean over its peers of KL(peer || self) on its own states,
+which pulls its action distribution towards theirs: mutual distillation as a regulariser. Run
+`python mdpo.py --help`.
 """
 
 import contextlib

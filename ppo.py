@@ -1,8 +1,9 @@
 """PPO on Procgen with an IMPALA-CNN actor-critic: the baseline of MDPO.
 
 One agent learns from its own vector of Procgen environments with the clipped PPO loss.
-`--l2-coef` adds L2 regularisation of the weights, `--dropout` adds dropout to the encoder:
-the paper's two other baselines. Run `python ppo.py --help` for every flag.
+`--l2-coef` adds L2 regularisation of the weights, `--dropout` adds dropout to the encoder
+(the paper's two other baselines, as Cobbe et al. 2019 define them), `--augment` with
+`--drac-coef` adds DrAC's augmentation regularisers. Run `python ppo.py --help` for every flag.
 """
 
 import contextlib
