@@ -13,6 +13,9 @@ writes under --out (default Fig/):
   representation_cka.png/.pdf  eval/representation_cka of the runs that log it (MDPO, MDPO alpha=0), per game
   final_test_returns.md     test returns, mean +- sample std, and Welch's t-test of MDPO against each method
   plot_summary.json         every number drawn above
+and, with --reference results/reference/openai_ppo_hard500.csv (OpenAI's published PPO, hard, 500 levels):
+  reference.png/.pdf        one panel per game: our test curves over the band of OpenAI's three PPO runs
+  reference_check.md        per game and method: where our curve lies against that band at equal steps
 Every number is taken at one step that every included run reached (the title says which), a run's
 score is the mean of its agents (any K), and each figure names its budget, seeds, games and --label.
 """
@@ -76,6 +79,8 @@ class PlotArgs:
     """seed of the bootstrap, so that the intervals are the same on every call"""
     figures: bool = True
     """draw the figures (else write only the table and plot_summary.json)"""
+    reference: Optional[str] = None
+    """a CSV of published test curves (results/reference/openai_ppo_hard500.csv): draw our runs over its band"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,12 +405,13 @@ def draw_agent_band(ax, agent_curves, colour):
         ax.plot(steps, edge, color=colour, linestyle=":", linewidth=1)
 
 
-def finish_curve_figure(fig, axes, methods, x_axis, suptitle, notes, out, name):
+def finish_curve_figure(fig, axes, suptitle, notes, out, name):
+    """The legend to the right of the panels and the notes below them, where neither covers the other."""
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(methods), frameon=False, bbox_to_anchor=(0.5, -0.04))
     fig.suptitle(suptitle)
-    fig.text(0.5, -0.08, "\n".join(notes), ha="center", fontsize=8)
     fig.tight_layout()
+    fig.legend(handles, labels, loc="center left", frameon=False, bbox_to_anchor=(1.0, 0.5))
+    fig.text(0.5, -0.01, "\n".join(notes), ha="center", va="top", fontsize=8)
     save(fig, out, name)
 
 
@@ -427,7 +433,7 @@ def plot_curves(grouped, methods, step, title, x_axis, out) -> None:
         ax.set_ylabel("Average test return")
         style(ax)
     notes = [f"{STD_NOTE}; dashed: the step every number is compared at", AGENT_NOTE]
-    finish_curve_figure(fig, axes, methods, x_axis, f"Test return on unseen levels; compared {title}", notes, out,
+    finish_curve_figure(fig, axes, f"Test return on unseen levels; compared {title}", notes, out,
                         "test_return")
 
 
@@ -455,7 +461,7 @@ def plot_cka(grouped, x_axis, label, out) -> bool:
     end = max(run["curves"][CKA][0][-1] for run in runs)
     seeds = seeds_text(len(rs) for by_method in logged.values() for rs in by_method.values())
     notes = [f"{STD_NOTE}; CKA on the run's fixed test-level frames, mean over agent pairs (Kornblith et al. 2019)"]
-    finish_curve_figure(fig, axes, methods, x_axis, f"Representation similarity of the agents (up to {end:,} "
+    finish_curve_figure(fig, axes, f"Representation similarity of the agents (up to {end:,} "
                         f"{unit(x_axis)}, {seeds}, {label or 'hardware not stated (--label)'})", notes, out,
                         "representation_cka")
     return True
@@ -581,6 +587,179 @@ def final_table(grouped, methods, step, title) -> Tuple[str, dict]:
 
 
 # ---------------------------------------------------------------------------------------------
+# A published anchor: OpenAI's PPO on Procgen (hard, 500 levels), drawn under our curves
+# ---------------------------------------------------------------------------------------------
+
+# What the reference runs were: our runs must share the task; other differences are named in the figure.
+REFERENCE_TASK = {"distribution_mode": "hard", "num_levels": 500, "start_level": 0}
+REFERENCE_HYPERPARAMETERS = {"num_envs": 64, "num_steps": 256, "num_minibatches": 8, "update_epochs": 3,
+                             "learning_rate": 5e-4, "gamma": 0.999, "gae_lambda": 0.95}
+# Its header: the published step axis counts 4 workers, one of which may have been a test worker that
+# did not train, so its training steps may be 3/4 of the published ones.
+REFERENCE_TRAINING_FRACTION = 0.75
+REFERENCE_NOTES = [
+    "grey: OpenAI's PPO (train-procgen, hard, 500 levels), min-max (shaded) and mean (solid) of its 3 runs, "
+    "test split; dashed: its mean if only 3 of its 4 workers trained (steps x 3/4)",
+    "its return is the mean of the last 100 episodes of a worker on the full level distribution (it lags); "
+    "ours is one episode per evaluation env, sampled from the current policy",
+    "OpenAI's update: 4 MPI workers x 64 envs x 256 steps; gradients averaged over the workers"]
+
+
+def read_reference(path: str) -> Dict[str, List[tuple]]:
+    """game -> [(steps, returns)] of each published run, test split; lines starting with # are its header."""
+    import csv
+
+    try:
+        with open(path) as f:
+            rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
+    except OSError as error:
+        raise UsageError(f"cannot read the reference {path}: {error.strerror}")
+    if not rows or not {"game", "split", "run", "steps", "return"} <= set(rows[0]):
+        raise UsageError(f"{path} is not a reference CSV: it needs the columns game,split,run,steps,return")
+    runs = defaultdict(list)
+    try:
+        for row in rows:
+            if row["split"] == "test":
+                runs[(row["game"], row["run"])].append((int(row["steps"]), float(row["return"])))
+    except ValueError as error:
+        raise UsageError(f"{path}: a row that is not game,split,run,steps,return ({error})")
+    reference = defaultdict(list)
+    for (game, _), points in sorted(runs.items()):
+        points.sort()
+        reference[game].append((np.array([p[0] for p in points]), np.array([p[1] for p in points])))
+    return dict(reference)
+
+
+def reference_band(curves: List[tuple], steps, scale: float = 1.0):
+    """(min, mean, max) over the published runs at `steps`, each run linearly interpolated between its
+    rows; nan outside the steps every run covers. `scale` multiplies the published step axis."""
+    steps = np.asarray(steps, dtype=np.float64)
+    values = np.array([np.interp(steps, s * scale, v) for s, v in curves])
+    first = max(s[0] for s, _ in curves) * scale
+    last = min(s[-1] for s, _ in curves) * scale
+    outside = (steps < first) | (steps > last)
+    low, mean, high = values.min(0), values.mean(0), values.max(0)
+    for band in (low, mean, high):
+        band[outside] = np.nan
+    return low, mean, high
+
+
+def reference_mismatches(runs: List[dict]) -> List[str]:
+    """One line per setting in which some run differs from the reference (task settings are refused)."""
+    lines = []
+    for run in runs:
+        args = read_json(os.path.join(run["dir"], "config.json"))["args"]
+        task = {key: args.get(key, value) for key, value in REFERENCE_TASK.items()}
+        if task != REFERENCE_TASK:
+            raise UsageError(f"{run['dir']} ran {task}; the reference is {REFERENCE_TASK}: plot it without --reference")
+        for key, value in REFERENCE_HYPERPARAMETERS.items():
+            if key in args and args[key] != value:
+                lines.append(f"{key} {args[key]} (reference {value})")
+    return sorted(set(lines))
+
+
+def where_in_band(value: float, low: float, high: float) -> str:
+    if not np.isfinite(low):
+        return "no reference"
+    return "below" if value < low else "above" if value > high else "within"
+
+
+def reference_check(grouped, methods, reference, step) -> dict:
+    """game -> method -> our mean test return at `step` against the band there (both step axes), and
+    at how many of our evaluations up to `step` (mean over seeds) the curve is below, within, above it."""
+    check = {}
+    for game in sorted(grouped):
+        if game not in reference:
+            continue
+        check[game] = {}
+        for method in methods:
+            runs = grouped[game].get(method)
+            if not runs:
+                continue
+            ours = float(np.mean([value_at(run, TEST, step) for run in runs]))
+            row = {"seeds": len(runs), "ours": ours}
+            for name, scale in (("published", 1.0), ("three_quarters", REFERENCE_TRAINING_FRACTION)):
+                low, mean, high = (float(b[0]) for b in reference_band(reference[game], [step], scale))
+                row[name] = {"band": [v if np.isfinite(v) else None for v in (low, mean, high)],
+                             "where": where_in_band(ours, low, high)}
+            steps, mean, _ = mean_std_curve([run["curves"][TEST] for run in runs])
+            keep = steps <= step
+            low, _, high = reference_band(reference[game], steps[keep])
+            counts = defaultdict(int)
+            for value, lo, hi in zip(mean[keep], low, high):
+                counts[where_in_band(value, lo, hi)] += 1
+            row["evaluations"] = {k: counts[k] for k in ("below", "within", "above", "no reference")}
+            check[game][method] = row
+    return check
+
+
+def band_cell(row: dict) -> str:
+    low, mean, high = row["band"]
+    return "none at this step" if low is None else f"{row['where']} ({low:.2f} / {mean:.2f} / {high:.2f})"
+
+
+def reference_table(check: dict, step: int, title: str) -> str:
+    lines = [f"Our test return against OpenAI's PPO (hard, 500 levels, 3 runs) {title}", "",
+             "ours: mean over seeds; band: min / mean / max of OpenAI's runs at the same step, published step "
+             "axis and with its steps x 3/4 (if one of its 4 workers did not train); evaluations: how many of "
+             "ours up to that step lie below / within / above the published band (before its first row: none)", "",
+             "| game | method | seeds | ours | published axis | steps x 3/4 | evaluations below / within / above |",
+             "|---|---|---|---|---|---|---|"]
+    for game, by_method in check.items():
+        for method, row in by_method.items():
+            counts = row["evaluations"]
+            lines.append(f"| {game} | {method} | {row['seeds']} | {row['ours']:.2f} | {band_cell(row['published'])} | "
+                         f"{band_cell(row['three_quarters'])} | {counts['below']} / {counts['within']} / "
+                         f"{counts['above']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_reference(grouped, methods, reference, step, title, x_axis, notes, out) -> None:
+    games = [game for game in sorted(grouped) if game in reference]
+    fig, axes = panels(len(games))
+    for ax, game in zip(axes, games):
+        end = max(run["curves"][TEST][0][-1] for runs in grouped[game].values() for run in runs)
+        published = np.unique(np.concatenate([s for s, _ in reference[game]]))
+        grid = np.union1d(published[published <= end], [end])  # the reference's rows, up to our last step
+        low, mean, high = reference_band(reference[game], grid)
+        ax.fill_between(grid, low, high, color="#bbbbbb", alpha=0.6, linewidth=0, label="OpenAI PPO (min-max)")
+        ax.plot(grid, mean, color="#555555", label="OpenAI PPO (mean)")
+        ax.plot(grid, reference_band(reference[game], grid, REFERENCE_TRAINING_FRACTION)[1], color="#555555",
+                linestyle="--", linewidth=1, label="OpenAI PPO mean, steps x 3/4")
+        for method in methods:
+            if grouped[game].get(method):
+                draw_band(ax, [run["curves"][TEST] for run in grouped[game][method]], colour_of(method, methods),
+                          method)
+        ax.axvline(step, color="black", linestyle=":", linewidth=0.8)
+        ax.set_title(game)
+        ax.set_xlabel(unit(x_axis).capitalize())
+        ax.set_ylabel("Average test return")
+        style(ax)
+    notes = [f"{STD_NOTE}; dotted: the step every number is compared at"] + REFERENCE_NOTES + notes
+    finish_curve_figure(fig, axes, f"Test return against OpenAI's published PPO; {title}", notes, out, "reference")
+
+
+def compare_with_reference(grouped, methods, step, title, args) -> dict:
+    """reference_check.md, the figure, and the numbers for plot_summary.json."""
+    reference = read_reference(args.reference)
+    missing = sorted(set(grouped) - set(reference))
+    if len(missing) == len(grouped):
+        raise UsageError(f"{args.reference} has none of these games ({', '.join(missing)})")
+    mismatches = reference_mismatches(all_runs(grouped))
+    notes = ["our runs differ from its hyperparameters: " + ", ".join(mismatches)] if mismatches else []
+    check = reference_check(grouped, methods, reference, step)
+    table = reference_table(check, step, title)
+    with open(os.path.join(args.out, "reference_check.md"), "w") as f:
+        f.write(table + "".join(f"\nNote: {note}\n" for note in notes + REFERENCE_NOTES[1:]))
+    print(table)
+    if missing:
+        print(f"note: the reference has no curves for {', '.join(missing)}", file=sys.stderr)
+    if args.figures:
+        plot_reference(grouped, methods, reference, step, title, args.x_axis, notes, args.out)
+    return {"reference": args.reference, "games": check, "hyperparameter_differences": mismatches}
+
+
+# ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
 
@@ -653,9 +832,11 @@ def main(args: PlotArgs) -> dict:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "final_test_returns.md"), "w") as f:
         f.write(table)
+    print(table)
+    if args.reference:
+        summary["reference"] = compare_with_reference(grouped, methods, step, title, args)
     with open(os.path.join(args.out, "plot_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    print(table)
     if stats is None:
         print(f"note: no normalisation constants for {mode} mode: aggregate, improvement and profiles skipped")
     if args.figures:

@@ -322,3 +322,95 @@ def test_plot_finds_only_runs_and_says_which_it_skips(tmp_path, capsys):
         plot.main(plot_args(tmp_path, bootstrap_reps=0))
     with pytest.raises(plot.UsageError, match="no runs of PPO \\+ L2; the runs hold: PPO"):
         plot.main(plot_args(tmp_path, methods=["ppo_l2"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# --reference: OpenAI's published PPO band under our curves
+# ---------------------------------------------------------------------------------------------
+
+REFERENCE_TASK = {"distribution_mode": "hard", "num_levels": 500, "start_level": 0}
+
+
+def write_reference(path, rows, header=("# a header line, kept as in the published file",)):
+    """A reference CSV: rows of (game, split, run, steps, return)."""
+    lines = list(header) + ["game,split,run,steps,return"] + [",".join(map(str, row)) for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def three_runs(game, steps, returns_by_run, split="test"):
+    return [(game, split, run, s, r) for run, returns in enumerate(returns_by_run) for s, r in zip(steps, returns)]
+
+
+def test_read_reference_keeps_the_test_split_of_each_run_and_skips_the_header(tmp_path):
+    rows = three_runs("bigfish", [2000, 1000], [[2.0, 1.0], [4.0, 3.0], [6.0, 5.0]])
+    rows += three_runs("bigfish", [1000, 2000], [[9.0, 9.0]] * 3, split="train")
+    reference = plot.read_reference(write_reference(tmp_path / "ref.csv", rows))
+    assert list(reference) == ["bigfish"] and len(reference["bigfish"]) == 3
+    steps, values = reference["bigfish"][1]
+    assert steps.tolist() == [1000, 2000] and values.tolist() == [3.0, 4.0]  # sorted by step, train rows left out
+
+
+def test_read_reference_refuses_what_is_not_one(tmp_path):
+    with pytest.raises(plot.UsageError, match="columns"):
+        plot.read_reference(write_reference(tmp_path / "a.csv", [], header=()))
+    bad = tmp_path / "b.csv"
+    bad.write_text("game,split,run,steps,return\nbigfish,test,0,many,1.0\n")
+    with pytest.raises(plot.UsageError, match="not game,split,run,steps,return"):
+        plot.read_reference(str(bad))
+    with pytest.raises(plot.UsageError, match="cannot read"):
+        plot.read_reference(str(tmp_path / "missing.csv"))
+
+
+def test_reference_band_interpolates_each_run_then_takes_min_mean_max():
+    curves = [(np.array([100, 300]), np.array([0.0, 2.0])), (np.array([100, 300]), np.array([4.0, 0.0])),
+              (np.array([100, 200, 300]), np.array([1.0, 5.0, 1.0]))]
+    low, mean, high = plot.reference_band(curves, [50, 200, 300, 400])
+    # at 200 the runs are 1.0, 2.0, 5.0; at 300 they are 2.0, 0.0, 1.0; 50 and 400 lie outside every run
+    assert np.isnan(low[0]) and np.isnan(high[3]) and np.isnan(mean[3])
+    np.testing.assert_allclose([low[1], mean[1], high[1]], [1.0, 8.0 / 3, 5.0])
+    np.testing.assert_allclose([low[2], mean[2], high[2]], [0.0, 1.0, 2.0])
+    # published steps x 3/4: step 150 is the published 200
+    low, mean, high = plot.reference_band(curves, [150], scale=0.75)
+    np.testing.assert_allclose([low[0], mean[0], high[0]], [1.0, 8.0 / 3, 5.0])
+
+
+def test_reference_check_says_where_our_mean_lies_at_equal_steps(tmp_path):
+    runs = tmp_path / "runs"
+    # ours: evaluations at 1000..4000; the two seeds' mean is 1, 3, 5, 7
+    write_run(runs, "ppo", "bigfish", 1, [0.0, 2.0, 5.0, 8.0], **REFERENCE_TASK)
+    write_run(runs, "ppo", "bigfish", 2, [2.0, 4.0, 5.0, 6.0], **REFERENCE_TASK)
+    write_run(runs, "mdpo", "bigfish", 1, [9.0, 9.0, 9.0, 9.0], **REFERENCE_TASK)
+    # the band from 2000 on: min 2, 4, 6 and max 4, 6, 8 at 2000, 3000, 4000 (mean = the middle run)
+    ref = write_reference(tmp_path / "ref.csv", three_runs("bigfish", [2000, 3000, 4000],
+                                                           [[2.0, 4.0, 6.0], [3.0, 5.0, 7.0], [4.0, 6.0, 8.0]]))
+    summary = plot.main(plot_args(tmp_path, reference=ref))
+    ppo, mdpo = summary["reference"]["games"]["bigfish"]["PPO"], summary["reference"]["games"]["bigfish"]["MDPO"]
+    assert ppo["ours"] == 7.0 and ppo["published"] == {"band": [6.0, 7.0, 8.0], "where": "within"}
+    # 1000: before the reference; 2000: 3 within [2, 4]; 3000: 5 within [4, 6]; 4000: 7 within [6, 8]
+    assert ppo["evaluations"] == {"below": 0, "within": 3, "above": 0, "no reference": 1}
+    assert mdpo["published"]["where"] == "above" and mdpo["evaluations"]["above"] == 3
+    # steps x 3/4: the published rows move to 1500, 2250, 3000, so 4000 lies past the reference's end
+    assert ppo["three_quarters"] == {"band": [None, None, None], "where": "no reference"}
+    table = (tmp_path / "fig" / "reference_check.md").read_text()
+    assert "| bigfish | PPO | 2 | 7.00 | within (6.00 / 7.00 / 8.00) | none at this step | 0 / 3 / 0 |" in table
+    assert summary["reference"]["hyperparameter_differences"] == []
+
+
+def test_reference_names_differing_hyperparameters_and_refuses_another_task(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs, "ppo", "bigfish", 1, [1.0, 2.0], num_envs=16, learning_rate=5e-4, **REFERENCE_TASK)
+    ref = write_reference(tmp_path / "ref.csv", three_runs("bigfish", [1000, 2000], [[1.0, 2.0]] * 3))
+    summary = plot.main(plot_args(tmp_path, reference=ref, figures=True))
+    assert summary["reference"]["hyperparameter_differences"] == ["num_envs 16 (reference 64)"]
+    assert (tmp_path / "fig" / "reference.png").is_file()
+    write_run(runs, "ppo", "bigfish", 2, [1.0, 2.0], distribution_mode="hard", num_levels=200, start_level=0)
+    with pytest.raises(plot.UsageError, match="num_levels': 200"):
+        plot.main(plot_args(tmp_path, reference=ref))
+
+
+def test_the_published_reference_is_in_the_project_with_its_header():
+    path = os.path.join(ROOT, "results", "reference", "openai_ppo_hard500.csv")
+    assert open(path).readline().startswith("# PPO on Procgen, hard mode, 500 training levels")
+    reference = plot.read_reference(path)
+    assert sorted(reference) == sorted(plot.HARD_MODE_RANGES) and all(len(c) == 3 for c in reference.values())
