@@ -18,6 +18,7 @@ import os
 import random
 import signal
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -1167,6 +1168,27 @@ def hyperparameter_table(args: Args) -> str:
     return "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
 
 
+def machine_description(device) -> str:
+    """What this process trains on, logged as text at each start, so a run resumed elsewhere says so."""
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
+    return f"{where}; torch {torch.__version__}; Python {sys.version.split()[0]}; commit {source_commit()}"
+
+
+def source_commit() -> str:
+    """The git commit of the scripts, with "+changes" when tracked files differ from it; "unknown"
+    outside a git checkout."""
+    def git(*command):
+        return subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), *command],
+                              capture_output=True, text=True, timeout=10)
+    try:
+        head, changes = git("rev-parse", "--short=7", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("+changes" if changes.stdout.strip() else "")
+
+
 def start_tracking(args: Args, run_dir: str) -> None:
     """Mirror the TensorBoard logs to Weights & Biases."""
     import wandb
@@ -1264,6 +1286,7 @@ def train(args: Args, run_dir: str, device) -> None:
     # purge_step hides what the interrupted process logged after its last checkpoint.
     writer = SummaryWriter(run_dir, purge_step=global_step + 1 if checkpoint else None)
     writer.add_text("hyperparameters", hyperparameter_table(args))
+    writer.add_text("machine", machine_description(device), global_step)
 
     def checkpoint_now():
         write_checkpoint(run_dir, {

@@ -10,13 +10,19 @@ Every job trains into {root}/runs/{game}__{method}__{seed}, so running the same 
 - a run stopped by SIGTERM/SIGUSR2 (exit code 4, checkpoint written) is reported as preempted and
   resumes the next time; on Slurm, submitit requeues it. The sweep passes these signals on to its
   training processes, and lets submitit requeue only once the training process has checkpointed;
+- with --stop-after-min (local), the sweep stops its runs the same way when that much time has passed
+  and reports them as stopped: the time-boxed side-by-side comparison of a GPU slice;
 - a run directory without a checkpoint, and not in use, starts afresh.
-The sweep exits with 1 when a job failed, diverged, was preempted or was made with other flags, else 0.
+The sweep exits with 1 when a job failed, diverged, was preempted, was made with other flags or never
+started, else 0.
 
     python sweep.py --list-methods      # every method, with what it controls for
     # 2 jobs at a time on this machine (spread over the visible GPUs: CUDA_VISIBLE_DEVICES, if set)
     python sweep.py --root sweeps/demo --methods ppo mdpo --games bigfish starpilot --seeds 1 2 \
         --jobs 2 --flags="--total-timesteps 100000"
+    # three runs side by side on one GPU for 8 minutes, whatever steps they reach (--total-timesteps: a ceiling)
+    python sweep.py --root sweeps/slice --methods ppo mdpo --seeds 1 2 --jobs 4 --stop-after-min 8 \
+        --games starpilot --flags="--bf16 --compile --eval-interval 4"
     # the paper's grid on a Slurm cluster, one GPU per job
     python sweep.py --root sweeps/paper --launcher slurm --partition gpu --time-min 2880 --gpus-per-job 1
 
@@ -181,6 +187,9 @@ class SweepArgs:
     signal_delay_s: int = 180
     """slurm: seconds between the stop signal (SIGUSR2) before the time limit and the kill: time for the
     training process to finish its iteration and write a checkpoint"""
+    stop_after_min: Optional[float] = None
+    """local: a wall-clock budget. When it has passed, the running jobs are stopped as by SIGTERM (each
+    checkpoints at the end of its iteration and exits; the next sweep resumes it), and no job starts"""
     dry_run: bool = False
     """print what each job would do, and run nothing"""
     list_methods: bool = False
@@ -193,7 +202,7 @@ class UsageError(Exception):
 
 @dataclass
 class Outcome:
-    kind: str  # done, trained, resumed, locked, diverged, mismatch, preempted, failed, not started
+    kind: str  # done, trained, resumed, locked, diverged, mismatch, preempted, stopped, failed, not started
     detail: str = ""
 
     def __str__(self):
@@ -276,6 +285,12 @@ class SignalForwarder:
     def __init__(self):
         self.children = set()
         self.received = None
+        self.out_of_time = False  # the stop came from --stop-after-min, not from outside
+
+    def stop_for_time(self):
+        """--stop-after-min ran out: stop the runs as a scheduler's SIGTERM would."""
+        self.out_of_time = True
+        self.handle(signal.SIGTERM, None)
 
     def handle(self, signum, frame):
         self.received = signum
@@ -286,7 +301,7 @@ class SignalForwarder:
     @contextlib.contextmanager
     def installed(self):
         """Forward the stop signals while the block runs (main thread only); yields the handlers it replaced."""
-        self.received = None
+        self.received, self.out_of_time = None, False
         previous = {signum: signal.signal(signum, self.handle) for signum in STOP_SIGNALS}
         try:
             yield previous
@@ -419,10 +434,15 @@ class Job:
         if code == 0:
             return Outcome("resumed" if state == "resume" else "trained")
         if code is None:
-            return Outcome("not started", f"stopped by {signal.Signals(FORWARDER.received).name} before it started")
+            why = "the --stop-after-min budget ran out" if FORWARDER.out_of_time else \
+                f"stopped by {signal.Signals(FORWARDER.received).name}"
+            return Outcome("not started", why + " before it started")
         if code == EXIT_DIVERGED:
             diverged = read_json(os.path.join(self.run_dir, "diverged.json"))
             return Outcome("diverged", describe_divergence(diverged) + f"; see {self.log_path}")
+        if FORWARDER.out_of_time and (code == EXIT_PREEMPTED or code < 0):
+            return Outcome("stopped", f"at the --stop-after-min budget (exit {code}); the next run of the sweep "
+                                      "resumes it from its last checkpoint")
         if code == EXIT_PREEMPTED or (FORWARDER.received and code < 0):
             return Outcome("preempted", f"stopped by a signal (exit {code}); the next run of the sweep resumes it "
                                         "from its last checkpoint")
@@ -489,6 +509,12 @@ def check_settings(args: SweepArgs) -> List[str]:
     for name in ("jobs", "time_min", "cpus_per_job", "max_parallel", "signal_delay_s"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.stop_after_min is not None:
+        if not args.stop_after_min > 0:  # also nan
+            raise UsageError(f"--stop-after-min must be positive, got {args.stop_after_min}")
+        if args.launcher != "local":
+            raise UsageError(f"--stop-after-min is for the local launcher (--launcher {args.launcher}: "
+                             "--time-min limits a job's time)")
     known = [*METHODS, DRAC_BEST]
     unknown = [m for m in args.methods if m not in known] + [g for g in args.games if g not in PROCGEN_GAMES]
     if unknown:
@@ -566,9 +592,11 @@ def job_gpus(args: SweepArgs) -> List[str]:
     return list(args.gpus)
 
 
-def run_pool(jobs: List[Job], slots: int, gpus: List[str], start: Callable) -> List[Outcome]:
+def run_pool(jobs: List[Job], slots: int, gpus: List[str], start: Callable,
+             stop_after_s: Optional[float] = None) -> List[Outcome]:
     """Runs the jobs on `slots` workers, worker k on GPU gpus[k % len(gpus)]: start(job, env) runs one
-    and returns its Outcome. Stops starting jobs once a stop signal came (forwarded to the running ones)."""
+    and returns its Outcome. Stops starting jobs once a stop signal came (forwarded to the running ones)
+    or stop_after_s seconds have passed (then the running ones are sent SIGTERM)."""
     todo = queue.Queue()
     for job in jobs:
         todo.put(job)
@@ -600,16 +628,23 @@ def run_pool(jobs: List[Job], slots: int, gpus: List[str], start: Callable) -> L
                 report(f"{job.name}: {outcome}")
 
     threads = [threading.Thread(target=worker, args=(slot,)) for slot in range(slots)]
+    timer = threading.Timer(stop_after_s, FORWARDER.stop_for_time) if stop_after_s else None
     with FORWARDER.installed():
+        if timer:
+            timer.start()
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-    return [outcomes.get(job.name, Outcome("not started", "the sweep was stopped")) for job in jobs]
+        if timer:
+            timer.cancel()
+    why = "the --stop-after-min budget ran out" if FORWARDER.out_of_time else "the sweep was stopped"
+    return [outcomes.get(job.name, Outcome("not started", why)) for job in jobs]
 
 
 def run_local(jobs: List[Job], args: SweepArgs) -> List[Outcome]:
-    return run_pool(jobs, args.jobs, job_gpus(args), lambda job, env: job(env))
+    stop_after_s = args.stop_after_min * 60 if args.stop_after_min else None
+    return run_pool(jobs, args.jobs, job_gpus(args), lambda job, env: job(env), stop_after_s)
 
 
 def run_submitit_local(jobs: List[Job], args: SweepArgs) -> List[Outcome]:

@@ -56,6 +56,20 @@ def test_tiny_run_writes_every_tag_and_a_checkpoint(module, game, tmp_path):
         assert len(gifs) == len(event_dirs(module, run_dir)) and all(g.endswith("_256.gif") for g in gifs)
     checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
     assert checkpoint["script"] == module.SCRIPT and checkpoint["global_step"] == 256
+    # The run's own stream says what it trained on, with the commit of the scripts.
+    (step, machine), = machine_texts(run_dir)
+    head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    assert step == 0 and machine.startswith(f"CPU, {os.cpu_count()} cores; torch {torch.__version__}; Python ")
+    assert re.search(r"; commit (\w{7}(\+changes)?|unknown)$", machine)
+    if head.returncode == 0:
+        assert f"; commit {head.stdout.strip()}" in machine
+
+
+def machine_texts(run_dir):
+    accumulator = EventAccumulator(run_dir, size_guidance={"tensors": 0})
+    accumulator.Reload()
+    return [(event.step, event.tensor_proto.string_val[0].decode()) for event in
+            accumulator.Tensors("machine/text_summary")]
 
 
 @pytest.mark.parametrize("cuda", [False, pytest.param(True, marks=pytest.mark.skipif(

@@ -37,6 +37,14 @@ if mode == "preempt":  # ask the sweep (our parent) to stop, as Slurm would, and
     os.kill(os.getppid(), int(os.environ["FAKE_SIGNAL"]))
     while True:
         signal.pause()
+if mode == "wait":  # train until told to stop, then checkpoint
+    def stop(signum, frame):
+        open(os.path.join(run_dir, "checkpoint.pt"), "w").close()
+        sys.exit(4)
+    signal.signal(signal.SIGTERM, stop)
+    signal.alarm(20)  # only when the signal never reaches us: the test then fails instead of hanging
+    while True:
+        signal.pause()
 print("error: fake failure" if mode != "0" else "done", file=sys.stderr)
 sys.exit(int(mode))
 '''
@@ -371,6 +379,33 @@ def test_a_stop_signal_to_the_local_sweep_stops_its_jobs_and_starts_no_more(tmp_
     jobs = sweep.make_jobs(args)
     assert [os.path.exists(job.run_dir) for job in jobs] == [True, False, False]
     assert [os.path.exists(job.log_path) for job in jobs] == [True, False, False]  # not even tried
+
+
+def test_stop_after_min_stops_the_running_jobs_as_stopped_and_starts_no_more(tmp_path, fake_train, capsys):
+    args = sweep_args(tmp_path, seeds=[1, 2, 3], jobs=2, stop_after_min=0.02)  # 1.2 s
+    fake_train(args, mode="wait")
+    assert sweep.main(args) == 1  # the third job never started: not what was asked for
+    out = capsys.readouterr().out
+    assert out.count(": stopped: at the --stop-after-min budget (exit 4)") == 2
+    assert "bigfish__ppo__3" not in out.split("to run")[1]  # neither started nor reported as ended
+    jobs = sweep.make_jobs(args)
+    assert [os.path.exists(os.path.join(job.run_dir, "checkpoint.pt")) for job in jobs] == [True, True, False]
+
+
+def test_stop_after_min_with_every_job_running_is_a_success(tmp_path, fake_train, capsys):
+    args = sweep_args(tmp_path, methods=["ppo", "mdpo"], seeds=[1], jobs=2, stop_after_min=0.02)
+    fake_train(args, mode="wait")
+    assert sweep.main(args) == 0
+    assert capsys.readouterr().out.count(": stopped: at the --stop-after-min budget") == 2
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"stop_after_min": 0.0}, "--stop-after-min must be positive, got 0.0"),
+    ({"stop_after_min": float("nan")}, "--stop-after-min must be positive, got nan"),
+    ({"stop_after_min": 5.0, "launcher": "slurm"}, "--stop-after-min is for the local launcher")])
+def test_stop_after_min_is_refused_where_it_cannot_work(tmp_path, settings, message):
+    with pytest.raises(sweep.UsageError, match=message):
+        sweep.main(sweep_args(tmp_path, **settings))
 
 
 # ---------------------------------------------------------------------------------------------
