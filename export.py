@@ -1,0 +1,144 @@
+"""Keep the scalars of finished or stopped runs as project data: copy what plot.py reads (the
+TensorBoard event files, config.json, status.json, diverged.json; no checkpoints, videos or locks)
+into a results directory, with a README section saying how they were made.
+
+    python export.py --runs sweeps/slice/runs --to results/starpilot-h100-8min \
+        --how "python sweep.py --root sweeps/slice --methods ppo mdpo ... (docs/results.md)"
+    python plot.py --runs results/starpilot-h100-8min --reference results/reference/openai_ppo_hard500.csv
+
+The README section names the machine as the runs logged it (their "machine" text: GPU model, torch,
+Python, commit), each run's steps and last test return, and the wall time from the event files'
+own clock. A results directory is never overwritten: exporting a run that is already there is refused.
+"""
+
+import datetime
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from typing import List, Optional
+
+import tyro
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import plot
+
+KEPT_FILES = ("config.json", "status.json", "diverged.json")
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr, exit code 2."""
+
+
+@dataclass
+class ExportArgs:
+    runs: List[str]
+    """directories searched (recursively) for run directories"""
+    to: str
+    """the results directory, e.g. results/starpilot-h100-8min (<game>-<machine>-<budget>)"""
+    how: str
+    """the command that made the runs, quoted in the README"""
+    commit: Optional[str] = None
+    """the commit the runs were made at, for runs trained outside a git checkout (their logs say "unknown")"""
+
+
+def kept(name: str) -> bool:
+    return name in KEPT_FILES or name.startswith("events.out.tfevents.")
+
+
+def copy_scalars(run_dir: str, destination: str) -> List[str]:
+    """Copy the run's kept files, keeping their places (agent1/, ...); the relative paths copied."""
+    copied = []
+    for directory, _, files in os.walk(run_dir):
+        for name in sorted(filter(kept, files)):
+            relative = os.path.relpath(os.path.join(directory, name), run_dir)
+            os.makedirs(os.path.dirname(os.path.join(destination, relative)), exist_ok=True)
+            shutil.copy2(os.path.join(run_dir, relative), os.path.join(destination, relative))
+            copied.append(relative)
+    return copied
+
+
+def event_summary(run_dir: str) -> dict:
+    """Over every event file of the run: its first and last wall-clock times and its "machine" texts."""
+    times, machines = [], []
+    for directory, _, files in os.walk(run_dir):
+        if not any(name.startswith("events.out.tfevents.") for name in files):
+            continue
+        accumulator = EventAccumulator(directory, size_guidance={"scalars": 0, "tensors": 0})
+        accumulator.Reload()
+        tags = accumulator.Tags()
+        times += [event.wall_time for tag in tags["scalars"] for event in accumulator.Scalars(tag)]
+        if "machine/text_summary" in tags["tensors"]:
+            machines += [event.tensor_proto.string_val[0].decode()
+                         for event in accumulator.Tensors("machine/text_summary")]
+    return {"start": min(times, default=None), "end": max(times, default=None), "machines": machines}
+
+
+def describe_run(run_dir: str) -> dict:
+    run = plot.load_run(run_dir)
+    status = plot.read_json(os.path.join(run_dir, "status.json")) if os.path.isfile(
+        os.path.join(run_dir, "status.json")) else {}
+    diverged = os.path.isfile(os.path.join(run_dir, "diverged.json"))
+    state = "diverged" if diverged else "finished" if status.get("finished") else "stopped (resumable)"
+    test = run["curves"].get(plot.TEST)
+    last = f"{test[1][-1]:.2f} at {int(test[0][-1]):,}" if test is not None else "not evaluated"
+    return {"name": os.path.basename(run_dir), "method": run["method"], "seed": run["seed"], "game": run["game"],
+            "steps": status.get("global_step"), "last_test": last, "state": state, **event_summary(run_dir)}
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+def readme_section(runs: List[dict], how: str, commit: Optional[str]) -> str:
+    machines = sorted({m for run in runs for m in run["machines"]}) or ["not logged (runs older than the machine text)"]
+    starts = [run["start"] for run in runs if run["start"] is not None]
+    ends = [run["end"] for run in runs if run["end"] is not None]
+    wall = (f"{minutes(max(ends) - min(starts))} from the first logged scalar to the last, all runs together"
+            if starts else "no scalars logged")
+    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    lines = [f"## Exported {today}: {len(runs)} run{'s' if len(runs) > 1 else ''}", "",
+             f"- made with: `{how}`",
+             *[f"- machine, as the runs logged it: {m}" for m in machines],
+             *([f"- commit, as given at export: {commit}"] if commit else []),
+             f"- wall time: {wall}", "",
+             "| run | method | seed | steps per agent | last test return (at step) | state | wall time |",
+             "|---|---|---|---|---|---|---|"]
+    for run in runs:
+        steps = f"{run['steps']:,}" if isinstance(run["steps"], int) else "no checkpoint"
+        run_wall = minutes(run["end"] - run["start"]) if run["start"] is not None else ""
+        lines.append(f"| {run['name']} | {run['method']} | {run['seed']} | {steps} | {run['last_test']} | "
+                     f"{run['state']} | {run_wall} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(args: ExportArgs) -> List[dict]:
+    if not args.how.strip():
+        raise UsageError("--how must say what command made the runs")
+    run_dirs = plot.find_runs(args.runs)
+    if not run_dirs:
+        raise UsageError(f"no runs of ppo.py or mdpo.py under {', '.join(args.runs)}")
+    names = [os.path.basename(d) for d in run_dirs]
+    if len(set(names)) < len(names):
+        raise UsageError("two runs share a directory name; export them to separate results directories")
+    there = [name for name in names if os.path.exists(os.path.join(args.to, name))]
+    if there:
+        raise UsageError(f"{os.path.join(args.to, there[0])} exists already: results are never overwritten")
+    runs = [describe_run(d) for d in run_dirs]
+    for run_dir in run_dirs:
+        copy_scalars(run_dir, os.path.join(args.to, os.path.basename(run_dir)))
+    readme = os.path.join(args.to, "README.md")
+    with open(readme, "a") as f:
+        f.write(("\n" if os.path.getsize(readme) else "") + readme_section(runs, args.how, args.commit))
+    print(readme_section(runs, args.how, args.commit))
+    print(f"{len(runs)} runs' scalars copied to {args.to}/")
+    return runs
+
+
+if __name__ == "__main__":
+    cli_args = tyro.cli(ExportArgs)
+    try:
+        main(cli_args)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

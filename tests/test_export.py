@@ -1,0 +1,86 @@
+"""export.py: what it copies (scalars, never checkpoints), what its README says, and what it refuses."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from torch.utils.tensorboard import SummaryWriter
+
+import export
+import plot
+from helpers import ROOT
+
+T0 = 1_800_000_000.0  # the event files' wall clock, set by hand so the wall times are known
+
+
+def write_run(root, script, seed, tests, start, seconds_per_eval, machine="NVIDIA H100 80GB HBM3; torch 2.6.0",
+              finished=False):
+    """A run directory as the scripts leave it, with the files export.py must leave behind."""
+    run_dir = os.path.join(root, f"starpilot__{script}__{seed}")
+    os.makedirs(os.path.join(run_dir, "videos"))
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump({"script": script, "args": {"env_id": "starpilot", "seed": seed, "exp_name": script}}, f)
+    with open(os.path.join(run_dir, "status.json"), "w") as f:
+        json.dump({"global_step": 1000 * len(tests), "iteration": len(tests), "finished": finished}, f)
+    for name in ("checkpoint.pt", "lock", os.path.join("videos", "eval_1000.gif")):
+        open(os.path.join(run_dir, name), "w").close()
+    run_writer = SummaryWriter(run_dir)
+    run_writer.add_text("machine", machine, 0)
+    agent_dirs = [run_dir] if script == "ppo" else [os.path.join(run_dir, "agent1"), os.path.join(run_dir, "agent2")]
+    for agent_dir in agent_dirs:
+        writer = run_writer if agent_dir == run_dir else SummaryWriter(agent_dir)
+        for i, value in enumerate(tests):
+            writer.add_scalar("eval/test_return", value, 1000 * (i + 1), walltime=start + seconds_per_eval * (i + 1))
+        writer.close()
+    run_writer.close()
+    return run_dir
+
+
+def test_export_copies_only_the_scalars_and_says_how_they_were_made(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs, "ppo", 1, [1.0, 2.0, 3.0], T0, 60)  # its scalars at T0 + 60 ... T0 + 180
+    write_run(runs, "mdpo", 1, [1.5, 2.5], T0 + 30, 120, finished=True)  # at T0 + 150, T0 + 270
+    to = tmp_path / "results" / "starpilot-h100-8min"
+    export.main(export.ExportArgs(runs=[str(runs)], to=str(to), how="python sweep.py --stop-after-min 8",
+                                  commit="abc1234"))
+
+    copied = sorted(os.path.relpath(os.path.join(d, f), to) for d, _, files in os.walk(to) for f in files)
+    kept = [p for p in copied if p != "README.md"]
+    assert all(p.endswith(("config.json", "status.json")) or "events.out.tfevents." in p for p in kept), kept
+    assert sum("agent" in p for p in kept) == 2 and len(kept) == 2 * 2 + 1 + 2 + 1  # mdpo: 3 streams
+    readme = (to / "README.md").read_text()
+    assert "- made with: `python sweep.py --stop-after-min 8`" in readme
+    assert "- machine, as the runs logged it: NVIDIA H100 80GB HBM3; torch 2.6.0" in readme
+    assert "- commit, as given at export: abc1234" in readme
+    assert "- wall time: 3.5 min from the first logged scalar to the last" in readme  # T0 + 60 to T0 + 270
+    assert "| starpilot__ppo__1 | PPO | 1 | 3,000 | 3.00 at 3,000 | stopped (resumable) | 2.0 min |" in readme
+    assert "| starpilot__mdpo__1 | MDPO | 1 | 2,000 | 2.50 at 2,000 | finished | 2.0 min |" in readme
+    # plot.py reads the results directory as it reads the runs
+    assert sorted(run["method"] for run in map(plot.load_run, plot.find_runs([str(to)]))) == ["MDPO", "PPO"]
+
+
+def test_export_never_overwrites_and_appends_its_readme(tmp_path):
+    write_run(tmp_path / "a", "ppo", 1, [1.0], T0, 60)
+    write_run(tmp_path / "b", "ppo", 2, [1.0], T0, 60)
+    to = str(tmp_path / "results")
+    export.main(export.ExportArgs(runs=[str(tmp_path / "a")], to=to, how="first slice"))
+    with pytest.raises(export.UsageError, match="exists already: results are never overwritten"):
+        export.main(export.ExportArgs(runs=[str(tmp_path / "a")], to=to, how="again"))
+    export.main(export.ExportArgs(runs=[str(tmp_path / "b")], to=to, how="second slice"))
+    readme = open(os.path.join(to, "README.md")).read()
+    assert readme.count("## Exported") == 2 and readme.index("first slice") < readme.index("second slice")
+
+
+def test_export_refuses_bad_input_in_one_line(tmp_path):
+    with pytest.raises(export.UsageError, match="--how must say"):
+        export.main(export.ExportArgs(runs=[str(tmp_path)], to=str(tmp_path / "r"), how=" "))
+    write_run(tmp_path / "a", "ppo", 1, [1.0], T0, 60)
+    write_run(tmp_path / "b", "ppo", 1, [1.0], T0, 60)
+    with pytest.raises(export.UsageError, match="two runs share a directory name"):
+        export.main(export.ExportArgs(runs=[str(tmp_path)], to=str(tmp_path / "r"), how="x"))
+    result = subprocess.run([sys.executable, "export.py", "--runs", str(tmp_path / "none"), "--to",
+                             str(tmp_path / "r"), "--how", "x"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: no runs of ppo.py or mdpo.py under {tmp_path / 'none'}"
