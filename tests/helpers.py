@@ -2,10 +2,22 @@
 
 import os
 
+import pytest
 import torch
 
 # The repository root, where the scripts live: the working directory of the tests' subprocesses.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# Tests of the GPU paths (CUDA graphs, pinned transfers): skipped on the CPU; `python -m pytest -m cuda tests`
+# runs them alone on a GPU machine.
+CUDA_MARKS = (pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
+
+
+def needs_cuda(test):
+    for mark in CUDA_MARKS:
+        test = mark(test)
+    return test
 
 
 def random_batch(seed, n=64):

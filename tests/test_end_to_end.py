@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import mdpo
 import ppo
-from helpers import ROOT
+from helpers import CUDA_MARKS, ROOT
 
 COMMON_TAGS = {
     "charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/learning_rate",
@@ -72,8 +72,7 @@ def machine_texts(run_dir):
             accumulator.Tensors("machine/text_summary")]
 
 
-@pytest.mark.parametrize("cuda", [False, pytest.param(True, marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.mark.parametrize("cuda", [False, pytest.param(True, marks=CUDA_MARKS)])
 @pytest.mark.parametrize("module", [ppo, mdpo])
 def test_resumed_run_continues_exactly_where_it_stopped(module, cuda, tmp_path):
     """Two iterations straight equal one iteration, a stop, and a resume: same weights, same steps.

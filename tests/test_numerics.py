@@ -10,7 +10,7 @@ from torch.distributions import Categorical, kl_divergence
 
 import mdpo
 import ppo
-from helpers import random_batch, tiny_args
+from helpers import needs_cuda, random_batch, tiny_args
 
 
 def plain_forward(agent, obs):
@@ -130,12 +130,13 @@ def test_policy_step_log_probability_and_value(module):
     torch.testing.assert_close(value, expected_value, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-@pytest.mark.parametrize("bf16, compiled", [(False, False), (True, False), (False, True)])
-def test_graphed_policy_matches_eager_policy_and_follows_weight_updates(bf16, compiled):
+@needs_cuda
+@pytest.mark.parametrize("bf16, compiled, dropout", [(False, False, 0.0), (True, False, 0.0), (False, True, 0.0),
+                                                     (True, False, 0.1), (False, True, 0.1)])
+def test_graphed_policy_matches_eager_policy_and_follows_weight_updates(bf16, compiled, dropout):
     torch.manual_seed(2)
     device = torch.device("cuda")
-    args = tiny_args(ppo, bf16=bf16, compile=compiled)
+    args = tiny_args(ppo, bf16=bf16, compile=compiled, dropout=dropout)
     agent = ppo.make_agent(args, device)
     policy = ppo.make_policy(torch.compile(agent) if compiled else agent, args, device)
     assert isinstance(policy, ppo.CudaGraphed)
@@ -150,9 +151,10 @@ def test_graphed_policy_matches_eager_policy_and_follows_weight_updates(bf16, co
         with torch.no_grad():
             for p in agent.parameters():
                 p.add_(torch.randn_like(p) * 0.05)
+        agent.redraw_dropout_masks()  # in place, as after an update: the graph must see the new masks
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@needs_cuda
 def test_graphed_evaluation_network_gives_the_running_envs_logits():
     torch.manual_seed(3)
     device = torch.device("cuda")

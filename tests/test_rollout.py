@@ -9,6 +9,7 @@ import torch
 
 import mdpo
 import ppo
+from helpers import CUDA_MARKS
 
 
 def pixel_policy(offset):
@@ -19,10 +20,10 @@ def pixel_policy(offset):
     return policy
 
 
-def small_args(module):
+def small_args(module, **kw):
     """4 coinrun envs x 64 steps: long enough for episodes to end inside the rollouts."""
     return module.validate_args(module.Args(env_id="coinrun", num_envs=4, num_steps=64, num_minibatches=2,
-                                            total_timesteps=256))
+                                            total_timesteps=256, **kw))
 
 
 def start(module, args, rollout):
@@ -31,21 +32,22 @@ def start(module, args, rollout):
     return envs
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_interleaved_rollouts_equal_each_agent_stepping_alone(overlap):
-    args = small_args(mdpo)
-    device = torch.device("cpu")
-    policies = [pixel_policy(0), pixel_policy(7)]  # different actions, so the agents' trajectories differ
-    rollouts = [mdpo.Rollout(args, device) for _ in range(2)]
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA_MARKS)])
+@pytest.mark.parametrize("overlap, agents", [(False, 2), (True, 2), (True, 3)])
+def test_interleaved_rollouts_equal_each_agent_stepping_alone(overlap, agents, device):
+    args = small_args(mdpo, num_agents=agents)
+    device = torch.device(device)  # on a GPU: pinned host buffers and copies that do not block
+    policies = [pixel_policy(7 * i) for i in range(agents)]  # different actions: the trajectories differ
+    rollouts = [mdpo.Rollout(args, device) for _ in range(agents)]
     envs = [start(mdpo, args, rollout) for rollout in rollouts]
     alone_args = small_args(ppo)
-    alone_rollouts = [ppo.Rollout(alone_args, device) for _ in range(2)]
+    alone_rollouts = [ppo.Rollout(alone_args, device) for _ in range(agents)]
     alone_envs = [start(ppo, alone_args, rollout) for rollout in alone_rollouts]
     global_step, found_episodes = 0, 0
     for _ in range(2):  # the second rollout continues from the first's last frames
         next_step, episodes, batches = mdpo.collect_rollouts(policies, envs, rollouts, args, device, global_step,
                                                              overlap)
-        for i in range(2):
+        for i in range(agents):
             alone_step, alone_episodes, alone_batch = ppo.collect_rollout(
                 policies[i], alone_envs[i], alone_rollouts[i], alone_args, device, global_step)
             assert next_step == alone_step
