@@ -664,20 +664,27 @@ def where_in_band(value: float, low: float, high: float) -> str:
     return "below" if value < low else "above" if value > high else "within"
 
 
-def reference_check(grouped, methods, reference, step) -> dict:
-    """game -> method -> our mean test return at `step` against the band there (both step axes), and
-    at how many of our evaluations up to `step` (mean over seeds) the curve is below, within, above it."""
+def game_step(grouped, game) -> int:
+    """The last step every run of the game reached: games of different GPU slices have different budgets."""
+    return int(min(run["curves"][TEST][0][-1] for runs in grouped[game].values() for run in runs))
+
+
+def reference_check(grouped, methods, reference) -> dict:
+    """game -> method -> our mean test return at the game's step (game_step) against the band there (both
+    step axes), and at how many of our evaluations up to it (mean over seeds) the curve is below, within,
+    above the band."""
     check = {}
     for game in sorted(grouped):
         if game not in reference:
             continue
         check[game] = {}
+        step = game_step(grouped, game)
         for method in methods:
             runs = grouped[game].get(method)
             if not runs:
                 continue
             ours = float(np.mean([value_at(run, TEST, step) for run in runs]))
-            row = {"seeds": len(runs), "ours": ours}
+            row = {"step": step, "seeds": len(runs), "ours": ours}
             for name, scale in (("published", 1.0), ("three_quarters", REFERENCE_TRAINING_FRACTION)):
                 low, mean, high = (float(b[0]) for b in reference_band(reference[game], [step], scale))
                 row[name] = {"band": [v if np.isfinite(v) else None for v in (low, mean, high)],
@@ -698,23 +705,25 @@ def band_cell(row: dict) -> str:
     return "none at this step" if low is None else f"{row['where']} ({low:.2f} / {mean:.2f} / {high:.2f})"
 
 
-def reference_table(check: dict, step: int, title: str) -> str:
-    lines = [f"Our test return against OpenAI's PPO (hard, 500 levels, 3 runs) {title}", "",
-             "ours: mean over seeds; band: min / mean / max of OpenAI's runs at the same step, published step "
-             "axis and with its steps x 3/4 (if one of its 4 workers did not train); evaluations: how many of "
-             "ours up to that step lie below / within / above the published band (before its first row: none)", "",
-             "| game | method | seeds | ours | published axis | steps x 3/4 | evaluations below / within / above |",
-             "|---|---|---|---|---|---|---|"]
+def reference_table(check: dict, label: str) -> str:
+    lines = [f"Our test return against OpenAI's PPO (hard, 500 levels, 3 runs), {label}", "",
+             "step: the last one all of the game's runs reached; ours: mean over seeds there; band: min / mean / "
+             "max of OpenAI's runs at the same step, on the published step axis and with its steps x 3/4 (if one "
+             "of its 4 workers did not train); evaluations: how many of ours up to that step lie below / within / "
+             "above the published band (none before its first row)", "",
+             "| game | step | method | seeds | ours | published axis | steps x 3/4 | evaluations below / within / above |",
+             "|---|---|---|---|---|---|---|---|"]
     for game, by_method in check.items():
         for method, row in by_method.items():
             counts = row["evaluations"]
-            lines.append(f"| {game} | {method} | {row['seeds']} | {row['ours']:.2f} | {band_cell(row['published'])} | "
+            lines.append(f"| {game} | {row['step']:,} | {method} | {row['seeds']} | {row['ours']:.2f} | "
+                         f"{band_cell(row['published'])} | "
                          f"{band_cell(row['three_quarters'])} | {counts['below']} / {counts['within']} / "
                          f"{counts['above']} |")
     return "\n".join(lines) + "\n"
 
 
-def plot_reference(grouped, methods, reference, step, title, x_axis, notes, out) -> None:
+def plot_reference(grouped, methods, reference, label, x_axis, notes, out) -> None:
     games = [game for game in sorted(grouped) if game in reference]
     fig, axes = panels(len(games))
     for ax, game in zip(axes, games):
@@ -730,16 +739,19 @@ def plot_reference(grouped, methods, reference, step, title, x_axis, notes, out)
             if grouped[game].get(method):
                 draw_band(ax, [run["curves"][TEST] for run in grouped[game][method]], colour_of(method, methods),
                           method)
+        step = game_step(grouped, game)
         ax.axvline(step, color="black", linestyle=":", linewidth=0.8)
-        ax.set_title(game)
+        ax.set_title(f"{game} (compared at {step:,})")
         ax.set_xlabel(unit(x_axis).capitalize())
         ax.set_ylabel("Average test return")
         style(ax)
-    notes = [f"{STD_NOTE}; dotted: the step every number is compared at"] + REFERENCE_NOTES + notes
-    finish_curve_figure(fig, axes, f"Test return against OpenAI's published PPO; {title}", notes, out, "reference")
+    notes = [f"{STD_NOTE}; dotted: the last step all of the game's runs reached"] + REFERENCE_NOTES + notes
+    seeds = seeds_text(len(runs) for by_method in grouped.values() for runs in by_method.values())
+    finish_curve_figure(fig, axes, f"Test return against OpenAI's published PPO; {seeds}, {label}", notes, out,
+                        "reference")
 
 
-def compare_with_reference(grouped, methods, step, title, args) -> dict:
+def compare_with_reference(grouped, methods, args) -> dict:
     """reference_check.md, the figure, and the numbers for plot_summary.json."""
     reference = read_reference(args.reference)
     missing = sorted(set(grouped) - set(reference))
@@ -747,15 +759,16 @@ def compare_with_reference(grouped, methods, step, title, args) -> dict:
         raise UsageError(f"{args.reference} has none of these games ({', '.join(missing)})")
     mismatches = reference_mismatches(all_runs(grouped))
     notes = ["our runs differ from its hyperparameters: " + ", ".join(mismatches)] if mismatches else []
-    check = reference_check(grouped, methods, reference, step)
-    table = reference_table(check, step, title)
+    label = args.label or "hardware not stated (--label)"
+    check = reference_check(grouped, methods, reference)
+    table = reference_table(check, label)
     with open(os.path.join(args.out, "reference_check.md"), "w") as f:
         f.write(table + "".join(f"\nNote: {note}\n" for note in notes + REFERENCE_NOTES[1:]))
     print(table)
     if missing:
         print(f"note: the reference has no curves for {', '.join(missing)}", file=sys.stderr)
     if args.figures:
-        plot_reference(grouped, methods, reference, step, title, args.x_axis, notes, args.out)
+        plot_reference(grouped, methods, reference, label, args.x_axis, notes, args.out)
     return {"reference": args.reference, "games": check, "hyperparameter_differences": mismatches}
 
 
@@ -834,7 +847,7 @@ def main(args: PlotArgs) -> dict:
         f.write(table)
     print(table)
     if args.reference:
-        summary["reference"] = compare_with_reference(grouped, methods, step, title, args)
+        summary["reference"] = compare_with_reference(grouped, methods, args)
     with open(os.path.join(args.out, "plot_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     if stats is None:

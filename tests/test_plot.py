@@ -393,8 +393,21 @@ def test_reference_check_says_where_our_mean_lies_at_equal_steps(tmp_path):
     # steps x 3/4: the published rows move to 1500, 2250, 3000, so 4000 lies past the reference's end
     assert ppo["three_quarters"] == {"band": [None, None, None], "where": "no reference"}
     table = (tmp_path / "fig" / "reference_check.md").read_text()
-    assert "| bigfish | PPO | 2 | 7.00 | within (6.00 / 7.00 / 8.00) | none at this step | 0 / 3 / 0 |" in table
+    assert "| bigfish | 4,000 | PPO | 2 | 7.00 | within (6.00 / 7.00 / 8.00) | none at this step | 0 / 3 / 0 |" in table
     assert summary["reference"]["hyperparameter_differences"] == []
+
+
+def test_reference_compares_each_game_at_the_last_step_its_own_runs_reached(tmp_path):
+    runs = tmp_path / "runs"  # two games from two GPU slices of different lengths
+    write_run(runs, "ppo", "bigfish", 1, [1.0, 2.0, 3.0, 4.0], **REFERENCE_TASK)
+    write_run(runs, "ppo", "starpilot", 1, [5.0, 6.0], **REFERENCE_TASK)
+    rows = three_runs("bigfish", [1000, 4000], [[0.0, 3.0]] * 3) + three_runs("starpilot", [1000, 4000],
+                                                                                [[0.0, 30.0]] * 3)
+    summary = plot.main(plot_args(tmp_path, reference=write_reference(tmp_path / "ref.csv", rows)))
+    games = summary["reference"]["games"]
+    assert summary["compared_at"] == 2000  # the other figures: one step for every run
+    assert games["bigfish"]["PPO"]["step"] == 4000 and games["bigfish"]["PPO"]["published"]["where"] == "above"
+    assert games["starpilot"]["PPO"]["step"] == 2000 and games["starpilot"]["PPO"]["published"]["band"][1] == 10.0
 
 
 def test_reference_names_differing_hyperparameters_and_refuses_another_task(tmp_path):
