@@ -191,14 +191,14 @@ def label_of(config: dict, agent_number: Optional[int]) -> str:
     return name if agent_number is None else f"{name} agent {agent_number}"
 
 
-def measure(encoders, game: str, args: TsneArgs):
+def measure(encoders, game: str, mode: str, args: TsneArgs):
     """Every encoder on every seed's frames: per encoder the numbers of every (seed, frame), the pairwise CKA
     of the encoders on each seed's clean frames, and what the figure shows (the first seed's first frame)."""
     numbers = [{"spread": [], "tv_distance": [], "entropy": []} for _ in encoders]
     ckas = {pair: [] for pair in itertools.combinations(range(len(encoders)), 2)}
     figure = None
     for seed in args.seeds:
-        frames = test_frames(game, "hard", args.clean_frames, args.warmup_steps, seed).numpy()
+        frames = test_frames(game, mode, args.clean_frames, args.warmup_steps, seed).numpy()
         perturbed = [random_conv_copies(frames[index], args.copies, seed * 1_000_003 + index)
                      for index in range(args.frames)]
         results = [robustness(agent, torch.as_tensor(frames), perturbed) for agent, _, _ in encoders]
@@ -231,10 +231,14 @@ def main(args: TsneArgs) -> dict:
     if len(games) != 1:
         raise UsageError(f"the checkpoints are of different games: {', '.join(sorted(games))}")
     game = games.pop()
+    modes = {config["args"].get("distribution_mode", "hard") for _, config, _ in encoders}
+    if len(modes) != 1:
+        raise UsageError(f"the checkpoints were trained in different distribution modes: {', '.join(sorted(modes))}")
+    mode = modes.pop()  # the frames come from the unseen levels of the distribution the agents trained on
     labels = args.labels or [label_of(config, number) for _, config, number in encoders]
 
-    numbers, ckas, (frame, perturbed, first_results) = measure(encoders, game, args)
-    summary = {"game": game, "copies": args.copies, "frames_per_seed": args.frames, "seeds": args.seeds,
+    numbers, ckas, (frame, perturbed, first_results) = measure(encoders, game, mode, args)
+    summary = {"game": game, "distribution_mode": mode, "copies": args.copies, "frames_per_seed": args.frames, "seeds": args.seeds,
                "clean_frames": args.clean_frames, "encoders": [
                    {"label": label, "checkpoint": path, "mdpo_agent": number,
                     **{key: mean_std(values) for key, values in numbers[k].items()}}

@@ -15,7 +15,7 @@ import tsne
 from helpers import ROOT
 
 
-def write_checkpoint(path, script, game="bigfish", uniform_policy=False, num_agents=2):
+def write_checkpoint(path, script, game="bigfish", uniform_policy=False, num_agents=2, mode="hard"):
     """A checkpoint as the scripts write it; agent k of an MDPO one (1-based) has actor bias k, so a test
     can tell which agent was loaded."""
     torch.manual_seed(len(str(path)))
@@ -25,7 +25,7 @@ def write_checkpoint(path, script, game="bigfish", uniform_policy=False, num_age
         if uniform_policy:
             torch.nn.init.zeros_(agent.actor.weight)
     states = [agent.state_dict() for agent in agents]
-    args = {"env_id": game, "exp_name": script, "seed": 1, "dropout": 0.0}
+    args = {"env_id": game, "exp_name": script, "seed": 1, "dropout": 0.0, "distribution_mode": mode}
     if script == "mdpo":
         args["num_agents"] = num_agents
     checkpoint = {"script": script, "args": args}
@@ -148,6 +148,24 @@ def test_tsne_refuses_checkpoints_of_different_games(tmp_path):
     a = write_checkpoint(tmp_path / "a", "ppo", game="bigfish")
     b = write_checkpoint(tmp_path / "b", "ppo", game="coinrun")
     with pytest.raises(tsne.UsageError, match="different games"):
+        tsne.main(tsne.TsneArgs(checkpoints=[a, b], figure=False, out=str(tmp_path / "fig")))
+
+
+def test_tsne_takes_its_frames_from_the_distribution_the_runs_trained_on(tmp_path, monkeypatch):
+    modes = []
+
+    def recording_test_frames(game, mode, *rest):
+        modes.append(mode)
+        return real_test_frames(game, mode, *rest)
+
+    real_test_frames = tsne.test_frames
+    monkeypatch.setattr(tsne, "test_frames", recording_test_frames)
+    a = write_checkpoint(tmp_path / "a", "ppo", mode="easy")
+    summary = tsne.main(tsne.TsneArgs(checkpoints=[a], copies=3, clean_frames=2, frames=1, seeds=[0],
+                                      warmup_steps=0, figure=False, out=str(tmp_path / "fig")))
+    assert modes == ["easy"] and summary["distribution_mode"] == "easy"
+    b = write_checkpoint(tmp_path / "b", "ppo", mode="hard")
+    with pytest.raises(tsne.UsageError, match="different distribution modes: easy, hard"):
         tsne.main(tsne.TsneArgs(checkpoints=[a, b], figure=False, out=str(tmp_path / "fig")))
 
 
