@@ -621,7 +621,7 @@ def read_reference(path: str) -> Dict[str, List[tuple]]:
         for row in rows:
             if row["split"] == "test":
                 runs[(row["game"], row["run"])].append((int(row["steps"]), float(row["return"])))
-    except ValueError as error:
+    except (ValueError, TypeError) as error:  # TypeError: a short row, whose missing fields are None
         raise UsageError(f"{path}: a row that is not game,split,run,steps,return ({error})")
     reference = defaultdict(list)
     for (game, _), points in sorted(runs.items()):
@@ -661,6 +661,8 @@ def reference_mismatches(runs: List[dict]) -> List[str]:
 def where_in_band(value: float, low: float, high: float) -> str:
     if not np.isfinite(low):
         return "no reference"
+    if not np.isfinite(value):
+        return "not finite"
     return "below" if value < low else "above" if value > high else "within"
 
 
@@ -696,6 +698,8 @@ def reference_check(grouped, methods, reference) -> dict:
             for value, lo, hi in zip(mean[keep], low, high):
                 counts[where_in_band(value, lo, hi)] += 1
             row["evaluations"] = {k: counts[k] for k in ("below", "within", "above", "no reference")}
+            if counts["not finite"]:
+                row["evaluations"]["not finite"] = counts["not finite"]
             check[game][method] = row
     return check
 

@@ -288,7 +288,10 @@ class SignalForwarder:
         self.out_of_time = False  # the stop came from --stop-after-min, not from outside
 
     def stop_for_time(self):
-        """--stop-after-min ran out: stop the runs as a scheduler's SIGTERM would."""
+        """--stop-after-min ran out: stop the runs as a scheduler's SIGTERM would (unless a signal from
+        outside already stopped them: they are then preempted, not stopped by the budget)."""
+        if self.received:
+            return
         self.out_of_time = True
         self.handle(signal.SIGTERM, None)
 
@@ -631,15 +634,22 @@ def run_pool(jobs: List[Job], slots: int, gpus: List[str], start: Callable,
     timer = threading.Timer(stop_after_s, FORWARDER.stop_for_time) if stop_after_s else None
     with FORWARDER.installed():
         if timer:
+            timer.daemon = True  # never what keeps the process alive (after Ctrl-C, say)
             timer.start()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if timer:
-            timer.cancel()
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            if timer:
+                timer.cancel()
     why = "the --stop-after-min budget ran out" if FORWARDER.out_of_time else "the sweep was stopped"
-    return [outcomes.get(job.name, Outcome("not started", why)) for job in jobs]
+    for job in jobs:
+        if job.name not in outcomes:  # never taken from the queue: say so, as the ended ones were
+            outcomes[job.name] = Outcome("not started", why)
+            print(f"{job.name}: {outcomes[job.name]}", flush=True)
+    return [outcomes[job.name] for job in jobs]
 
 
 def run_local(jobs: List[Job], args: SweepArgs) -> List[Outcome]:

@@ -218,3 +218,36 @@ def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_
     assert result.returncode == 130, result.stderr[-2000:]
     assert last_message(result.stderr) == "interrupted before the first checkpoint (iteration 1000): nothing to resume"
     assert not os.path.exists(tmp_path / "run" / "checkpoint.pt")
+
+
+def git(*command):
+    return subprocess.run(["git", *command], capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize("module", [ppo, mdpo])
+def test_source_commit_says_whether_tracked_files_changed(module):
+    head = git("rev-parse", "--short=7", "HEAD")
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    changed = bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())
+    assert module.source_commit() == head.stdout.strip() + ("+changes" if changed else "")
+
+
+@pytest.mark.parametrize("module", [ppo, mdpo])
+def test_machine_description_names_the_gpu_model_and_counts_cores_not_threads(module, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert module.machine_description(torch.device("cuda", 0)).startswith("NVIDIA H100 80GB HBM3; torch ")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert module.machine_description(torch.device("cpu")).startswith(f"CPU, {os.cpu_count()} cores;")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_resumed_run_logs_its_machine_again_at_the_step_it_resumed(tmp_path):
+    run_dir = str(tmp_path / "run")
+    ppo.main(ppo.Args(env_id="starpilot", total_timesteps=128, run_dir=run_dir, **TINY))
+    saved = json.load(open(os.path.join(run_dir, "config.json")))["args"]
+    ppo.main(ppo.Args(**{**saved, "resume": run_dir, "total_timesteps": 256}))
+    assert [step for step, _ in machine_texts(run_dir)] == [0, 128]

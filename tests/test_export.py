@@ -84,3 +84,32 @@ def test_export_refuses_bad_input_in_one_line(tmp_path):
                              str(tmp_path / "r"), "--how", "x"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: no runs of ppo.py or mdpo.py under {tmp_path / 'none'}"
+
+
+def test_export_keeps_a_diverged_runs_record_and_says_so(tmp_path):
+    run_dir = write_run(tmp_path / "runs", "ppo", 1, [1.0], T0, 60)
+    with open(os.path.join(run_dir, "diverged.json"), "w") as f:
+        json.dump({"iteration": 1, "what": "agent 1's loss is nan"}, f)
+    to = tmp_path / "r"
+    export.main(export.ExportArgs(runs=[str(tmp_path / "runs")], to=str(to), how="x"))
+    assert (to / "starpilot__ppo__1" / "diverged.json").is_file()
+    assert "| diverged |" in (to / "README.md").read_text()
+
+
+def test_export_wall_time_starts_at_the_earliest_scalar_of_any_stream(tmp_path):
+    run_dir = write_run(tmp_path / "runs", "mdpo", 1, [1.0, 2.0], T0, 60)  # agents at T0 + 60, T0 + 120
+    writer = SummaryWriter(run_dir)  # a run-level scalar, in the stream os.walk visits first
+    writer.add_scalar("eval/representation_cka", 0.5, 2000, walltime=T0 + 120)
+    writer.close()
+    run, = export.main(export.ExportArgs(runs=[str(tmp_path / "runs")], to=str(tmp_path / "r"), how="x"))
+    assert (run["start"], run["end"]) == (T0 + 60, T0 + 120)
+
+
+def test_export_names_every_machine_and_the_last_not_the_best_return(tmp_path):
+    write_run(tmp_path / "runs", "ppo", 1, [3.0, 1.0], T0, 60, machine="NVIDIA H100 80GB HBM3; torch 2.6.0")
+    write_run(tmp_path / "runs", "ppo", 2, [1.0], T0, 60, machine="NVIDIA H200; torch 2.6.0")
+    export.main(export.ExportArgs(runs=[str(tmp_path / "runs")], to=str(tmp_path / "r"), how="x"))
+    readme = (tmp_path / "r" / "README.md").read_text()
+    assert "- machine, as the runs logged it: NVIDIA H100 80GB HBM3; torch 2.6.0" in readme
+    assert "- machine, as the runs logged it: NVIDIA H200; torch 2.6.0" in readme
+    assert "| starpilot__ppo__1 | PPO | 1 | 2,000 | 1.00 at 2,000 |" in readme

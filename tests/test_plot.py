@@ -427,3 +427,58 @@ def test_the_published_reference_is_in_the_project_with_its_header():
     assert open(path).readline().startswith("# PPO on Procgen, hard mode, 500 training levels")
     reference = plot.read_reference(path)
     assert sorted(reference) == sorted(plot.HARD_MODE_RANGES) and all(len(c) == 3 for c in reference.values())
+
+
+def test_reference_band_is_nan_before_every_run_started_on_both_axes():
+    curves = [(np.array([100, 300]), np.array([0.0, 2.0])), (np.array([200, 300]), np.array([4.0, 0.0]))]
+    low, _, _ = plot.reference_band(curves, [150, 200])
+    assert np.isnan(low[0]) and low[1] == 1.0  # at 150 the second run has not started
+    low, _, _ = plot.reference_band(curves, [140, 160], scale=0.75)  # it starts at 150 on the 3/4 axis
+    assert np.isnan(low[0]) and np.isfinite(low[1])
+
+
+def test_the_band_edges_count_as_within():
+    assert plot.where_in_band(2.0, 2.0, 4.0) == plot.where_in_band(4.0, 2.0, 4.0) == "within"
+
+
+def test_reference_game_step_is_the_shortest_run_and_later_evaluations_are_not_counted(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs, "ppo", "bigfish", 1, [1.0, 2.0, 3.0, 4.0], **REFERENCE_TASK)
+    write_run(runs, "ppo", "bigfish", 2, [1.0, 2.0], **REFERENCE_TASK)
+    write_run(runs, "mdpo", "bigfish", 1, [9.0, 9.0, 9.0, 9.0], **REFERENCE_TASK)
+    ref = write_reference(tmp_path / "ref.csv", three_runs("bigfish", [1000, 4000], [[0.0, 3.0]] * 3))
+    game = plot.main(plot_args(tmp_path, reference=ref))["reference"]["games"]["bigfish"]
+    assert game["PPO"]["step"] == game["MDPO"]["step"] == 2000
+    assert game["MDPO"]["evaluations"] == {"below": 0, "within": 0, "above": 2, "no reference": 0}
+
+
+def test_reference_without_any_of_the_games_is_refused(tmp_path):
+    write_run(tmp_path / "runs", "ppo", "bigfish", 1, [1.0], **REFERENCE_TASK)
+    ref = write_reference(tmp_path / "ref.csv", three_runs("starpilot", [1000], [[1.0]] * 3))
+    with pytest.raises(plot.UsageError, match="has none of these games"):
+        plot.main(plot_args(tmp_path, reference=ref))
+
+
+def test_reference_figure_stops_at_our_last_step_and_draws_the_three_quarter_mean(tmp_path, monkeypatch):
+    run_dir = write_run(tmp_path / "runs", "ppo", "bigfish", 1, [1.0, 2.0], **REFERENCE_TASK)
+    ref = write_reference(tmp_path / "ref.csv", three_runs("bigfish", [1000, 2000, 4000], [[0.0, 2.0, 4.0]] * 3))
+    grouped = plot.group([plot.load_run(run_dir)])
+    drawn = {}
+    monkeypatch.setattr(plot, "finish_curve_figure", lambda fig, *rest: drawn.update(fig=fig))
+    plot.plot_reference(grouped, plot.ordered_methods(grouped), plot.read_reference(ref), "x", "agent", [], str(tmp_path))
+    lines = {line.get_label(): line for line in drawn["fig"].axes[0].get_lines()}
+    assert list(lines["OpenAI PPO (mean)"].get_xdata()) == [1000, 2000]
+    # published rows on the 3/4 axis: 750 -> 0, 1500 -> 2, 3000 -> 4
+    np.testing.assert_allclose(lines["OpenAI PPO mean, steps x 3/4"].get_ydata(), [2 / 3, 8 / 3])
+
+
+def test_reference_rows_that_are_short_or_not_numbers_are_one_line_errors(tmp_path):
+    short = tmp_path / "short.csv"
+    short.write_text("game,split,run,steps,return\nbigfish,test,0\n")
+    with pytest.raises(plot.UsageError, match="not game,split,run,steps,return"):
+        plot.read_reference(str(short))
+
+
+def test_a_value_that_is_not_finite_is_never_within_the_band():
+    assert plot.where_in_band(float("nan"), 1.0, 2.0) == "not finite"
+    assert plot.where_in_band(1.5, float("nan"), float("nan")) == "no reference"

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sys
+import threading
 
 import pytest
 
@@ -382,18 +383,18 @@ def test_a_stop_signal_to_the_local_sweep_stops_its_jobs_and_starts_no_more(tmp_
 
 
 def test_stop_after_min_stops_the_running_jobs_as_stopped_and_starts_no_more(tmp_path, fake_train, capsys):
-    args = sweep_args(tmp_path, seeds=[1, 2, 3], jobs=2, stop_after_min=0.02)  # 1.2 s
+    args = sweep_args(tmp_path, seeds=[1, 2, 3], jobs=2, stop_after_min=0.05)  # 3 s
     fake_train(args, mode="wait")
     assert sweep.main(args) == 1  # the third job never started: not what was asked for
     out = capsys.readouterr().out
     assert out.count(": stopped: at the --stop-after-min budget (exit 4)") == 2
-    assert "bigfish__ppo__3" not in out.split("to run")[1]  # neither started nor reported as ended
+    assert "bigfish__ppo__3: not started: the --stop-after-min budget ran out" in out
     jobs = sweep.make_jobs(args)
     assert [os.path.exists(os.path.join(job.run_dir, "checkpoint.pt")) for job in jobs] == [True, True, False]
 
 
 def test_stop_after_min_with_every_job_running_is_a_success(tmp_path, fake_train, capsys):
-    args = sweep_args(tmp_path, methods=["ppo", "mdpo"], seeds=[1], jobs=2, stop_after_min=0.02)
+    args = sweep_args(tmp_path, methods=["ppo", "mdpo"], seeds=[1], jobs=2, stop_after_min=0.05)
     fake_train(args, mode="wait")
     assert sweep.main(args) == 0
     assert capsys.readouterr().out.count(": stopped: at the --stop-after-min budget") == 2
@@ -402,7 +403,8 @@ def test_stop_after_min_with_every_job_running_is_a_success(tmp_path, fake_train
 @pytest.mark.parametrize("settings, message", [
     ({"stop_after_min": 0.0}, "--stop-after-min must be positive, got 0.0"),
     ({"stop_after_min": float("nan")}, "--stop-after-min must be positive, got nan"),
-    ({"stop_after_min": 5.0, "launcher": "slurm"}, "--stop-after-min is for the local launcher")])
+    ({"stop_after_min": 5.0, "launcher": "slurm"}, "--stop-after-min is for the local launcher"),
+    ({"stop_after_min": 5.0, "launcher": "submitit-local"}, "--stop-after-min is for the local launcher")])
 def test_stop_after_min_is_refused_where_it_cannot_work(tmp_path, settings, message):
     with pytest.raises(sweep.UsageError, match=message):
         sweep.main(sweep_args(tmp_path, **settings))
@@ -517,3 +519,51 @@ def test_sweep_runs_skips_finished_and_resumes_extended_jobs(tmp_path, capsys):
     assert sweep.main(args) == 0
     for job in sweep.make_jobs(args):
         assert json.load(open(os.path.join(job.run_dir, "status.json")))["global_step"] == 256
+
+
+def test_a_signal_after_a_time_boxed_sweep_is_reported_as_preempted(tmp_path, fake_train, monkeypatch, capsys):
+    args = sweep_args(tmp_path / "a", stop_after_min=0.05)
+    fake_train(args, mode="wait")
+    assert sweep.main(args) == 0
+    monkeypatch.setenv("FAKE_SIGNAL", str(int(signal.SIGTERM)))
+    args = sweep_args(tmp_path / "b")
+    fake_train(args, mode="preempt")
+    assert sweep.main(args) == 1
+    assert ": preempted: stopped by a signal (exit 4)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("code, kind", [(4, "stopped"), (-15, "stopped"), (1, None)])
+def test_at_the_budget_only_a_checkpointed_or_killed_run_counts_as_stopped(tmp_path, fake_train, monkeypatch, code, kind):
+    job, = fake_train(sweep_args(tmp_path))
+    monkeypatch.setattr(sweep.FORWARDER, "out_of_time", True)
+    monkeypatch.setattr(sweep.FORWARDER, "received", signal.SIGTERM)
+    monkeypatch.setattr(sweep.FORWARDER, "run", lambda *a: code)
+    if kind is None:
+        with pytest.raises(sweep.JobFailed):
+            job.train("new", None)
+    else:
+        assert job.train("new", None).kind == kind
+
+
+def test_a_sweep_that_ends_before_its_budget_leaves_no_timer_behind(tmp_path, fake_train):
+    args = sweep_args(tmp_path, stop_after_min=0.5)
+    fake_train(args, mode="0")
+    assert sweep.main(args) == 0
+    pending = [t for t in threading.enumerate() if isinstance(t, threading.Timer) and not t.finished.is_set()]
+    for t in pending:
+        t.cancel()  # so that a failure does not hold pytest's exit for the budget
+    assert not pending
+
+
+def test_jobs_the_budget_left_unstarted_say_why(tmp_path, fake_train):
+    args = sweep_args(tmp_path, seeds=[1, 2, 3], jobs=2, stop_after_min=0.05)
+    outcomes = sweep.run_local(fake_train(args, mode="wait"), args)
+    assert [o.kind for o in outcomes] == ["stopped", "stopped", "not started"]
+    assert outcomes[2].detail == "the --stop-after-min budget ran out"
+
+
+def test_the_budget_does_not_relabel_runs_an_outside_signal_already_stopped(monkeypatch):
+    forwarder = sweep.SignalForwarder()
+    forwarder.received = signal.SIGTERM  # e.g. Slurm's, before the budget ran out
+    forwarder.stop_for_time()
+    assert forwarder.out_of_time is False
