@@ -127,10 +127,11 @@ def main(args: ExportArgs) -> List[dict]:
     runs = [describe_run(d) for d in run_dirs]
     for run_dir in run_dirs:
         copy_scalars(run_dir, os.path.join(args.to, os.path.basename(run_dir)))
+    section = readme_section(runs, args.how, args.commit)
     readme = os.path.join(args.to, "README.md")
     with open(readme, "a") as f:
-        f.write(("\n" if os.path.getsize(readme) else "") + readme_section(runs, args.how, args.commit))
-    print(readme_section(runs, args.how, args.commit))
+        f.write(("\n" if os.path.getsize(readme) else "") + section)
+    print(section)
     print(f"{len(runs)} runs' scalars copied to {args.to}/")
     return runs
 

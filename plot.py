@@ -172,7 +172,7 @@ def load_run(run_dir: str, x_axis: str = "agent") -> dict:
             curves[CKA] = (cka[0] * scale, cka[1])
     status_path = os.path.join(run_dir, "status.json")
     finished = bool(read_json(status_path).get("finished")) if os.path.isfile(status_path) else False
-    return {"game": args["env_id"], "method": display_name(method_of(config)), "seed": args["seed"],
+    return {"game": args["env_id"], "method": display_name(method_of(config)), "seed": args["seed"], "args": args,
             "mode": args.get("distribution_mode", "hard"), "num_agents": num_agents, "finished": finished,
             "curves": curves, "agent_curves": agent_curves, "dir": run_dir}
 
@@ -225,9 +225,14 @@ def select_runs(runs: List[dict], args: PlotArgs) -> List[dict]:
     return runs
 
 
+def game_step(grouped, game) -> int:
+    """The last step every run of the game reached: games of different GPU slices have different budgets."""
+    return int(min(run["curves"][TEST][0][-1] for runs in grouped[game].values() for run in runs))
+
+
 def comparison_step(grouped) -> int:
     """The last step every included run reached: the one step at which they are compared."""
-    return int(min(run["curves"][TEST][0][-1] for run in all_runs(grouped)))
+    return min(game_step(grouped, game) for game in grouped)
 
 
 def value_at(run: dict, tag: str, step: int) -> float:
@@ -648,7 +653,7 @@ def reference_mismatches(runs: List[dict]) -> List[str]:
     """One line per setting in which some run differs from the reference (task settings are refused)."""
     lines = []
     for run in runs:
-        args = read_json(os.path.join(run["dir"], "config.json"))["args"]
+        args = run["args"]
         task = {key: args.get(key, value) for key, value in REFERENCE_TASK.items()}
         if task != REFERENCE_TASK:
             raise UsageError(f"{run['dir']} ran {task}; the reference is {REFERENCE_TASK}: plot it without --reference")
@@ -664,11 +669,6 @@ def where_in_band(value: float, low: float, high: float) -> str:
     if not np.isfinite(value):
         return "not finite"
     return "below" if value < low else "above" if value > high else "within"
-
-
-def game_step(grouped, game) -> int:
-    """The last step every run of the game reached: games of different GPU slices have different budgets."""
-    return int(min(run["curves"][TEST][0][-1] for runs in grouped[game].values() for run in runs))
 
 
 def reference_check(grouped, methods, reference) -> dict:
