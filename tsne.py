@@ -223,18 +223,21 @@ def colours_of(labels: List[str], methods: List[str]) -> List[str]:
     return colours
 
 
+def shared_setting(encoders, read, what: str):
+    """The setting `read(args)` that every checkpoint shares, or a UsageError naming the different ones."""
+    values = sorted({read(config["args"]) for _, config, _ in encoders})
+    if len(values) > 1:
+        raise UsageError(f"the checkpoints are of different {what}: {', '.join(values)}")
+    return values[0]
+
+
 def main(args: TsneArgs) -> dict:
     check(args)
     agent_numbers = args.mdpo_agent * len(args.checkpoints) if len(args.mdpo_agent) == 1 else args.mdpo_agent
     encoders = [load_encoder(path, number) for path, number in zip(args.checkpoints, agent_numbers)]
-    games = {config["args"]["env_id"] for _, config, _ in encoders}
-    if len(games) != 1:
-        raise UsageError(f"the checkpoints are of different games: {', '.join(sorted(games))}")
-    game = games.pop()
-    modes = {config["args"].get("distribution_mode", "hard") for _, config, _ in encoders}
-    if len(modes) != 1:
-        raise UsageError(f"the checkpoints were trained in different distribution modes: {', '.join(sorted(modes))}")
-    mode = modes.pop()  # the frames come from the unseen levels of the distribution the agents trained on
+    game = shared_setting(encoders, lambda args: args["env_id"], "games")
+    # The frames come from the unseen levels of the distribution the agents trained on.
+    mode = shared_setting(encoders, lambda args: args.get("distribution_mode", "hard"), "distribution modes")
     labels = args.labels or [label_of(config, number) for _, config, number in encoders]
 
     numbers, ckas, (frame, perturbed, first_results) = measure(encoders, game, mode, args)
