@@ -76,14 +76,12 @@ def event_summary(run_dir: str) -> dict:
 
 def describe_run(run_dir: str) -> dict:
     run = plot.load_run(run_dir)
-    status = plot.read_json(os.path.join(run_dir, "status.json")) if os.path.isfile(
-        os.path.join(run_dir, "status.json")) else {}
     diverged = os.path.isfile(os.path.join(run_dir, "diverged.json"))
-    state = "diverged" if diverged else "finished" if status.get("finished") else "stopped (resumable)"
+    state = "diverged" if diverged else "finished" if run["finished"] else "stopped (resumable)"
     test = run["curves"].get(plot.TEST)
     last = f"{test[1][-1]:.2f} at {int(test[0][-1]):,}" if test is not None else "not evaluated"
     return {"name": os.path.basename(run_dir), "method": run["method"], "seed": run["seed"], "game": run["game"],
-            "steps": status.get("global_step"), "last_test": last, "state": state, **event_summary(run_dir)}
+            "steps": run["steps"], "last_test": last, "state": state, **event_summary(run_dir)}
 
 
 def minutes(seconds: float) -> str:

@@ -171,9 +171,10 @@ def load_run(run_dir: str, x_axis: str = "agent") -> dict:
         if cka is not None and len(cka[0]):
             curves[CKA] = (cka[0] * scale, cka[1])
     status_path = os.path.join(run_dir, "status.json")
-    finished = bool(read_json(status_path).get("finished")) if os.path.isfile(status_path) else False
+    status = read_json(status_path) if os.path.isfile(status_path) else {}
     return {"game": args["env_id"], "method": display_name(method_of(config)), "seed": args["seed"], "args": args,
-            "mode": args.get("distribution_mode", "hard"), "num_agents": num_agents, "finished": finished,
+            "mode": args.get("distribution_mode", "hard"), "num_agents": num_agents,
+            "finished": bool(status.get("finished")), "steps": status.get("global_step"),
             "curves": curves, "agent_curves": agent_curves, "dir": run_dir}
 
 
