@@ -159,8 +159,9 @@ def load_run(run_dir: str, x_axis: str = "agent") -> dict:
     event_dirs = [run_dir] if num_agents == 1 else [os.path.join(run_dir, f"agent{i}") for i in range(1, num_agents + 1)]
     scale = num_agents if x_axis == "total" else 1
     curves, agent_curves = {}, {}
+    streams = [read_scalars(d, (TEST, TRAIN)) if os.path.isdir(d) else {} for d in event_dirs]  # each read once
     for tag in (TEST, TRAIN):
-        per_agent = [read_scalars(d, [tag]).get(tag) if os.path.isdir(d) else None for d in event_dirs]
+        per_agent = [stream.get(tag) for stream in streams]
         if any(c is None or len(c[0]) == 0 for c in per_agent):
             continue
         agent_curves[tag] = [(steps * scale, values) for steps, values in per_agent]
