@@ -134,6 +134,11 @@ class Args:
     """evaluate on test and training levels every this many iterations"""
     eval_episodes: Optional[int] = None
     """evaluation environments, each contributing its first complete episode (default: num-envs)"""
+    eval_perturbation: tuple[str, ...] = ()
+    """at each evaluation, play the test levels again with the network seeing perturbed frames (one draw per
+    episode) and log eval/test_return_NAME, to follow robustness over training: random_conv, brightness,
+    contrast, saturation or hue, each as NAME or NAME:STRENGTH (weak, medium, strong or a number, as in
+    robustness.py), e.g. --eval-perturbation random_conv hue:strong"""
 
     # Speed (numerics stay float32 unless asked)
     bf16: bool = False
@@ -157,8 +162,8 @@ class UsageError(Exception):
 # Fields that may change when a run is resumed; every other field must match the checkpoint.
 RESUMABLE_FIELDS = {
     "cuda", "track", "wandb_project_name", "wandb_entity", "capture_video", "run_dir", "resume",
-    "checkpoint_interval", "total_timesteps", "eval_interval", "eval_episodes", "bf16", "compile",
-    "num_iterations",
+    "checkpoint_interval", "total_timesteps", "eval_interval", "eval_episodes", "eval_perturbation", "bf16",
+    "compile", "num_iterations",
 }
 
 
@@ -187,6 +192,12 @@ def validate_args(args: Args) -> Args:
             raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     if args.learning_rate <= 0:
         raise UsageError(f"--learning-rate must be positive, got {args.learning_rate}")
+    try:
+        perturbed = [parse_perturbation(spec)[0] for spec in args.eval_perturbation]
+    except ValueError as error:
+        raise UsageError(f"--eval-perturbation: {error}") from None
+    if len(set(perturbed)) != len(perturbed):  # each logs eval/test_return_NAME: one strength per name
+        raise UsageError("--eval-perturbation names a perturbation twice")
     if not (0 <= args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
         raise UsageError("--gamma and --gae-lambda must lie in [0, 1]")
     batch_size = args.num_envs * args.num_steps
@@ -650,9 +661,26 @@ def explained_variance(values, returns) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
+# --eval-perturbation's perturbations are ppo.py's, the project's one implementation of them (robustness.py
+# uses them too); imported when called, so that a run without the flag needs nothing beside this file.
+
+
+def parse_perturbation(spec: str):
+    """(name, strength) from NAME or NAME:STRENGTH: ppo.parse_perturbation."""
+    from ppo import parse_perturbation
+    return parse_perturbation(spec)
+
+
+def EpisodePerturbation(name, strength, num_envs, seed):
+    """ppo.EpisodePerturbation: one random draw per episode of each env."""
+    from ppo import EpisodePerturbation
+    return EpisodePerturbation(name, strength, num_envs, seed)
+
+
 @torch.inference_mode()
-def evaluate(agent, env, device, seed, bf16=False, capture_video=False):
+def evaluate(agent, env, device, seed, bf16=False, capture_video=False, perturb=None):
     """Mean raw return of the first complete episode of every env, and env 0's frames if asked.
+    `perturb(frames, envs)`, if given (an EpisodePerturbation), changes the frames the network sees.
 
     Counting only each env's first episode avoids the bias towards short episodes that stopping
     "once N episodes have finished" across envs would have. Actions are sampled from the policy
@@ -662,7 +690,7 @@ def evaluate(agent, env, device, seed, bf16=False, capture_video=False):
     agent.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
     obs, _ = env.reset()
-    logits_of = eval_network(agent, obs, bf16, device)
+    logits_of = eval_network(agent, obs, bf16, device, perturb)
     returns = np.zeros(env.num_envs)
     finished = np.zeros(env.num_envs, dtype=bool)
     frames = [obs[0]] if capture_video else []
@@ -681,7 +709,7 @@ def evaluate(agent, env, device, seed, bf16=False, capture_video=False):
     return float(returns.mean()), frames
 
 
-def eval_network(agent, first_obs, bf16, device):
+def eval_network(agent, first_obs, bf16, device, perturb=None):
     """logits_of(obs, running): the policy's logits for the running envs' frames.
 
     On a GPU the network runs on every env from a CUDA graph, where a smaller batch would save
@@ -691,6 +719,8 @@ def eval_network(agent, first_obs, bf16, device):
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16, cache_enabled=False):
             return agent(obs)[0]
 
+    if perturb is not None:  # robustness tests: eager, as perturbed frames may be float (random convolution)
+        return lambda obs, running: logits(perturb(torch.as_tensor(obs[running], device=device), running))
     if device.type == "cuda":
         graphed = CudaGraphed(logits, torch.as_tensor(first_obs, device=device))
         return lambda obs, running: graphed(torch.as_tensor(obs, device=device))[torch.as_tensor(running, device=device)]
@@ -719,6 +749,12 @@ def log_evaluation(writer, agent, args: Args, device, iteration, global_step, ru
     writer.add_scalar("eval/test_return", test_return, global_step)
     writer.add_scalar("eval/train_return", train_return, global_step)
     writer.add_scalar("eval/generalization_gap", train_return - test_return, global_step)
+    for spec in args.eval_perturbation:  # the clean test's levels and action seed: only the frames differ
+        perturbation, strength = parse_perturbation(spec)
+        perturb = EpisodePerturbation(perturbation, strength, args.eval_episodes, eval_seed)
+        perturbed_return, _ = evaluate(agent, make_eval_env(args, 0, eval_seed), device, eval_seed, args.bf16,
+                                       perturb=perturb)
+        writer.add_scalar(f"eval/test_return_{perturbation}", perturbed_return, global_step)
     if args.capture_video:
         log_video(writer, "eval/video", frames, global_step, os.path.join(run_dir, "videos", f"{name}_{global_step}.gif"))
     return test_return
@@ -1250,7 +1286,9 @@ def resume_defaults(argv) -> Optional[Args]:
                 config = saved_config(run_dir)
             except UsageError:
                 return None  # main() reports the problem
-            fields = {k: v for k, v in config["args"].items() if k in Args.__dataclass_fields__}
+            # JSON gave back the tuple fields (--eval-perturbation) as lists.
+            fields = {k: tuple(v) if isinstance(v, list) else v for k, v in config["args"].items()
+                      if k in Args.__dataclass_fields__}
             return Args(**{**fields, "resume": run_dir})
     return None
 

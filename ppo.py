@@ -135,6 +135,11 @@ class Args:
     """evaluate on test and training levels every this many iterations"""
     eval_episodes: Optional[int] = None
     """evaluation environments, each contributing its first complete episode (default: num-envs)"""
+    eval_perturbation: tuple[str, ...] = ()
+    """at each evaluation, play the test levels again with the network seeing perturbed frames (one draw per
+    episode) and log eval/test_return_NAME, to follow robustness over training: random_conv, brightness,
+    contrast, saturation or hue, each as NAME or NAME:STRENGTH (weak, medium, strong or a number, as in
+    robustness.py), e.g. --eval-perturbation random_conv hue:strong"""
 
     # Speed (numerics stay float32 unless asked)
     bf16: bool = False
@@ -158,8 +163,8 @@ class UsageError(Exception):
 # Fields that may change when a run is resumed; every other field must match the checkpoint.
 RESUMABLE_FIELDS = {
     "cuda", "track", "wandb_project_name", "wandb_entity", "capture_video", "run_dir", "resume",
-    "checkpoint_interval", "total_timesteps", "eval_interval", "eval_episodes", "bf16", "compile",
-    "num_iterations",
+    "checkpoint_interval", "total_timesteps", "eval_interval", "eval_episodes", "eval_perturbation", "bf16",
+    "compile", "num_iterations",
 }
 
 
@@ -186,6 +191,12 @@ def validate_args(args: Args) -> Args:
             raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     if args.learning_rate <= 0:
         raise UsageError(f"--learning-rate must be positive, got {args.learning_rate}")
+    try:
+        perturbed = [parse_perturbation(spec)[0] for spec in args.eval_perturbation]
+    except ValueError as error:
+        raise UsageError(f"--eval-perturbation: {error}") from None
+    if len(set(perturbed)) != len(perturbed):  # each logs eval/test_return_NAME: one strength per name
+        raise UsageError("--eval-perturbation names a perturbation twice")
     if not (0 <= args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
         raise UsageError("--gamma and --gae-lambda must lie in [0, 1]")
     if not 0 <= args.dropout < 1:
@@ -531,6 +542,36 @@ AUGMENTATIONS = {
 AUGMENT_CHOICES = ("none", *AUGMENTATIONS, "ucb")
 # The robustness tests' perturbations and the largest strength each takes.
 PERTURBATION_MAX_STRENGTH = {"random_conv": 1.0, "brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.5}
+# Named strengths of each perturbation; a number up to PERTURBATION_MAX_STRENGTH works too.
+PERTURBATION_STRENGTHS = {
+    "random_conv": {"weak": 0.25, "medium": 0.5, "strong": 1.0},
+    "brightness": {"weak": 0.2, "medium": 0.4, "strong": 0.8},
+    "contrast": {"weak": 0.2, "medium": 0.4, "strong": 0.8},
+    "saturation": {"weak": 0.2, "medium": 0.4, "strong": 0.8},
+    "hue": {"weak": 0.1, "medium": 0.25, "strong": 0.5},
+}
+# Without a strength: Lee et al.'s full random convolution, and DrAC's colour-jitter ranges (0.4) for colours.
+DEFAULT_PERTURBATION_STRENGTH = {"random_conv": "strong", "brightness": "medium", "contrast": "medium",
+                                 "saturation": "medium", "hue": "medium"}
+
+
+def parse_perturbation(spec: str):
+    """(name, strength) from NAME or NAME:STRENGTH; ValueError, saying why, for an unknown name or a
+    strength out of range."""
+    name, _, strength = spec.partition(":")
+    if name not in PERTURBATION_STRENGTHS:
+        raise ValueError(f"unknown perturbation {name!r}; choose from: {', '.join(PERTURBATION_STRENGTHS)}")
+    strength = strength or DEFAULT_PERTURBATION_STRENGTH[name]
+    if strength in PERTURBATION_STRENGTHS[name]:
+        return name, PERTURBATION_STRENGTHS[name][strength]
+    highest = PERTURBATION_MAX_STRENGTH[name]
+    try:
+        value = float(strength)
+    except ValueError:
+        raise ValueError(f"strength {strength!r} of {name}: give weak, medium, strong or a number in [0, {highest:g}]") from None
+    if not 0 <= value <= highest:
+        raise ValueError(f"strength {strength} of {name} is out of range: it must lie in [0, {highest:g}]")
+    return name, value
 
 
 class EpisodePerturbation:
@@ -919,6 +960,12 @@ def log_evaluation(writer, agent, args: Args, device, iteration, global_step, ru
     writer.add_scalar("eval/test_return", test_return, global_step)
     writer.add_scalar("eval/train_return", train_return, global_step)
     writer.add_scalar("eval/generalization_gap", train_return - test_return, global_step)
+    for spec in args.eval_perturbation:  # the clean test's levels and action seed: only the frames differ
+        perturbation, strength = parse_perturbation(spec)
+        perturb = EpisodePerturbation(perturbation, strength, args.eval_episodes, eval_seed)
+        perturbed_return, _ = evaluate(agent, make_eval_env(args, 0, eval_seed), device, eval_seed, args.bf16,
+                                       perturb=perturb)
+        writer.add_scalar(f"eval/test_return_{perturbation}", perturbed_return, global_step)
     if args.capture_video:
         log_video(writer, "eval/video", frames, global_step, os.path.join(run_dir, "videos", f"{name}_{global_step}.gif"))
     return test_return
@@ -1383,7 +1430,9 @@ def resume_defaults(argv) -> Optional[Args]:
                 config = saved_config(run_dir)
             except UsageError:
                 return None  # main() reports the problem
-            fields = {k: v for k, v in config["args"].items() if k in Args.__dataclass_fields__}
+            # JSON gave back the tuple fields (--eval-perturbation) as lists.
+            fields = {k: tuple(v) if isinstance(v, list) else v for k, v in config["args"].items()
+                      if k in Args.__dataclass_fields__}
             return Args(**{**fields, "resume": run_dir})
     return None
 

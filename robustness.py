@@ -15,7 +15,8 @@ For every agent of every run (PPO: its one agent; MDPO: each of its K) and every
 The perturbations are ppo.py's (the ones DrAC trains with live there too): random convolution
 (Lee et al. 2020; strength s blends s of the filtered frame in, 1 is theirs), brightness, contrast,
 saturation (a factor from U[1 - s, 1 + s]) and hue (a turn of the colour wheel from U[-s, s]).
-A strength is a number or weak / medium / strong (see STRENGTHS).
+A strength is a number or weak / medium / strong (ppo.PERTURBATION_STRENGTHS; the same syntax as the
+training scripts' --eval-perturbation).
 
     python robustness.py runs/bigfish__ppo__1 runs/bigfish__mdpo__1 --label "CPU, 2 cores"
     python robustness.py RUNS... --perturbations random_conv hue:strong brightness:0.3 --episodes 100
@@ -36,24 +37,12 @@ from torch.distributions import Categorical
 
 import ppo
 
-# Named strengths of each perturbation; a number up to ppo.PERTURBATION_MAX_STRENGTH works too.
-STRENGTHS = {
-    "random_conv": {"weak": 0.25, "medium": 0.5, "strong": 1.0},
-    "brightness": {"weak": 0.2, "medium": 0.4, "strong": 0.8},
-    "contrast": {"weak": 0.2, "medium": 0.4, "strong": 0.8},
-    "saturation": {"weak": 0.2, "medium": 0.4, "strong": 0.8},
-    "hue": {"weak": 0.1, "medium": 0.25, "strong": 0.5},
-}
-# Without a strength: Lee et al.'s full random convolution, and DrAC's colour-jitter ranges (0.4) for colours.
-DEFAULT_STRENGTH = {"random_conv": "strong", "brightness": "medium", "contrast": "medium",
-                    "saturation": "medium", "hue": "medium"}
-
 
 @dataclass
 class RobustnessArgs:
     runs: tyro.conf.Positional[List[str]]
     """run directories (or their checkpoint.pt) of one game, any method"""
-    perturbations: List[str] = field(default_factory=lambda: list(STRENGTHS))
+    perturbations: List[str] = field(default_factory=lambda: list(ppo.PERTURBATION_STRENGTHS))
     """perturbations as NAME or NAME:STRENGTH (weak, medium, strong or a number), e.g. hue:strong brightness:0.3"""
     episodes: int = 64
     """test episodes per agent and perturbation (evaluation envs, each its first complete episode)"""
@@ -78,21 +67,11 @@ class UsageError(Exception):
 
 
 def parse_perturbation(spec: str):
-    """(name, strength) from NAME or NAME:STRENGTH; UsageError for an unknown name or a strength out of range."""
-    name, _, strength = spec.partition(":")
-    if name not in STRENGTHS:
-        raise UsageError(f"unknown perturbation {name!r}; choose from: {', '.join(STRENGTHS)}")
-    strength = strength or DEFAULT_STRENGTH[name]
-    if strength in STRENGTHS[name]:
-        return name, STRENGTHS[name][strength]
-    highest = ppo.PERTURBATION_MAX_STRENGTH[name]
+    """(name, strength) from NAME or NAME:STRENGTH (ppo.parse_perturbation); UsageError when it is refused."""
     try:
-        value = float(strength)
-    except ValueError:
-        raise UsageError(f"strength {strength!r} of {name}: give weak, medium, strong or a number in [0, {highest:g}]") from None
-    if not 0 <= value <= highest:
-        raise UsageError(f"strength {strength} of {name} is out of range: it must lie in [0, {highest:g}]")
-    return name, value
+        return ppo.parse_perturbation(spec)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def check(args: RobustnessArgs) -> list:

@@ -341,6 +341,34 @@ def test_evaluation_tests_on_all_levels_trains_on_the_training_levels_and_logs_t
 
 
 @pytest.mark.parametrize("module", [ppo, mdpo])
+def test_eval_perturbation_replays_the_clean_test_levels_with_perturbed_frames(module, scripted, monkeypatch):
+    args = module.validate_args(module.Args(num_levels=200, start_level=7, seed=3, num_envs=4, num_steps=16,
+                                            num_minibatches=2, total_timesteps=64, eval_episodes=3, cuda=False,
+                                            eval_perturbation=("random_conv", "hue:weak")))
+    agent = module.make_agent(args, CPU)
+    real_evaluate, perturbs = module.evaluate, []
+
+    def recording_evaluate(*positional, perturb=None, **keywords):
+        perturbs.append(perturb)
+        return real_evaluate(*positional, perturb=perturb, **keywords)
+
+    monkeypatch.setattr(module, "evaluate", recording_evaluate)
+    torch.manual_seed(11)
+    before = random_streams()
+    log = ScalarLog()
+    module.log_evaluation(log, agent, args, CPU, 1, 640, "unused", "agent1")
+    after = random_streams()
+    assert after[0] == before[0] and np.array_equal(after[1], before[1]) and torch.equal(after[2], before[2])
+    # Test, train, then the test levels again (same count, levels and seed) once per perturbation.
+    test, train, *again = scripted.made
+    assert again == [test, test] and train != test
+    assert perturbs[:2] == [None, None]
+    assert [(p.name, p.strength, len(p.params)) for p in perturbs[2:]] == [("random_conv", 1.0, 3), ("hue", 0.1, 3)]
+    # The scripted games pay whatever the actions: the perturbed returns equal the clean one.
+    assert log.scalars["eval/test_return_random_conv"] == log.scalars["eval/test_return_hue"] == (pytest.approx(31 / 3), 640)
+
+
+@pytest.mark.parametrize("module", [ppo, mdpo])
 def test_evaluation_samples_with_its_own_seeded_generator(module):
     """Same seed, same actions; another seed, other actions; the training's stream untouched either way."""
     torch.manual_seed(0)
@@ -549,6 +577,8 @@ def another_value(value):
         return not value
     if isinstance(value, (int, float)):
         return value + 1
+    if isinstance(value, tuple):
+        return (*value, "other")
     return "other" if value is None else value + "-other"
 
 
@@ -602,6 +632,9 @@ def bad_input_cases(script):
         (["--num-envs", "3", "--num-steps", "5"], "does not divide into 2 minibatches"),
         (["--num-envs", "1", "--num-steps", "2"], "--norm-adv needs minibatches of at least 2 samples"),
         (["--total-timesteps", "32"], "--total-timesteps (32) is less than one batch (64)"),
+        (["--eval-perturbation", "blur"], "--eval-perturbation: unknown perturbation 'blur'"),
+        (["--eval-perturbation", "hue:0.6"], "--eval-perturbation: strength 0.6 of hue is out of range"),
+        (["--eval-perturbation", "hue", "random_conv", "hue:strong"], "--eval-perturbation names a perturbation twice"),
     ]
     for flag in ("total-timesteps", "num-envs", "num-steps", "num-minibatches", "update-epochs", "eval-interval",
                  "eval-episodes", "checkpoint-interval"):

@@ -29,6 +29,12 @@ def scalars(event_dir):
     return {tag: [event.step for event in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
 
 
+def returns(event_dir, tag):
+    accumulator = EventAccumulator(event_dir)
+    accumulator.Reload()
+    return [(event.step, event.value) for event in accumulator.Scalars(tag)]
+
+
 def event_dirs(module, run_dir):
     if module is ppo:
         return [run_dir]
@@ -40,13 +46,20 @@ def event_dirs(module, run_dir):
 def test_tiny_run_writes_every_tag_and_a_checkpoint(module, game, tmp_path):
     run_dir = str(tmp_path / "run")
     capture_video = game == "bigfish"
-    module.main(module.Args(env_id=game, total_timesteps=256, run_dir=run_dir, capture_video=capture_video, **TINY))
+    # Random convolution at strength 0 is the identity: its evaluation must replay the clean one exactly.
+    perturbations = ("random_conv:0", "hue") if game == "bigfish" else ()
+    module.main(module.Args(env_id=game, total_timesteps=256, run_dir=run_dir, capture_video=capture_video,
+                            eval_perturbation=perturbations, **TINY))
     expected = COMMON_TAGS | ({"losses/mutual_kl"} if module is mdpo else set())
     for event_dir in event_dirs(module, run_dir):
         steps = scalars(event_dir)
         assert expected <= set(steps), expected - set(steps)
         assert steps["charts/SPS"] == [128, 256]
         assert steps["eval/test_return"] == [256]
+        perturbed = {tag for tag in steps if tag.startswith("eval/test_return_")}
+        assert perturbed == ({"eval/test_return_random_conv", "eval/test_return_hue"} if perturbations else set())
+        if perturbations:
+            assert returns(event_dir, "eval/test_return_random_conv") == returns(event_dir, "eval/test_return")
         if capture_video:
             accumulator = EventAccumulator(event_dir)
             accumulator.Reload()
@@ -152,10 +165,12 @@ def test_bad_resumes_fail_and_overwrite_nothing(tmp_path):
 
 def test_resume_with_no_other_flags_uses_the_saved_config(tmp_path):
     run_dir = str(tmp_path / "run")
-    ppo.main(ppo.Args(env_id="starpilot", total_timesteps=128, run_dir=run_dir, **TINY))
+    ppo.main(ppo.Args(env_id="starpilot", total_timesteps=128, run_dir=run_dir, eval_perturbation=("hue",), **TINY))
     result = run_cli("ppo.py", "--resume", run_dir, "--total-timesteps", "256")
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "Warning" not in result.stderr  # config.json's lists are the tuples they were
     assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)["global_step"] == 256
+    assert [step for step, _ in returns(run_dir, "eval/test_return_hue")] == [128, 256]
 
 
 # A training process that presses Ctrl-C on itself at a chosen moment: just after the Nth checkpoint's

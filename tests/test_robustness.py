@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+import mdpo
 import ppo
 import robustness
-from helpers import ROOT
+from helpers import CUDA_MARKS, ROOT
 
 
 def test_tv_distance_of_a_policy_with_itself_is_zero_and_of_known_distributions_matches_by_hand():
@@ -58,17 +59,21 @@ def test_policy_shift_normalises_by_the_clean_frames_spread():
     assert still["tv_max"] == 0 and still["spread"] < 1e-5  # float noise of batched forwards only
 
 
-def test_evaluation_network_sees_the_perturbed_frames_of_the_running_envs():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA_MARKS)])
+@pytest.mark.parametrize("name", ["random_conv", "hue"])
+@pytest.mark.parametrize("module", [ppo, mdpo])  # robustness.py's evaluation and the scripts' --eval-perturbation
+def test_evaluation_network_sees_the_perturbed_frames_of_the_running_envs(module, name, device):
     torch.manual_seed(1)
-    agent = ppo.Agent().eval()
+    device = torch.device(device)
+    agent = module.Agent().to(device).eval()
     obs = torch.randint(0, 256, (5, 64, 64, 3), dtype=torch.uint8).numpy()
-    perturb = ppo.EpisodePerturbation("random_conv", 1.0, 5, seed=3)
+    perturb = module.EpisodePerturbation(name, 0.5, 5, seed=3)
     running = np.array([0, 3, 4])
-    logits_of = ppo.eval_network(agent, obs, False, torch.device("cpu"), perturb)
+    logits_of = module.eval_network(agent, obs, False, device, perturb)
     with torch.no_grad():
-        expected = agent(perturb(torch.as_tensor(obs[running]), running))[0]
+        expected = agent(perturb(torch.as_tensor(obs[running], device=device), running))[0]
         torch.testing.assert_close(logits_of(obs, running), expected)
-        assert not torch.allclose(expected, agent(torch.as_tensor(obs[running]))[0])
+        assert not torch.allclose(expected, agent(torch.as_tensor(obs[running], device=device))[0])
 
 
 def test_interval_is_student_t_with_the_sample_std():
