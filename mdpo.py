@@ -137,8 +137,8 @@ class Args:
     eval_perturbation: tuple[str, ...] = ()
     """at each evaluation, play the test levels again with the network seeing perturbed frames (one draw per
     episode) and log eval/test_return_NAME, to follow robustness over training: random_conv, brightness,
-    contrast, saturation or hue, each as NAME or NAME:STRENGTH (weak, medium, strong or a number, as in
-    robustness.py), e.g. --eval-perturbation random_conv hue:strong"""
+    contrast, saturation or hue, each as NAME or NAME:STRENGTH (weak, medium, strong or a number up to 1, 0.5
+    for hue; NAME alone: strong random_conv, medium colours; as robustness.py), e.g. random_conv hue:strong"""
 
     # Speed (numerics stay float32 unless asked)
     bf16: bool = False
@@ -162,9 +162,10 @@ class UsageError(Exception):
 # Fields that may change when a run is resumed; every other field must match the checkpoint.
 RESUMABLE_FIELDS = {
     "cuda", "track", "wandb_project_name", "wandb_entity", "capture_video", "run_dir", "resume",
-    "checkpoint_interval", "total_timesteps", "eval_interval", "eval_episodes", "eval_perturbation", "bf16",
-    "compile", "num_iterations",
+    "checkpoint_interval", "total_timesteps", "eval_interval", "eval_episodes", "bf16", "compile",
+    "num_iterations",
 }
+# Not --eval-perturbation: its tags do not name the strength, so another one would continue the same curve.
 
 
 def validate_args(args: Args) -> Args:
@@ -192,6 +193,7 @@ def validate_args(args: Args) -> Args:
             raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     if args.learning_rate <= 0:
         raise UsageError(f"--learning-rate must be positive, got {args.learning_rate}")
+    args = replace(args, eval_perturbation=tuple(args.eval_perturbation))  # a list from a config.json too
     try:
         perturbed = [parse_perturbation(spec)[0] for spec in args.eval_perturbation]
     except ValueError as error:
@@ -934,10 +936,12 @@ def saved_config(run_dir: str) -> dict:
 def check_compatible(args: Args, config: dict) -> None:
     """Refuse to resume with flags that change what the run computes."""
     for key, value in asdict(args).items():
-        # A field missing from an older run's config held its default there.
-        if key not in RESUMABLE_FIELDS and config["args"].get(key, Args.__dataclass_fields__[key].default) != value:
+        # A field missing from an older run's config held its default there; JSON keeps a tuple as a list.
+        saved = config["args"].get(key, Args.__dataclass_fields__[key].default)
+        saved = tuple(saved) if isinstance(saved, list) else saved
+        if key not in RESUMABLE_FIELDS and saved != value:
             raise UsageError(f"cannot resume: --{key.replace('_', '-')} is {value!r} here but "
-                             f"{config['args'].get(key)!r} in the checkpoint")
+                             f"{saved!r} in the checkpoint")
 
 
 def load_checkpoint(args: Args, device) -> dict:

@@ -11,6 +11,9 @@ writes under --out (default Fig/):
   profiles.png/.pdf         performance profiles: the fraction of runs above each normalised score
   generalization_gap.png/.pdf  train minus test return per game and method
   representation_cka.png/.pdf  eval/representation_cka of the runs that log it (MDPO, MDPO alpha=0), per game
+  perturbed_test_return.png/.pdf, perturbed_test_returns.md  for runs trained with --eval-perturbation: their
+                            test return under each perturbation over training, beside their clean one, and
+                            the drop (clean - perturbed, paired per run) at the compared step
   final_test_returns.md     test returns, mean +- sample std, and Welch's t-test of MDPO against each method
   plot_summary.json         every number drawn above
 and, with --reference results/reference/openai_ppo_hard500.csv (OpenAI's published PPO, hard, 500 levels):
@@ -50,6 +53,7 @@ HARD_MODE_RANGES = {
     "ninja": (2, 10), "plunder": (3, 30), "starpilot": (1.5, 35),
 }
 TEST, TRAIN, CKA = "eval/test_return", "eval/train_return", "eval/representation_cka"
+PERTURBED = "eval/test_return_"  # + a perturbation's name: what --eval-perturbation logs
 STD_NOTE = "bands: mean ± sample std (ddof=1) over seeds"
 AGENT_NOTE = ("multi-agent methods: each seed's score is the mean of its K agents, which narrows the band for a "
               "reason other than the method; dotted: mean ± sample std over the individual agents")
@@ -128,14 +132,14 @@ def display_name(method: str) -> str:
     return METHOD_NAMES.get(method, method)
 
 
-def read_scalars(event_dir: str, tags) -> Dict[str, tuple]:
-    """tag -> (steps, values), one value per step: a step logged twice (a resumed run re-logging an
-    evaluation after its checkpoint) keeps the later value."""
+def read_scalars(event_dir: str, tags, prefix: Optional[str] = None) -> Dict[str, tuple]:
+    """tag -> (steps, values) of these tags and of every tag starting with `prefix`, one value per step:
+    a step logged twice (a resumed run re-logging an evaluation after its checkpoint) keeps the later value."""
     accumulator = EventAccumulator(event_dir, size_guidance={"scalars": 0})
     accumulator.Reload()
     series = {}
-    for tag in tags:
-        if tag in accumulator.Tags()["scalars"]:
+    for tag in accumulator.Tags()["scalars"]:
+        if tag in tags or (prefix is not None and tag.startswith(prefix)):
             by_step = {event.step: event.value for event in accumulator.Scalars(tag)}
             steps = np.array(sorted(by_step))
             series[tag] = (steps, np.array([by_step[s] for s in steps], dtype=np.float64))
@@ -159,8 +163,9 @@ def load_run(run_dir: str, x_axis: str = "agent") -> dict:
     event_dirs = [run_dir] if num_agents == 1 else [os.path.join(run_dir, f"agent{i}") for i in range(1, num_agents + 1)]
     scale = num_agents if x_axis == "total" else 1
     curves, agent_curves = {}, {}
-    streams = [read_scalars(d, (TEST, TRAIN)) if os.path.isdir(d) else {} for d in event_dirs]  # each read once
-    for tag in (TEST, TRAIN):
+    streams = [read_scalars(d, (TEST, TRAIN), PERTURBED) if os.path.isdir(d) else {} for d in event_dirs]  # each once
+    perturbed = sorted({tag for stream in streams for tag in stream if tag.startswith(PERTURBED)})
+    for tag in (TEST, TRAIN, *perturbed):
         per_agent = [stream.get(tag) for stream in streams]
         if any(c is None or len(c[0]) == 0 for c in per_agent):
             continue
@@ -176,7 +181,20 @@ def load_run(run_dir: str, x_axis: str = "agent") -> dict:
     return {"game": args["env_id"], "method": display_name(method_of(config)), "seed": args["seed"], "args": args,
             "mode": args.get("distribution_mode", "hard"), "num_agents": num_agents,
             "finished": bool(status.get("finished")), "steps": status.get("global_step"),
+            "perturbations": perturbation_strengths(args, run_dir),
             "curves": curves, "agent_curves": agent_curves, "dir": run_dir}
+
+
+def perturbation_strengths(args: dict, run_dir: str) -> Dict[str, float]:
+    """name -> strength of the run's --eval-perturbation (a resume must keep them, so they hold for the whole run)."""
+    if not args.get("eval_perturbation"):
+        return {}
+    import ppo  # its parser: robustness.py's strength names
+
+    try:
+        return dict(ppo.parse_perturbation(spec) for spec in args["eval_perturbation"])
+    except (ValueError, TypeError) as error:
+        raise UsageError(f"{run_dir}: its config's --eval-perturbation is not one ({error})") from None
 
 
 def group(runs: List[dict]) -> Dict[str, Dict[str, List[dict]]]:
@@ -412,9 +430,13 @@ def draw_agent_band(ax, agent_curves, colour):
         ax.plot(steps, edge, color=colour, linestyle=":", linewidth=1)
 
 
-def finish_curve_figure(fig, axes, suptitle, notes, out, name):
+def finish_curve_figure(fig, suptitle, notes, out, name):
     """The legend to the right of the panels and the notes below them, where neither covers the other."""
-    handles, labels = axes[0].get_legend_handles_labels()
+    by_label = {}  # every panel's entries, once each: a method may be missing from the first panel
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            by_label.setdefault(label, handle)
+    handles, labels = list(by_label.values()), list(by_label)
     fig.suptitle(suptitle)
     fig.tight_layout()
     fig.legend(handles, labels, loc="center left", frameon=False, bbox_to_anchor=(1.0, 0.5))
@@ -440,7 +462,7 @@ def plot_curves(grouped, methods, step, title, x_axis, out) -> None:
         ax.set_ylabel("Average test return")
         style(ax)
     notes = [f"{STD_NOTE}; dashed: the step every number is compared at", AGENT_NOTE]
-    finish_curve_figure(fig, axes, f"Test return on unseen levels; compared {title}", notes, out,
+    finish_curve_figure(fig, f"Test return on unseen levels; compared {title}", notes, out,
                         "test_return")
 
 
@@ -468,10 +490,69 @@ def plot_cka(grouped, x_axis, label, out) -> bool:
     end = max(run["curves"][CKA][0][-1] for run in runs)
     seeds = seeds_text(len(rs) for by_method in logged.values() for rs in by_method.values())
     notes = [f"{STD_NOTE}; CKA on the run's fixed test-level frames, mean over agent pairs (Kornblith et al. 2019)"]
-    finish_curve_figure(fig, axes, f"Representation similarity of the agents (up to {end:,} "
+    finish_curve_figure(fig, f"Representation similarity of the agents (up to {end:,} "
                         f"{unit(x_axis)}, {seeds}, {label or 'hardware not stated (--label)'})", notes, out,
                         "representation_cka")
     return True
+
+
+def perturbed_runs(grouped) -> Dict[tuple, Dict[str, List[dict]]]:
+    """(game, perturbation, strength) -> method -> the runs that logged that perturbed test return."""
+    found = defaultdict(lambda: defaultdict(list))
+    for game, by_method in grouped.items():
+        for method, runs in by_method.items():
+            for run in runs:
+                for name, strength in run["perturbations"].items():
+                    if PERTURBED + name in run["curves"]:
+                        found[(game, name, strength)][method].append(run)
+    return {key: found[key] for key in sorted(found)}
+
+
+def perturbation_title(key) -> str:
+    game, name, strength = key
+    return f"{game}: {name} {strength:g}"
+
+
+def perturbed_table(found, methods, step, title) -> Tuple[str, dict]:
+    """Markdown and numbers, at `step`, of each method's clean and perturbed test return and of the drop,
+    clean - perturbed, taken run by run (both evaluations met the same levels) before the mean over seeds."""
+    lines = [f"Test return under --eval-perturbation {title}: mean ± sample std (ddof=1) over seeds (number of "
+             "seeds); drop = clean - perturbed, per run", "",
+             "| game: perturbation strength | method | clean | perturbed | drop |", "|---|---|---|---|---|"]
+    numbers = {}
+    for key, by_method in found.items():
+        numbers[perturbation_title(key)] = {}
+        for method in (m for m in methods if m in by_method):
+            clean = [value_at(run, TEST, step) for run in by_method[method]]
+            perturbed = [value_at(run, PERTURBED + key[1], step) for run in by_method[method]]
+            drops = [c - p for c, p in zip(clean, perturbed)]
+            numbers[perturbation_title(key)][method] = {"clean": clean, "perturbed": perturbed, "drop": drops}
+            lines.append(f"| {perturbation_title(key)} | {method} | {mean_std_cell(clean)} | "
+                         f"{mean_std_cell(perturbed)} | {mean_std_cell(drops)} |")
+    return "\n".join(lines) + "\n", numbers
+
+
+def plot_perturbed(found, methods, step, title, x_axis, out) -> None:
+    """One panel per game and perturbation: each method's perturbed test return, its clean one dashed."""
+    fig, axes = panels(len(found))
+    for ax, (key, by_method) in zip(axes, found.items()):
+        for method in (m for m in methods if m in by_method):
+            colour = colour_of(method, methods)
+            draw_band(ax, [run["curves"][PERTURBED + key[1]] for run in by_method[method]], colour, method)
+            steps, clean, _ = mean_std_curve([run["curves"][TEST] for run in by_method[method]])
+            ax.plot(steps, clean, color=colour, linestyle="--", linewidth=1)
+        ax.axvline(step, color="black", linestyle=":", linewidth=0.8)
+        ax.set_title(perturbation_title(key))
+        ax.set_xlabel(unit(x_axis).capitalize())
+        ax.set_ylabel("Average test return")
+        style(ax)
+    notes = [f"{STD_NOTE}; dashed: the same runs' clean test return (mean); dotted: the compared step",
+             "each perturbed evaluation replays the clean one's levels and action seed, the network seeing perturbed "
+             "frames (one random draw per episode)",
+             "a multi-agent run's curve is the mean of its K agents, which narrows its band for a reason other than "
+             "the method"]
+    finish_curve_figure(fig, f"Test return under visual perturbations; compared {title}", notes, out,
+                        "perturbed_test_return")
 
 
 def interval_rows(ax, names, estimates, intervals, colours):
@@ -753,7 +834,7 @@ def plot_reference(grouped, methods, reference, label, x_axis, notes, out) -> No
         style(ax)
     notes = [f"{STD_NOTE}; dotted: the last step all of the game's runs reached"] + REFERENCE_NOTES + notes
     seeds = seeds_text(len(runs) for by_method in grouped.values() for runs in by_method.values())
-    finish_curve_figure(fig, axes, f"Test return against OpenAI's published PPO; {seeds}, {label}", notes, out,
+    finish_curve_figure(fig, f"Test return against OpenAI's published PPO; {seeds}, {label}", notes, out,
                         "reference")
 
 
@@ -852,6 +933,12 @@ def main(args: PlotArgs) -> dict:
     with open(os.path.join(args.out, "final_test_returns.md"), "w") as f:
         f.write(table)
     print(table)
+    found = perturbed_runs(grouped)
+    if found:
+        perturbed_markdown, summary["perturbed"] = perturbed_table(found, methods, step, title)
+        with open(os.path.join(args.out, "perturbed_test_returns.md"), "w") as f:
+            f.write(perturbed_markdown)
+        print(perturbed_markdown)
     if args.reference:
         summary["reference"] = compare_with_reference(grouped, methods, args)
     with open(os.path.join(args.out, "plot_summary.json"), "w") as f:
@@ -860,6 +947,8 @@ def main(args: PlotArgs) -> dict:
         print(f"note: no normalisation constants for {mode} mode: aggregate, improvement and profiles skipped")
     if args.figures:
         draw_all(grouped, methods, step, title, stats, gaps, args)
+        if found:
+            plot_perturbed(found, methods, step, title, args.x_axis, args.out)
     print(f"{len(all_runs(grouped))} runs; written to {args.out}/")
     return summary
 

@@ -336,18 +336,18 @@ FORWARDER = SignalForwarder()
 
 def config_difference(config: dict, expected: dict, script: str) -> Optional[str]:
     """How a run's config.json differs from what the job would run, in the fields a resume may not
-    change; None when it does not. Fields the run predates count at their defaults (METHOD_FIELDS)."""
+    change; None when it does not. Fields the run predates count at their defaults, as the scripts' resume
+    counts them."""
     if not isinstance(config, dict) or not isinstance(config.get("args"), dict):
         return "its config.json is missing or not a run's config"
     if config.get("script") != script:
         return f"it was made by {config.get('script')}.py, not {script}.py"
-    resumable = (mdpo if script == "mdpo" else ppo).RESUMABLE_FIELDS
-    missing = object()
+    module = mdpo if script == "mdpo" else ppo
     for key, value in expected.items():
-        saved = config["args"].get(key, METHOD_FIELDS[script].get(key, missing))
-        if key not in resumable and saved != value:
-            there = "absent" if saved is missing else repr(saved)
-            return f"--{key.replace('_', '-')} is {there} there, {value!r} here"
+        saved = config["args"].get(key, module.Args.__dataclass_fields__[key].default)
+        saved = tuple(saved) if isinstance(saved, list) else saved  # JSON keeps a tuple as a list
+        if key not in module.RESUMABLE_FIELDS and saved != value:
+            return f"--{key.replace('_', '-')} is {saved!r} there, {value!r} here"
     saved_total, total = config["args"].get("total_timesteps"), expected["total_timesteps"]
     if not isinstance(saved_total, int) or saved_total > total:
         return f"--total-timesteps is {saved_total!r} there, {total!r} here (a run is extended, never shortened)"

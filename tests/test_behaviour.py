@@ -346,13 +346,18 @@ def test_eval_perturbation_replays_the_clean_test_levels_with_perturbed_frames(m
                                             num_minibatches=2, total_timesteps=64, eval_episodes=3, cuda=False,
                                             eval_perturbation=("random_conv", "hue:weak")))
     agent = module.make_agent(args, CPU)
-    real_evaluate, perturbs = module.evaluate, []
+    real_evaluate, real_eval_network, seeds, perturbs = module.evaluate, module.eval_network, [], []
 
-    def recording_evaluate(*positional, perturb=None, **keywords):
-        perturbs.append(perturb)
-        return real_evaluate(*positional, perturb=perturb, **keywords)
+    def recording_evaluate(agent, env, device, seed, *rest, **keywords):
+        seeds.append(seed)
+        return real_evaluate(agent, env, device, seed, *rest, **keywords)
+
+    def recording_eval_network(agent, first_obs, bf16, device, perturb=None):
+        perturbs.append(perturb)  # what the network's frames go through (test_robustness checks it is applied)
+        return real_eval_network(agent, first_obs, bf16, device, perturb)
 
     monkeypatch.setattr(module, "evaluate", recording_evaluate)
+    monkeypatch.setattr(module, "eval_network", recording_eval_network)
     torch.manual_seed(11)
     before = random_streams()
     log = ScalarLog()
@@ -362,6 +367,7 @@ def test_eval_perturbation_replays_the_clean_test_levels_with_perturbed_frames(m
     # Test, train, then the test levels again (same count, levels and seed) once per perturbation.
     test, train, *again = scripted.made
     assert again == [test, test] and train != test
+    assert seeds[2:] == [seeds[0], seeds[0]]  # the clean test's action seed
     assert perturbs[:2] == [None, None]
     assert [(p.name, p.strength, len(p.params)) for p in perturbs[2:]] == [("random_conv", 1.0, 3), ("hue", 0.1, 3)]
     # The scripted games pay whatever the actions: the perturbed returns equal the clean one.
@@ -567,7 +573,8 @@ def test_after_an_interrupted_run_resumes_its_logged_episodes_are_those_of_one_s
 # Fields whose change alters what a run computes: a resume must refuse every one of them.
 MUST_MATCH = {"seed", "torch_deterministic", "env_id", "num_levels", "start_level", "distribution_mode",
               "learning_rate", "num_envs", "num_steps", "gamma", "gae_lambda", "num_minibatches", "update_epochs",
-              "norm_adv", "clip_coef", "ent_coef", "vf_coef", "max_grad_norm", "batch_size", "minibatch_size"}
+              "norm_adv", "clip_coef", "ent_coef", "vf_coef", "max_grad_norm", "batch_size", "minibatch_size",
+              "eval_perturbation"}  # the last: its tags do not name the strength; another would continue the curve
 MUST_MATCH_OF = {ppo: MUST_MATCH | {"l2_coef", "dropout", "augment", "drac_coef"},
                  mdpo: MUST_MATCH | {"num_agents", "alpha", "detach_peer"}}
 
@@ -584,8 +591,11 @@ def another_value(value):
 
 @pytest.mark.parametrize("module", [ppo, mdpo])
 def test_resume_refuses_every_field_outside_the_resumable_ones(module):
-    args = module.validate_args(module.Args(num_envs=4, num_steps=16, num_minibatches=2, total_timesteps=64))
-    config = {"script": module.SCRIPT, "args": dataclasses.asdict(args)}
+    args = module.validate_args(module.Args(num_envs=4, num_steps=16, num_minibatches=2, total_timesteps=64,
+                                            eval_perturbation=("hue",)))
+    # Through JSON, as config.json holds it (tuples come back as lists).
+    config = json.loads(json.dumps({"script": module.SCRIPT, "args": dataclasses.asdict(args)}))
+    module.check_compatible(args, config)
     names = {field.name for field in dataclasses.fields(module.Args)}
     assert MUST_MATCH_OF[module] <= names - module.RESUMABLE_FIELDS
     for name in sorted(names):

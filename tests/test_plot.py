@@ -16,9 +16,11 @@ from helpers import ROOT
 STEP = 1000  # evaluations at 1000, 2000, ...
 
 
-def write_run(root, script, game, seed, test, train=None, num_agents=2, cka=None, finished=None, name=None, **args):
+def write_run(root, script, game, seed, test, train=None, num_agents=2, cka=None, finished=None, name=None,
+              perturbed=None, **args):
     """A run directory as ppo.py / mdpo.py leave it. An MDPO run's agents log test +- offsets that cancel
-    (their mean is `test`); `cka` goes to the run directory's own stream, as mdpo.py logs it."""
+    (their mean is `test`); `cka` goes to the run directory's own stream, as mdpo.py logs it; `perturbed`
+    maps a perturbation's name to its eval/test_return_{name} (give the config's eval_perturbation too)."""
     method = name or args.get("exp_name", script)
     run_dir = os.path.join(root, f"{game}__{method}__{seed}")
     os.makedirs(run_dir)
@@ -35,6 +37,8 @@ def write_run(root, script, game, seed, test, train=None, num_agents=2, cka=None
             writer.add_scalar("eval/test_return", value + offset, (i + 1) * STEP)
             if train is not None:
                 writer.add_scalar("eval/train_return", train[i] + offset, (i + 1) * STEP)
+            for perturbation, values in (perturbed or {}).items():
+                writer.add_scalar(f"eval/test_return_{perturbation}", values[i] - offset, (i + 1) * STEP)
         writer.close()
     if cka is not None:
         writer = SummaryWriter(run_dir)
@@ -279,6 +283,54 @@ def test_cka_figure_from_the_runs_that_log_it_and_a_note_when_none(tmp_path):
     np.testing.assert_allclose(std, [statistics.stdev([0.2, 0.4]), statistics.stdev([0.6, 0.8])])
     assert plot.plot_cka(grouped, "agent", "synthetic", str(tmp_path / "fig"))
     assert (tmp_path / "fig" / "representation_cka.png").stat().st_size > 0
+
+
+def test_perturbed_returns_and_paired_drops_at_the_compared_step_per_strength(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs, "ppo", "bigfish", 1, [1.0, 5.0], perturbed={"hue": [0.5, 2.0]}, eval_perturbation=["hue:strong"])
+    write_run(runs, "ppo", "bigfish", 2, [2.0, 9.0], perturbed={"hue": [1.0, 3.0]}, eval_perturbation=["hue:strong"])
+    write_run(runs, "ppo", "bigfish", 3, [4.0, 4.0])  # no --eval-perturbation: only in the clean comparison
+    for seed, test, hue, conv in ((1, [2.0, 6.0], [1.0, 5.0], [1.0, 4.0]), (2, [3.0, 7.0], [2.0, 6.5], [2.0, 1.0])):
+        write_run(runs, "mdpo", "bigfish", seed, test, perturbed={"hue": hue, "random_conv": conv},
+                  eval_perturbation=["hue:strong", "random_conv"])
+    # Another strength of hue is another comparison, not a third MDPO seed of this one.
+    write_run(runs, "mdpo", "bigfish", 3, [3.0, 8.0], perturbed={"hue": [3.0, 8.0]}, eval_perturbation=["hue:0.1"])
+    summary = plot.main(plot_args(tmp_path))
+    perturbed = summary["perturbed"]
+    assert list(perturbed) == ["bigfish: hue 0.1", "bigfish: hue 0.5", "bigfish: random_conv 1"]
+    assert perturbed["bigfish: hue 0.5"]["PPO"] == {"clean": [5.0, 9.0], "perturbed": [2.0, 3.0], "drop": [3.0, 6.0]}
+    assert perturbed["bigfish: hue 0.5"]["MDPO"] == {"clean": [6.0, 7.0], "perturbed": [5.0, 6.5], "drop": [1.0, 0.5]}
+    assert perturbed["bigfish: random_conv 1"] == {"MDPO": {"clean": [6.0, 7.0], "perturbed": [4.0, 1.0],
+                                                            "drop": [2.0, 6.0]}}
+    assert perturbed["bigfish: hue 0.1"] == {"MDPO": {"clean": [8.0], "perturbed": [8.0], "drop": [0.0]}}
+    table = (tmp_path / "fig" / "perturbed_test_returns.md").read_text()
+    assert f"| bigfish: hue 0.5 | PPO | 7.00 ± {statistics.stdev([5, 9]):.2f} (2) | 2.50 ± 0.71 (2) | 4.50 ± 2.12 (2) |" in table
+
+
+def test_no_perturbed_table_without_eval_perturbation_and_a_bad_spec_is_one_line(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs, "ppo", "bigfish", 1, [1.0, 5.0])
+    assert "perturbed" not in plot.main(plot_args(tmp_path))
+    assert not (tmp_path / "fig" / "perturbed_test_returns.md").exists()
+    write_run(runs, "ppo", "bigfish", 2, [1.0, 5.0], perturbed={"blur": [1.0, 2.0]}, eval_perturbation=["blur"])
+    with pytest.raises(plot.UsageError, match="bigfish__ppo__2: its config's --eval-perturbation is not one"):
+        plot.main(plot_args(tmp_path))
+
+
+def test_perturbed_figure_has_a_panel_per_game_and_perturbation_and_every_method_in_its_legend(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    write_run(runs, "ppo", "bigfish", 1, [1.0, 5.0], perturbed={"hue": [0.5, 2.0]}, eval_perturbation=["hue"])
+    write_run(runs, "mdpo", "starpilot", 1, [2.0, 6.0], perturbed={"hue": [1.0, 5.0]}, eval_perturbation=["hue"])
+    grouped = plot.group([plot.load_run(d) for d in plot.find_runs([str(runs)])])
+    found = plot.perturbed_runs(grouped)
+    saved = {}
+    monkeypatch.setattr(plot, "save", lambda fig, out, name: saved.update(fig=fig, name=name))
+    plot.plot_perturbed(found, ["PPO", "MDPO"], 2 * STEP, "synthetic", "agent", str(tmp_path / "fig"))
+    fig = saved["fig"]
+    assert saved["name"] == "perturbed_test_return"
+    assert [ax.get_title() for ax in fig.axes if ax.get_visible()] == ["bigfish: hue 0.25", "starpilot: hue 0.25"]
+    # MDPO is not in the first panel; the legend still names it.
+    assert [text.get_text() for text in fig.legends[0].get_texts()] == ["PPO", "MDPO"]
 
 
 # ---------------------------------------------------------------------------------------------

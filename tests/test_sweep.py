@@ -307,12 +307,17 @@ def test_a_finished_run_made_with_other_flags_is_reported_not_overwritten(tmp_pa
 
 def test_a_run_that_predates_the_new_fields_matches_at_their_defaults(tmp_path):
     ppo_job, mdpo_job = sweep.make_jobs(sweep_args(tmp_path, methods=["ppo", "mdpo"]))
-    old_ppo = {k: v for k, v in ppo_job.expected.items() if k not in ("augment", "drac_coef")}
+    old_ppo = {k: v for k, v in ppo_job.expected.items() if k not in ("augment", "drac_coef", "eval_perturbation")}
     write_run(ppo_job, config_args=old_ppo)
     write_run(mdpo_job, config_args={k: v for k, v in mdpo_job.expected.items() if k != "num_agents"})
     assert ppo_job.state().kind == mdpo_job.state().kind == "done"
     write_run(ppo_job, config_args={**old_ppo, "augment": "crop"})
     assert "--augment is 'crop' there, 'none' here" in ppo_job.state().detail
+    # config.json holds --eval-perturbation as a list: the same perturbations match, others do not.
+    write_run(ppo_job, config_args={**old_ppo, "eval_perturbation": []})
+    assert ppo_job.state().kind == "done"
+    write_run(ppo_job, config_args={**old_ppo, "eval_perturbation": ["hue"]})
+    assert "--eval-perturbation is ('hue',) there, () here" in ppo_job.state().detail
 
 
 def test_resumable_fields_may_differ_and_a_run_is_extended_not_shortened(tmp_path):
