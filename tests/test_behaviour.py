@@ -375,6 +375,30 @@ def test_eval_perturbation_replays_the_clean_test_levels_with_perturbed_frames(m
 
 
 @pytest.mark.parametrize("module", [ppo, mdpo])
+def test_eval_perturbation_given_as_a_list_is_kept_as_a_tuple_and_resumes(module):
+    args = module.validate_args(module.Args(num_envs=4, num_steps=16, num_minibatches=2, total_timesteps=64,
+                                            eval_perturbation=["hue"]))
+    assert args.eval_perturbation == ("hue",)
+    module.check_compatible(args, json.loads(json.dumps({"script": module.SCRIPT, "args": dataclasses.asdict(args)})))
+
+
+@pytest.mark.parametrize("module", [ppo, mdpo])
+def test_eval_perturbation_draws_from_the_evaluation_seed(module, scripted, monkeypatch):
+    """Fresh draws at every evaluation, from its seed, the same way in both scripts (comparable curves)."""
+    args = module.validate_args(module.Args(num_envs=4, num_steps=16, num_minibatches=2, total_timesteps=64,
+                                            eval_episodes=3, cuda=False, eval_perturbation=("random_conv",)))
+    perturbs, real = [], module.eval_network
+    monkeypatch.setattr(module, "eval_network",
+                        lambda a, o, b, d, perturb=None: perturbs.append(perturb) or real(a, o, b, d, perturb))
+    for iteration in (1, 2):
+        module.log_evaluation(ScalarLog(), module.make_agent(args, CPU), args, CPU, iteration, 640, "unused", "a")
+    drawn = [p.params for p in perturbs if p is not None]
+    expected = [ppo.EpisodePerturbation("random_conv", 1.0, 3, args.seed + 1_000_000 + i).params for i in (1, 2)]
+    assert len(drawn) == 2 and all(torch.equal(d, e) for d, e in zip(drawn, expected))
+    assert not torch.equal(drawn[0], drawn[1])
+
+
+@pytest.mark.parametrize("module", [ppo, mdpo])
 def test_evaluation_samples_with_its_own_seeded_generator(module):
     """Same seed, same actions; another seed, other actions; the training's stream untouched either way."""
     torch.manual_seed(0)

@@ -333,6 +333,34 @@ def test_perturbed_figure_has_a_panel_per_game_and_perturbation_and_every_method
     assert [text.get_text() for text in fig.legends[0].get_texts()] == ["PPO", "MDPO"]
 
 
+def test_perturbed_table_compares_clean_and_perturbed_at_the_compared_step_not_the_last(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs, "ppo", "bigfish", 1, [1.0, 5.0, 50.0], perturbed={"hue": [0.5, 2.0, 40.0]}, eval_perturbation=["hue"])
+    write_run(runs, "ppo", "bigfish", 2, [2.0, 9.0], perturbed={"hue": [1.0, 3.0]}, eval_perturbation=["hue"])
+    row = plot.main(plot_args(tmp_path))["perturbed"]["bigfish: hue 0.25"]["PPO"]
+    assert row == {"clean": [5.0, 9.0], "perturbed": [2.0, 3.0], "drop": [3.0, 6.0]}
+
+
+def test_a_run_missing_one_of_its_perturbed_curves_is_left_out_of_that_comparison(tmp_path):
+    runs = tmp_path / "runs"  # e.g. stopped during its first perturbed evaluations
+    write_run(runs, "ppo", "bigfish", 1, [1.0, 5.0], perturbed={"hue": [0.5, 2.0]},
+              eval_perturbation=["hue", "random_conv"])
+    assert list(plot.main(plot_args(tmp_path))["perturbed"]) == ["bigfish: hue 0.25"]
+
+
+def test_perturbed_figure_draws_the_perturbed_mean_solid_and_the_clean_mean_dashed(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    write_run(runs, "ppo", "bigfish", 1, [1.0, 5.0], perturbed={"hue": [0.5, 2.0]}, eval_perturbation=["hue"])
+    write_run(runs, "ppo", "bigfish", 2, [3.0, 7.0], perturbed={"hue": [1.5, 4.0]}, eval_perturbation=["hue"])
+    found = plot.perturbed_runs(plot.group([plot.load_run(d) for d in plot.find_runs([str(runs)])]))
+    saved = {}
+    monkeypatch.setattr(plot, "save", lambda fig, out, name: saved.update(fig=fig))
+    plot.plot_perturbed(found, ["PPO"], 2 * STEP, "synthetic", "agent", str(tmp_path / "fig"))
+    lines = {line.get_linestyle(): list(line.get_ydata()) for line in saved["fig"].axes[0].get_lines()
+             if line.get_linestyle() in ("-", "--")}
+    assert lines == {"-": [1.0, 3.0], "--": [2.0, 6.0]}
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------

@@ -91,6 +91,12 @@ def test_perturbation_specs(spec, expected):
     assert robustness.parse_perturbation(spec) == expected
 
 
+@pytest.mark.parametrize("spec, expected", [("hue:0.5", ("hue", 0.5)), ("random_conv:1", ("random_conv", 1.0)),
+                                            ("brightness:1.0", ("brightness", 1.0))])
+def test_a_numeric_strength_may_equal_the_largest_one(spec, expected):
+    assert ppo.parse_perturbation(spec) == expected
+
+
 @pytest.mark.parametrize("spec, message", [
     ("blur", "unknown perturbation 'blur'"), ("hue:0.6", "out of range"), ("brightness:-0.1", "out of range"),
     ("saturation:lots", "give weak, medium, strong or a number"),
