@@ -137,8 +137,9 @@ class Args:
     eval_perturbation: tuple[str, ...] = ()
     """at each evaluation, play the test levels again with the network seeing perturbed frames (one draw per
     episode) and log eval/test_return_NAME, to follow robustness over training: random_conv, brightness,
-    contrast, saturation or hue, each as NAME or NAME:STRENGTH (weak, medium, strong or a number up to 1, 0.5
-    for hue; NAME alone: strong random_conv, medium colours; as robustness.py), e.g. random_conv hue:strong"""
+    contrast, saturation or hue, each as NAME or NAME:STRENGTH (weak, medium, strong or a number, hue
+    up to 0.5 and the others up to 1; NAME alone: strong random_conv, medium colours; as robustness.py),
+    e.g. random_conv hue:strong"""
 
     # Speed (numerics stay float32 unless asked)
     bf16: bool = False
