@@ -20,7 +20,7 @@ started, else 0.
     # 2 jobs at a time on this machine (spread over the visible GPUs: CUDA_VISIBLE_DEVICES, if set)
     python sweep.py --root sweeps/demo --methods ppo mdpo --games bigfish starpilot --seeds 1 2 \
         --jobs 2 --flags="--total-timesteps 100000"
-    # three runs side by side on one GPU for 8 minutes, whatever steps they reach (--total-timesteps: a ceiling)
+    # four runs (PPO and MDPO, seeds 1 and 2) side by side on one GPU for 8 minutes, whatever steps they reach
     python sweep.py --root sweeps/slice --methods ppo mdpo --seeds 1 2 --jobs 4 --stop-after-min 8 \
         --games starpilot --flags="--bf16 --compile --eval-interval 4"
     # the paper's grid on a Slurm cluster, one GPU per job
