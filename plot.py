@@ -521,12 +521,12 @@ def perturbed_table(found, methods, step, title) -> Tuple[str, dict]:
              "| game: perturbation strength | method | clean | perturbed | drop |", "|---|---|---|---|---|"]
     numbers = {}
     for key, by_method in found.items():
-        numbers[perturbation_title(key)] = {}
+        panel = numbers[perturbation_title(key)] = {}
         for method in (m for m in methods if m in by_method):
             clean = [value_at(run, TEST, step) for run in by_method[method]]
             perturbed = [value_at(run, PERTURBED + key[1], step) for run in by_method[method]]
             drops = [c - p for c, p in zip(clean, perturbed)]
-            numbers[perturbation_title(key)][method] = {"clean": clean, "perturbed": perturbed, "drop": drops}
+            panel[method] = {"clean": clean, "perturbed": perturbed, "drop": drops}
             lines.append(f"| {perturbation_title(key)} | {method} | {mean_std_cell(clean)} | "
                          f"{mean_std_cell(perturbed)} | {mean_std_cell(drops)} |")
     return "\n".join(lines) + "\n", numbers

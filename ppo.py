@@ -1094,15 +1094,16 @@ def saved_config(run_dir: str) -> dict:
         raise UsageError(f"cannot resume: {path} is not a run's config")
     if config.get("script") != SCRIPT:
         raise UsageError(f"cannot resume: {run_dir} was made by {config.get('script')}.py, not {SCRIPT}.py")
+    # JSON gives the tuple fields (--eval-perturbation) back as lists: restore what Args held.
+    config["args"] = {key: tuple(value) if isinstance(value, list) else value for key, value in config["args"].items()}
     return config
 
 
 def check_compatible(args: Args, config: dict) -> None:
     """Refuse to resume with flags that change what the run computes."""
     for key, value in asdict(args).items():
-        # A field missing from an older run's config held its default there; JSON keeps a tuple as a list.
+        # A field missing from an older run's config held its default there.
         saved = config["args"].get(key, Args.__dataclass_fields__[key].default)
-        saved = tuple(saved) if isinstance(saved, list) else saved
         if key not in RESUMABLE_FIELDS and saved != value:
             raise UsageError(f"cannot resume: --{key.replace('_', '-')} is {value!r} here but "
                              f"{saved!r} in the checkpoint")
@@ -1435,9 +1436,7 @@ def resume_defaults(argv) -> Optional[Args]:
                 config = saved_config(run_dir)
             except UsageError:
                 return None  # main() reports the problem
-            # JSON gave back the tuple fields (--eval-perturbation) as lists.
-            fields = {k: tuple(v) if isinstance(v, list) else v for k, v in config["args"].items()
-                      if k in Args.__dataclass_fields__}
+            fields = {k: v for k, v in config["args"].items() if k in Args.__dataclass_fields__}
             return Args(**{**fields, "resume": run_dir})
     return None
 

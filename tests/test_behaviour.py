@@ -374,12 +374,20 @@ def test_eval_perturbation_replays_the_clean_test_levels_with_perturbed_frames(m
     assert log.scalars["eval/test_return_random_conv"] == log.scalars["eval/test_return_hue"] == (pytest.approx(31 / 3), 640)
 
 
+def config_as_saved(module, args, run_dir):
+    """The run's config as a resume reads it: written to config.json (tuples become lists), read by saved_config."""
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump({"script": module.SCRIPT, "args": dataclasses.asdict(args)}, f)
+    open(os.path.join(run_dir, "checkpoint.pt"), "w").close()
+    return module.saved_config(str(run_dir))
+
+
 @pytest.mark.parametrize("module", [ppo, mdpo])
-def test_eval_perturbation_given_as_a_list_is_kept_as_a_tuple_and_resumes(module):
+def test_eval_perturbation_given_as_a_list_is_kept_as_a_tuple_and_resumes(module, tmp_path):
     args = module.validate_args(module.Args(num_envs=4, num_steps=16, num_minibatches=2, total_timesteps=64,
                                             eval_perturbation=["hue"]))
     assert args.eval_perturbation == ("hue",)
-    module.check_compatible(args, json.loads(json.dumps({"script": module.SCRIPT, "args": dataclasses.asdict(args)})))
+    module.check_compatible(args, config_as_saved(module, args, tmp_path))
 
 
 @pytest.mark.parametrize("module", [ppo, mdpo])
@@ -614,11 +622,10 @@ def another_value(value):
 
 
 @pytest.mark.parametrize("module", [ppo, mdpo])
-def test_resume_refuses_every_field_outside_the_resumable_ones(module):
+def test_resume_refuses_every_field_outside_the_resumable_ones(module, tmp_path):
     args = module.validate_args(module.Args(num_envs=4, num_steps=16, num_minibatches=2, total_timesteps=64,
                                             eval_perturbation=("hue",)))
-    # Through JSON, as config.json holds it (tuples come back as lists).
-    config = json.loads(json.dumps({"script": module.SCRIPT, "args": dataclasses.asdict(args)}))
+    config = config_as_saved(module, args, tmp_path)  # through config.json, as a resume reads it
     module.check_compatible(args, config)
     names = {field.name for field in dataclasses.fields(module.Args)}
     assert MUST_MATCH_OF[module] <= names - module.RESUMABLE_FIELDS
