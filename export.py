@@ -22,12 +22,9 @@ import tyro
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import plot
+from plot import UsageError  # one class for both: plot.load_run's refusals are export's too (one line, exit 2)
 
 KEPT_FILES = ("config.json", "status.json", "diverged.json")
-
-
-class UsageError(Exception):
-    """Bad input: reported as one line on stderr, exit code 2."""
 
 
 @dataclass
