@@ -63,8 +63,9 @@ class Method:
     budget_scale: int = 1  # ppo_2x: the envs and total steps of --flags, times this
 
 
-# The augmentation DrAC (Raileanu et al. 2021) found best on each Procgen game: the per-game table
-# used with rraileanu/auto-drac's train.py (`env_to_aug`). ppo_drac_best runs each game with its entry.
+# The augmentation DrAC (Raileanu et al. 2021) found best on each Procgen game, as the `env_to_aug` table
+# of public train scripts built on rraileanu/auto-drac has it (auto-drac's own train.py takes it as
+# --aug_type; see docs/method.md). ppo_drac_best runs each game with its entry.
 DRAC_BEST_AUGMENT = {
     "bigfish": "crop", "bossfight": "flip", "caveflyer": "rotate", "chaser": "crop", "climber": "color-jitter",
     "coinrun": "random-conv", "dodgeball": "crop", "fruitbot": "crop", "heist": "crop", "jumper": "random-conv",

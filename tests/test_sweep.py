@@ -120,10 +120,13 @@ def test_method_flags_are_the_contracts():
     assert sweep.METHODS["mdpo_alpha0"].flags == ("--alpha", "0")
     assert sweep.METHODS["ppo_drac_crop"].flags == ("--augment", "crop", "--drac-coef", "0.1")
     assert sweep.METHODS["ppo_ucb_drac"].flags == ("--augment", "ucb", "--drac-coef", "0.1")
-    # DrAC's best augmentation per game, as in the table used with rraileanu/auto-drac
-    assert len(sweep.DRAC_BEST_AUGMENT) == 16 and set(sweep.DRAC_BEST_AUGMENT) == set(sweep.PROCGEN_GAMES)
-    assert [sweep.DRAC_BEST_AUGMENT[g] for g in ("bigfish", "bossfight", "caveflyer", "coinrun", "climber")] == [
-        "crop", "flip", "rotate", "random-conv", "color-jitter"]
+    # DrAC's best augmentation per game, every entry, as the env_to_aug table built on rraileanu/auto-drac has it
+    assert sweep.DRAC_BEST_AUGMENT == {
+        "bigfish": "crop", "starpilot": "crop", "fruitbot": "crop", "bossfight": "flip", "ninja": "color-jitter",
+        "plunder": "crop", "caveflyer": "rotate", "coinrun": "random-conv", "jumper": "random-conv",
+        "chaser": "crop", "climber": "color-jitter", "dodgeball": "crop", "heist": "crop", "leaper": "crop",
+        "maze": "crop", "miner": "color-jitter"}
+    assert set(sweep.DRAC_BEST_AUGMENT) == set(sweep.PROCGEN_GAMES)
 
 
 @pytest.mark.parametrize("script, args, method", [
