@@ -699,7 +699,7 @@ def evaluate(agent, env, device, seed, bf16=False, capture_video=False, perturb=
     frames = [obs[0]] if capture_video else []
     action = np.zeros(env.num_envs, dtype=np.int64)
     while not finished.all():  # every Procgen game has a time limit, so this ends
-        # Envs past their first episode idle with action 0; only the running ones' actions count.
+        # Envs past their first episode repeat their last action; only the running ones' rewards count.
         running = np.flatnonzero(~finished)
         logits = logits_of(obs, running)
         action[running] = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1).cpu().numpy()

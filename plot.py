@@ -154,14 +154,27 @@ def agents_mean(per_agent: List[tuple]) -> tuple:
     return steps, np.mean([values[np.searchsorted(s, steps)] for s, values in per_agent], axis=0)
 
 
+def samples_scale(method: str) -> int:
+    """How many times PPO's samples per iteration the method's one agent takes (ppo_2x: 2), from sweep.py."""
+    import sweep
+
+    return sweep.METHODS[method].budget_scale if method in sweep.METHODS else 1
+
+
 def load_run(run_dir: str, x_axis: str = "agent") -> dict:
     """A run's game, method, seed, mode and curves. With K agents its score curve is their mean; with
-    x_axis "total" its steps count every agent's environment steps (K x steps per agent)."""
+    x_axis "total" its steps count every agent's environment steps (K x steps per agent).
+
+    ppo_2x takes twice PPO's samples per iteration, as MDPO's two agents do together. On the per-agent
+    axis it is drawn at half its steps: at every x it has made as many updates as each method and seen as
+    many samples as MDPO's agents together, so all runs meet at the end of training. "total" draws its own steps.
+    """
     config = read_json(os.path.join(run_dir, "config.json"))
     args = config["args"]
+    method = method_of(config)
     num_agents = int(args.get("num_agents", 2)) if config["script"] == "mdpo" else 1
     event_dirs = [run_dir] if num_agents == 1 else [os.path.join(run_dir, f"agent{i}") for i in range(1, num_agents + 1)]
-    scale = num_agents if x_axis == "total" else 1
+    scale, per = (num_agents, 1) if x_axis == "total" else (1, samples_scale(method))
     curves, agent_curves = {}, {}
     streams = [read_scalars(d, (TEST, TRAIN), PERTURBED) if os.path.isdir(d) else {} for d in event_dirs]  # each once
     perturbed = sorted({tag for stream in streams for tag in stream if tag.startswith(PERTURBED)})
@@ -169,20 +182,20 @@ def load_run(run_dir: str, x_axis: str = "agent") -> dict:
         per_agent = [stream.get(tag) for stream in streams]
         if any(c is None or len(c[0]) == 0 for c in per_agent):
             continue
-        agent_curves[tag] = [(steps * scale, values) for steps, values in per_agent]
+        agent_curves[tag] = [(steps * scale // per, values) for steps, values in per_agent]
         steps, values = agents_mean(per_agent)
-        curves[tag] = (steps * scale, values)
+        curves[tag] = (steps * scale // per, values)
     if num_agents > 1 and os.path.isdir(run_dir):  # run-level scalars live in the run directory's own stream
         cka = read_scalars(run_dir, [CKA]).get(CKA)
         if cka is not None and len(cka[0]):
             curves[CKA] = (cka[0] * scale, cka[1])
     status_path = os.path.join(run_dir, "status.json")
     status = read_json(status_path) if os.path.isfile(status_path) else {}
-    return {"game": args["env_id"], "method": display_name(method_of(config)), "seed": args["seed"], "args": args,
+    return {"game": args["env_id"], "method": display_name(method), "seed": args["seed"], "args": args,
             "mode": args.get("distribution_mode", "hard"), "num_agents": num_agents,
             "finished": bool(status.get("finished")), "steps": status.get("global_step"),
             "perturbations": perturbation_strengths(args, run_dir),
-            "curves": curves, "agent_curves": agent_curves, "dir": run_dir}
+            "curves": curves, "agent_curves": agent_curves, "dir": run_dir, "steps_per_x": per}
 
 
 def perturbation_strengths(args: dict, run_dir: str) -> Dict[str, float]:
@@ -292,7 +305,15 @@ def title_of(grouped, step: int, args: PlotArgs) -> str:
     """What was compared: the step, which runs, how many seeds, on what."""
     which = "finished runs" if args.finished_only else "the last step all runs reached"
     seeds = seeds_text(len(runs) for by_method in grouped.values() for runs in by_method.values())
-    return f"at {step:,} {unit(args.x_axis)} ({which}), {seeds}, {args.label or 'hardware not stated (--label)'}"
+    return (f"at {step:,} {unit(args.x_axis)} ({which}), {seeds}, {args.label or 'hardware not stated (--label)'}"
+            + "".join(f"; {note}" for note in axis_notes(grouped)))
+
+
+def axis_notes(grouped) -> List[str]:
+    """Which methods the x-axis draws at a fraction of their steps (ppo_2x on the per-agent axis), and why."""
+    scaled = {run["method"]: run["steps_per_x"] for run in all_runs(grouped) if run["steps_per_x"] > 1}
+    return [f"{method} at {per}x these steps (its samples per iteration are {per}x PPO's, as many as MDPO's "
+            f"agents together; the same iteration)" for method, per in sorted(scaled.items())]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -846,6 +867,7 @@ def compare_with_reference(grouped, methods, args) -> dict:
         raise UsageError(f"{args.reference} has none of these games ({', '.join(missing)})")
     mismatches = reference_mismatches(all_runs(grouped))
     notes = ["our runs differ from its hyperparameters: " + ", ".join(mismatches)] if mismatches else []
+    notes += axis_notes(grouped)
     label = args.label or "hardware not stated (--label)"
     check = reference_check(grouped, methods, reference)
     table = reference_table(check, label)

@@ -61,6 +61,18 @@ def test_export_copies_only_the_scalars_and_says_how_they_were_made(tmp_path):
     assert sorted(run["method"] for run in map(plot.load_run, plot.find_runs([str(to)]))) == ["MDPO", "PPO"]
 
 
+def test_export_gives_ppo_2x_its_return_at_its_own_step(tmp_path):
+    run_dir = write_run(tmp_path / "runs", "ppo", 1, [1.0, 2.0], T0, 60)  # evaluated at 1,000 and 2,000 steps
+    config_path = os.path.join(run_dir, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config["args"]["exp_name"] = "ppo_2x"  # as sweep.py names it; plot's per-agent axis draws it at half its steps
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+    run = export.describe_run(run_dir)
+    assert run["method"] == "PPO 2x samples" and run["last_test"] == "2.00 at 2,000"
+
+
 def test_export_never_overwrites_and_appends_its_readme(tmp_path):
     write_run(tmp_path / "a", "ppo", 1, [1.0], T0, 60)
     write_run(tmp_path / "b", "ppo", 2, [1.0], T0, 60)

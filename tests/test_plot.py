@@ -17,7 +17,7 @@ STEP = 1000  # evaluations at 1000, 2000, ...
 
 
 def write_run(root, script, game, seed, test, train=None, num_agents=2, cka=None, finished=None, name=None,
-              perturbed=None, **args):
+              perturbed=None, step=STEP, **args):
     """A run directory as ppo.py / mdpo.py leave it. An MDPO run's agents log test +- offsets that cancel
     (their mean is `test`); `cka` goes to the run directory's own stream, as mdpo.py logs it; `perturbed`
     maps a perturbation's name to its eval/test_return_{name} (give the config's eval_perturbation too)."""
@@ -34,11 +34,11 @@ def write_run(root, script, game, seed, test, train=None, num_agents=2, cka=None
     for offset, event_dir in zip(offsets, event_dirs):
         writer = SummaryWriter(event_dir)
         for i, value in enumerate(test):
-            writer.add_scalar("eval/test_return", value + offset, (i + 1) * STEP)
+            writer.add_scalar("eval/test_return", value + offset, (i + 1) * step)
             if train is not None:
-                writer.add_scalar("eval/train_return", train[i] + offset, (i + 1) * STEP)
+                writer.add_scalar("eval/train_return", train[i] + offset, (i + 1) * step)
             for perturbation, values in (perturbed or {}).items():
-                writer.add_scalar(f"eval/test_return_{perturbation}", values[i] - offset, (i + 1) * STEP)
+                writer.add_scalar(f"eval/test_return_{perturbation}", values[i] - offset, (i + 1) * step)
         writer.close()
     if cka is not None:
         writer = SummaryWriter(run_dir)
@@ -46,7 +46,7 @@ def write_run(root, script, game, seed, test, train=None, num_agents=2, cka=None
             writer.add_scalar("eval/representation_cka", value, (i + 1) * STEP)
         writer.close()
     if finished is not None:
-        json.dump({"global_step": len(test) * STEP, "iteration": len(test), "finished": finished},
+        json.dump({"global_step": len(test) * step, "iteration": len(test), "finished": finished},
                   open(os.path.join(run_dir, "status.json"), "w"))
     return run_dir
 
@@ -152,6 +152,29 @@ def test_x_axis_total_compares_mdpo_and_ppo_at_equal_samples(tmp_path):
     assert total["aggregate"]["MDPO"]["mean"][0] == pytest.approx(20.0 / 40)
     assert total["aggregate"]["PPO"]["mean"][0] == pytest.approx(16.0 / 40)
     assert "environment steps of all agents" in (tmp_path / "fig" / "final_test_returns.md").read_text()
+
+
+def test_ppo_2x_meets_the_others_at_the_end_of_training_on_the_per_agent_axis(tmp_path):
+    # ppo_2x takes twice PPO's samples per iteration: its evaluations at 2,000 ... 8,000 of its steps are the
+    # iterations at which PPO and MDPO's agents evaluate at 1,000 ... 4,000 steps each.
+    runs = tmp_path / "runs"
+    write_run(runs, "ppo", "bigfish", 1, [4.0, 8.0, 12.0, 16.0])
+    write_run(runs, "mdpo", "bigfish", 1, [10.0, 20.0, 30.0, 40.0])
+    write_run(runs, "ppo", "bigfish", 1, [5.0, 10.0, 15.0, 20.0], name="ppo_2x", step=2 * STEP, num_envs=128)
+    np.testing.assert_array_equal(plot.load_run(str(runs / "bigfish__ppo_2x__1"))["curves"]["eval/test_return"][0],
+                                  [1000, 2000, 3000, 4000])
+    per_agent = plot.main(plot_args(tmp_path))
+    assert per_agent["compared_at"] == 4000  # the end of every run: ppo_2x at its 8,000 steps, not half way
+    assert per_agent["aggregate"]["PPO 2x samples"]["mean"][0] == pytest.approx(20.0 / 40)
+    assert per_agent["aggregate"]["MDPO"]["mean"][0] == pytest.approx(40.0 / 40)
+    table = (tmp_path / "fig" / "final_test_returns.md").read_text()
+    assert "PPO 2x samples at 2x these steps" in table and table_cell(table, "bigfish", "PPO 2x samples") == "20.00 (1)"
+    total = plot.main(plot_args(tmp_path, x_axis="total"))
+    # the total axis draws its own steps: at 4,000 samples each, PPO's last, MDPO's and ppo_2x's second evaluation
+    assert total["compared_at"] == 4000
+    assert total["aggregate"]["PPO 2x samples"]["mean"][0] == pytest.approx(10.0 / 40)
+    assert total["aggregate"]["MDPO"]["mean"][0] == pytest.approx(20.0 / 40)
+    assert "these steps" not in (tmp_path / "fig" / "final_test_returns.md").read_text()
 
 
 def test_runs_are_grouped_by_what_their_config_ran_not_their_name(tmp_path):
