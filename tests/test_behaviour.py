@@ -25,6 +25,7 @@ import mdpo
 import ppo
 from helpers import ROOT, random_batch
 from test_numerics import plain_forward, plain_ppo_loss
+from test_units import reference_gae
 
 CPU = torch.device("cpu")
 # Runs of 2 envs x 8 steps: the scripted episodes (3 and 4 steps) straddle every rollout's end.
@@ -481,6 +482,50 @@ def test_rollout_stores_normalised_clipped_rewards_and_reports_raw_episode_score
     assert episodes == scripted_episodes(4, 16)  # raw scores: 2 + 4 + 6 = 12 for a 3-step episode
 
 
+def frame_valued_policy(obs):
+    """Values that differ from frame to frame (the scripted frames encode each env's step), so a
+    bootstrap from the wrong frame or a done from the wrong step changes the advantages."""
+    n = obs.shape[0]
+    return torch.zeros(n, dtype=torch.long), torch.zeros(n), (obs.sum(dim=(1, 2, 3)) % 11).float() / 5
+
+
+@pytest.mark.parametrize("module", [ppo, mdpo])
+def test_rollout_advantages_are_gae_of_its_rewards_values_and_episode_ends(module, scripted):
+    # 2 envs x 8 steps: env 1's episodes (4 steps) end on the rollout's last step, env 0's (3 steps) do not.
+    args = module.validate_args(module.Args(num_envs=2, num_steps=8, num_minibatches=2, total_timesteps=16,
+                                            gamma=0.9, gae_lambda=0.8))
+    envs = module.make_envs(args, seed=0)
+    rollout = module.Rollout(args, CPU)
+    rollout.start(envs)
+    if module is ppo:
+        _, _, batch = ppo.collect_rollout(frame_valued_policy, envs, rollout, args, CPU, 0)
+    else:
+        _, _, (batch,) = mdpo.collect_rollouts([frame_valued_policy], [envs], [rollout], args, CPU, 0, False)
+    lengths = [3, 4]
+    starts = [[t > 0 and t % lengths[e] == 0 for e in range(2)] for t in range(8)]
+    next_start = [8 % length == 0 for length in lengths]
+    next_value = frame_valued_policy(rollout.next_obs)[2].tolist()
+    expected = reference_gae(rollout.rewards.tolist(), rollout.values.tolist(), starts, next_value, next_start,
+                             0.9, 0.8)
+    assert next_start == [False, True] and len(set(rollout.values.flatten().tolist())) > 2
+    np.testing.assert_allclose(batch["advantages"].view(8, 2).numpy(), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("module", [ppo, mdpo])
+def test_env_state_carries_the_reward_normaliser_so_a_resumed_run_scales_rewards_alike(module, scripted):
+    args = module.validate_args(module.Args(num_envs=2, num_steps=8, num_minibatches=2, total_timesteps=16))
+    stay = module.make_envs(args, seed=0)
+    stay.reset()
+    for _ in range(5):  # the scripted envs pay every step: the normaliser's statistics move
+        stay.step(np.zeros(2, dtype=np.int64))
+    resumed = module.make_envs(args, seed=0)
+    resumed.reset()
+    module.restore_env_state(resumed, module.env_state(stay))
+    for _ in range(4):
+        a, b = stay.step(np.zeros(2, dtype=np.int64))[1], resumed.step(np.zeros(2, dtype=np.int64))[1]
+        np.testing.assert_array_equal(a, b)
+
+
 # ---------------------------------------------------------------------------------------------
 # The network against an IMPALA-CNN written from the spec
 # ---------------------------------------------------------------------------------------------
@@ -597,6 +642,9 @@ def test_after_an_interrupted_run_resumes_its_logged_episodes_are_those_of_one_s
     monkeypatch.setattr(module, "write_checkpoint", real_write)
     module.main(dataclasses.replace(args, resume=run_dir))
     expected = scripted_episodes(2, 32)  # 4 rollouts of 8 steps of 2 envs
+    # every agent's training envs, before and after the resume, play the run's seed (the same levels)
+    training_seeds = [seed for n, levels, _, seed in scripted.made if (n, levels) == (2, args.num_levels)]
+    assert training_seeds == [args.seed] * 2 * (2 if module is mdpo else 1)
     for event_dir in event_dirs(module, run_dir):
         assert logged(event_dir, "charts/episodic_return") == [(s, r) for s, r, _ in expected]
         assert logged(event_dir, "charts/episodic_length") == [(s, length) for s, _, length in expected]

@@ -69,6 +69,11 @@ def test_tiny_run_writes_every_tag_and_a_checkpoint(module, game, tmp_path):
         assert len(gifs) == len(event_dirs(module, run_dir)) and all(g.endswith("_256.gif") for g in gifs)
     checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
     assert checkpoint["script"] == module.SCRIPT and checkpoint["global_step"] == 256
+    # SPEC: Adam, eps 1e-5, one group over every agent's parameters, no learning-rate annealing (after 2 of 2
+    # iterations cleanrl's annealing would have halved it)
+    (group,) = checkpoint["optimizer"]["param_groups"]
+    assert group["lr"] == 5e-4 and group["eps"] == 1e-5
+    assert len(group["params"]) == len(event_dirs(module, run_dir)) * len(list(module.Agent().parameters()))
     # The run's own stream says what it trained on, with the commit of the scripts.
     (step, machine), = machine_texts(run_dir)
     head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True, cwd=ROOT)
@@ -179,6 +184,7 @@ CTRL_C_RUN = """
 import os, signal, sys, tyro
 sys.path.insert(0, {root!r})
 import {script} as script
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job's shell starts it ignored
 where, nth = sys.argv[1], int(sys.argv[2])
 real_write, real_update, checkpoints = script.write_durably, script.update, []
 def write_then_interrupt(path, write):

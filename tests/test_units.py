@@ -191,8 +191,17 @@ def test_which_gradients_cross_between_agents(alpha, detach_peer, crosses):
     peer_grads = [g for g in agent_grads(agents[1]) if g is not None and g.abs().sum() > 0]
     if crosses:
         assert len(peer_grads) == len(list(agents[1].parameters())) - 2  # all but the value head
-    else:
-        assert peer_grads == []
+    else:  # not even zeros: with alpha = 0 the KL is left out, so a NaN in one agent cannot reach the other
+        assert all(g is None for g in agent_grads(agents[1]))
+
+
+@pytest.mark.parametrize("module", [ppo, mdpo])
+def test_explained_variance_is_one_minus_residual_variance_over_return_variance(module):
+    returns = torch.tensor([1.0, 2.0, 3.0, 4.0])  # variance 5/3 (ddof=1)
+    assert module.explained_variance(returns, returns) == pytest.approx(1.0)
+    assert module.explained_variance(torch.zeros(4), returns) == pytest.approx(0.0)
+    assert module.explained_variance(0.5 * returns, returns) == pytest.approx(0.75)  # 1 - (5/12) / (5/3)
+    assert math.isnan(module.explained_variance(torch.ones(4), torch.ones(4)))
 
 
 def test_mdpo_loss_is_ppo_loss_plus_alpha_kl():
