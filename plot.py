@@ -312,8 +312,18 @@ def title_of(grouped, step: int, args: PlotArgs) -> str:
 def axis_notes(grouped) -> List[str]:
     """Which methods the x-axis draws at a fraction of their steps (ppo_2x on the per-agent axis), and why."""
     scaled = {run["method"]: run["steps_per_x"] for run in all_runs(grouped) if run["steps_per_x"] > 1}
-    return [f"{method} at {per}x these steps (its samples per iteration are {per}x PPO's, as many as MDPO's "
-            f"agents together; the same iteration)" for method, per in sorted(scaled.items())]
+    return [f"{method} drawn at 1/{per} of its own steps ({per}x PPO's samples per iteration: at every x it has "
+            f"made as many updates as each method)" for method, per in sorted(scaled.items())]
+
+
+def at_own_steps(grouped):
+    """The runs with each drawn at its own environment steps (ppo_2x undone): OpenAI's band counts samples."""
+    def own(run):
+        per = run["steps_per_x"]
+        return run if per == 1 else {**run, "steps_per_x": 1,
+                                     "curves": {tag: (steps * per, values) for tag, (steps, values) in run["curves"].items()}}
+    return {game: {method: [own(run) for run in runs] for method, runs in by_method.items()}
+            for game, by_method in grouped.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -861,13 +871,13 @@ def plot_reference(grouped, methods, reference, label, x_axis, notes, out) -> No
 
 def compare_with_reference(grouped, methods, args) -> dict:
     """reference_check.md, the figure, and the numbers for plot_summary.json."""
+    grouped = at_own_steps(grouped)
     reference = read_reference(args.reference)
     missing = sorted(set(grouped) - set(reference))
     if len(missing) == len(grouped):
         raise UsageError(f"{args.reference} has none of these games ({', '.join(missing)})")
     mismatches = reference_mismatches(all_runs(grouped))
     notes = ["our runs differ from its hyperparameters: " + ", ".join(mismatches)] if mismatches else []
-    notes += axis_notes(grouped)
     label = args.label or "hardware not stated (--label)"
     check = reference_check(grouped, methods, reference)
     table = reference_table(check, label)

@@ -86,7 +86,7 @@ METHODS = {
                      "PPO + L2 weight penalty (Cobbe et al. 2019): is MDPO's gain generic weight regularisation?"),
     "ppo_dropout": Method("ppo", ("--dropout", "0.1"),
                           "PPO + dropout after each convolution (Cobbe et al. 2019): is it noise in the encoder?"),
-    "ppo_2x": Method("ppo", (), "PPO with twice the envs and twice the steps: as many samples per iteration and in "
+    "ppo_2x": Method("ppo", (), "PPO with twice --num-envs and --total-timesteps: as many samples per iteration and in "
                      "all as MDPO's two agents together, the same iterations (sample-matched)", budget_scale=2),
     **{f"ppo_drac_{augment}": Method("ppo", ("--augment", augment, "--drac-coef", DRAC_COEF), drac_about(augment))
        for augment in sorted(set(DRAC_BEST_AUGMENT.values()))},

@@ -158,23 +158,26 @@ def test_ppo_2x_meets_the_others_at_the_end_of_training_on_the_per_agent_axis(tm
     # ppo_2x takes twice PPO's samples per iteration: its evaluations at 2,000 ... 8,000 of its steps are the
     # iterations at which PPO and MDPO's agents evaluate at 1,000 ... 4,000 steps each.
     runs = tmp_path / "runs"
-    write_run(runs, "ppo", "bigfish", 1, [4.0, 8.0, 12.0, 16.0])
-    write_run(runs, "mdpo", "bigfish", 1, [10.0, 20.0, 30.0, 40.0])
-    write_run(runs, "ppo", "bigfish", 1, [5.0, 10.0, 15.0, 20.0], name="ppo_2x", step=2 * STEP, num_envs=128)
-    np.testing.assert_array_equal(plot.load_run(str(runs / "bigfish__ppo_2x__1"))["curves"]["eval/test_return"][0],
-                                  [1000, 2000, 3000, 4000])
+    write_run(runs, "ppo", "bigfish", 1, [4.0, 8.0, 12.0, 16.0], train=[5.0, 9.0, 13.0, 17.0])
+    write_run(runs, "mdpo", "bigfish", 1, [10.0, 20.0, 30.0, 40.0], train=[11.0, 21.0, 31.0, 41.0])
+    write_run(runs, "ppo", "bigfish", 1, [5.0, 10.0, 15.0, 20.0], train=[6.0, 12.0, 18.0, 24.0], name="ppo_2x",
+              step=2 * STEP, num_envs=128)
+    curves = plot.load_run(str(runs / "bigfish__ppo_2x__1"))["curves"]
+    for tag in ("eval/test_return", "eval/train_return"):
+        np.testing.assert_array_equal(curves[tag][0], [1000, 2000, 3000, 4000])
     per_agent = plot.main(plot_args(tmp_path))
     assert per_agent["compared_at"] == 4000  # the end of every run: ppo_2x at its 8,000 steps, not half way
+    assert per_agent["generalization_gap"]["bigfish"]["PPO 2x samples"] == [pytest.approx(24.0 - 20.0)]
     assert per_agent["aggregate"]["PPO 2x samples"]["mean"][0] == pytest.approx(20.0 / 40)
     assert per_agent["aggregate"]["MDPO"]["mean"][0] == pytest.approx(40.0 / 40)
     table = (tmp_path / "fig" / "final_test_returns.md").read_text()
-    assert "PPO 2x samples at 2x these steps" in table and table_cell(table, "bigfish", "PPO 2x samples") == "20.00 (1)"
+    assert "PPO 2x samples drawn at 1/2 of its own steps" in table and table_cell(table, "bigfish", "PPO 2x samples") == "20.00 (1)"
     total = plot.main(plot_args(tmp_path, x_axis="total"))
     # the total axis draws its own steps: at 4,000 samples each, PPO's last, MDPO's and ppo_2x's second evaluation
     assert total["compared_at"] == 4000
     assert total["aggregate"]["PPO 2x samples"]["mean"][0] == pytest.approx(10.0 / 40)
     assert total["aggregate"]["MDPO"]["mean"][0] == pytest.approx(20.0 / 40)
-    assert "these steps" not in (tmp_path / "fig" / "final_test_returns.md").read_text()
+    assert "of its own steps" not in (tmp_path / "fig" / "final_test_returns.md").read_text()
 
 
 def test_runs_are_grouped_by_what_their_config_ran_not_their_name(tmp_path):
@@ -511,6 +514,20 @@ def test_reference_compares_each_game_at_the_last_step_its_own_runs_reached(tmp_
     assert summary["compared_at"] == 2000  # the other figures: one step for every run
     assert games["bigfish"]["PPO"]["step"] == 4000 and games["bigfish"]["PPO"]["published"]["where"] == "above"
     assert games["starpilot"]["PPO"]["step"] == 2000 and games["starpilot"]["PPO"]["published"]["band"][1] == 10.0
+
+
+def test_reference_compares_ppo_2x_with_the_band_at_its_own_steps(tmp_path):
+    # OpenAI's band counts samples: ppo_2x (drawn at half its steps on the per-agent axis) meets it at its own.
+    runs = tmp_path / "runs"
+    write_run(runs, "ppo", "starpilot", 1, [1.0, 2.0, 3.0, 4.0])
+    write_run(runs, "ppo", "starpilot", 1, [3.0, 5.0, 6.0, 7.0], name="ppo_2x", step=2 * STEP, num_envs=128)
+    reference = write_reference(tmp_path / "ref.csv", three_runs("starpilot", [0, 8000], [(0, 8), (0, 8), (0, 8)]))
+    summary = plot.main(plot_args(tmp_path, reference=str(reference)))
+    assert summary["compared_at"] == 4000  # the others' per-agent axis: ppo_2x's 8,000 steps
+    rows = summary["reference"]["games"]["starpilot"]
+    assert rows["PPO"]["step"] == rows["PPO 2x samples"]["step"] == 4000  # the last step both reached, own steps
+    assert rows["PPO 2x samples"]["ours"] == 5.0  # its evaluation at 4,000 of its own steps, not its last
+    assert rows["PPO 2x samples"]["published"]["band"] == [4.0, 4.0, 4.0]
 
 
 def test_reference_names_differing_hyperparameters_and_refuses_another_task(tmp_path):
