@@ -459,18 +459,22 @@ def constant_policy(obs):
     return torch.zeros(n, dtype=torch.long), torch.zeros(n), torch.zeros(n)
 
 
+def one_rollout(module, policy, args, seed):
+    """(rollout, global step, episodes, batch) of one rollout of one agent on fresh envs, in either script."""
+    envs = module.make_envs(args, seed=seed)
+    rollout = module.Rollout(args, CPU)
+    rollout.start(envs)
+    if module is ppo:
+        return (rollout, *ppo.collect_rollout(policy, envs, rollout, args, CPU, 0))
+    global_step, (episodes,), (batch,) = mdpo.collect_rollouts([policy], [envs], [rollout], args, CPU, 0, False)
+    return rollout, global_step, episodes, batch
+
+
 @pytest.mark.parametrize("module", [ppo, mdpo])
 def test_rollout_stores_normalised_clipped_rewards_and_reports_raw_episode_scores(module, scripted):
     args = module.validate_args(module.Args(num_envs=4, num_steps=16, num_minibatches=2, total_timesteps=64))
     assert args.gamma == 0.999  # the paper's, not the wrapper's default 0.99
-    envs = module.make_envs(args, seed=1)
-    rollout = module.Rollout(args, CPU)
-    rollout.start(envs)
-    if module is ppo:
-        global_step, episodes, _ = ppo.collect_rollout(constant_policy, envs, rollout, args, CPU, 0)
-    else:
-        global_step, episodes, _ = mdpo.collect_rollouts([constant_policy], [envs], [rollout], args, CPU, 0, False)
-        episodes = episodes[0]
+    rollout, global_step, episodes, _ = one_rollout(module, constant_policy, args, seed=1)
     steps = np.arange(1, 17)[:, None]
     lengths = 3 + np.arange(4)[None, :]
     raw = 2.0 * ((steps - 1) % lengths + 1)
@@ -494,13 +498,7 @@ def test_rollout_advantages_are_gae_of_its_rewards_values_and_episode_ends(modul
     # 2 envs x 8 steps: env 1's episodes (4 steps) end on the rollout's last step, env 0's (3 steps) do not.
     args = module.validate_args(module.Args(num_envs=2, num_steps=8, num_minibatches=2, total_timesteps=16,
                                             gamma=0.9, gae_lambda=0.8))
-    envs = module.make_envs(args, seed=0)
-    rollout = module.Rollout(args, CPU)
-    rollout.start(envs)
-    if module is ppo:
-        _, _, batch = ppo.collect_rollout(frame_valued_policy, envs, rollout, args, CPU, 0)
-    else:
-        _, _, (batch,) = mdpo.collect_rollouts([frame_valued_policy], [envs], [rollout], args, CPU, 0, False)
+    rollout, _, _, batch = one_rollout(module, frame_valued_policy, args, seed=0)
     lengths = [3, 4]
     starts = [[t > 0 and t % lengths[e] == 0 for e in range(2)] for t in range(8)]
     next_start = [8 % length == 0 for length in lengths]
