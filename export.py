@@ -72,12 +72,11 @@ def event_summary(run_dir: str) -> dict:
 
 
 def describe_run(run_dir: str) -> dict:
-    run = plot.load_run(run_dir)
+    run = plot.at_own_steps(plot.load_run(run_dir))  # its return at its own step, ppo_2x too
     diverged = os.path.isfile(os.path.join(run_dir, "diverged.json"))
     state = "diverged" if diverged else "finished" if run["finished"] else "stopped (resumable)"
     test = run["curves"].get(plot.TEST)
-    # at the run's own step: plot's per-agent axis draws ppo_2x at a fraction of its steps
-    last = f"{test[1][-1]:.2f} at {int(test[0][-1]) * run['steps_per_x']:,}" if test is not None else "not evaluated"
+    last = f"{test[1][-1]:.2f} at {int(test[0][-1]):,}" if test is not None else "not evaluated"
     return {"name": os.path.basename(run_dir), "method": run["method"], "seed": run["seed"], "game": run["game"],
             "steps": run["steps"], "last_test": last, "state": state, **event_summary(run_dir)}
 

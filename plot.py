@@ -316,14 +316,11 @@ def axis_notes(grouped) -> List[str]:
             f"made as many updates as each method)" for method, per in sorted(scaled.items())]
 
 
-def at_own_steps(grouped):
-    """The runs with each drawn at its own environment steps (ppo_2x undone): OpenAI's band counts samples."""
-    def own(run):
-        per = run["steps_per_x"]
-        return run if per == 1 else {**run, "steps_per_x": 1,
-                                     "curves": {tag: (steps * per, values) for tag, (steps, values) in run["curves"].items()}}
-    return {game: {method: [own(run) for run in runs] for method, runs in by_method.items()}
-            for game, by_method in grouped.items()}
+def at_own_steps(run: dict) -> dict:
+    """The run with its curves at its own environment steps (ppo_2x's halving on the per-agent axis undone)."""
+    per = run["steps_per_x"]
+    return run if per == 1 else {**run, "steps_per_x": 1,
+                                 "curves": {tag: (steps * per, values) for tag, (steps, values) in run["curves"].items()}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -871,7 +868,9 @@ def plot_reference(grouped, methods, reference, label, x_axis, notes, out) -> No
 
 def compare_with_reference(grouped, methods, args) -> dict:
     """reference_check.md, the figure, and the numbers for plot_summary.json."""
-    grouped = at_own_steps(grouped)
+    # OpenAI's band counts samples: every run at its own steps
+    grouped = {game: {method: [at_own_steps(run) for run in runs] for method, runs in by_method.items()}
+               for game, by_method in grouped.items()}
     reference = read_reference(args.reference)
     missing = sorted(set(grouped) - set(reference))
     if len(missing) == len(grouped):
