@@ -272,8 +272,9 @@ def value_at(run: dict, tag: str, step: int) -> float:
     """The run's evaluation at `step`, or its last one before it when it evaluated elsewhere."""
     steps, values = run["curves"][tag]
     index = np.searchsorted(steps, step, side="right") - 1
-    if index < 0:
-        raise ValueError(f"{run['dir']} has no {tag} at or before step {step}")
+    if index < 0:  # it evaluated first after the step the others stopped at (another --eval-interval)
+        raise UsageError(f"{run['dir']} has no {tag} at or before step {step:,}, where the runs are compared "
+                         f"(its first is at {int(steps[0]):,}); plot it apart from the runs that stop earlier")
     return float(values[index])
 
 

@@ -206,6 +206,51 @@ def test_value_at_takes_the_last_evaluation_at_or_before_the_step():
     assert plot.value_at(run, "eval/test_return", 6000) == 5.0
 
 
+def test_a_run_without_an_evaluation_by_the_compared_step_is_a_one_line_error(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs, "ppo", "bigfish", 1, [1.0])  # stopped after its evaluation at 1,000
+    write_run(runs, "ppo", "bigfish", 2, [2.0, 3.0], step=2 * STEP)  # evaluates every 2,000
+    with pytest.raises(plot.UsageError, match=r"bigfish__ppo__2 has no eval/test_return at or before step 1,000, "
+                                              r"where the runs are compared \(its first is at 2,000\)"):
+        plot.main(plot_args(tmp_path))
+
+
+def test_seeds_are_taken_in_numeric_order(tmp_path):
+    # rliable keeps the lowest-numbered seeds a method has on every game: seed 2 on bigfish, not seed 10
+    # (as text, "10" sorts before "2").
+    runs = tmp_path / "runs"
+    write_run(runs, "ppo", "bigfish", 10, [40.0])
+    write_run(runs, "ppo", "bigfish", 2, [20.0])
+    write_run(runs, "ppo", "starpilot", 2, [1.5])
+    grouped = plot.group([plot.load_run(d) for d in plot.find_runs([str(runs)])])
+    assert [run["seed"] for run in grouped["bigfish"]["PPO"]] == [2, 10]
+    np.testing.assert_allclose(plot.normalised_scores(grouped, ["PPO"], ["bigfish", "starpilot"], 1000)["PPO"],
+                               [[20 / 40, 0.0]])
+
+
+def test_agents_mean_averages_every_agent_at_the_steps_all_of_them_logged():
+    # K = 3 agents; the second did not log 2,000. At 1,000 they log 0, 0, 3 (mean 1, median 0); at 3,000 0, 0, 6.
+    per_agent = [(np.array([1000, 2000, 3000]), np.array([0.0, 2.0, 0.0])),
+                 (np.array([1000, 3000]), np.array([0.0, 0.0])),
+                 (np.array([1000, 2000, 3000]), np.array([3.0, 9.0, 6.0]))]
+    steps, values = plot.agents_mean(per_agent)
+    np.testing.assert_array_equal(steps, [1000, 3000])
+    np.testing.assert_allclose(values, [1.0, 2.0])
+
+
+def test_mean_std_curve_stops_where_the_shortest_curve_ends_and_averages_three_seeds():
+    steps, mean, std = plot.mean_std_curve([(np.array([1, 2, 3]), np.array([1.0, 2.0, 3.0])),
+                                            (np.array([1, 2]), np.array([3.0, 4.0]))])
+    np.testing.assert_array_equal(steps, [1, 2])
+    np.testing.assert_allclose(mean, [2.0, 3.0])
+    np.testing.assert_allclose(std, [np.sqrt(2), np.sqrt(2)])
+    # three seeds at 0, 0, 3: mean 1 (median 0), sample std sqrt(3)
+    curves = [(np.array([1, 2]), np.array([v, v])) for v in (0.0, 0.0, 3.0)]
+    _, mean, std = plot.mean_std_curve(curves)
+    np.testing.assert_allclose(mean, [1.0, 1.0])
+    np.testing.assert_allclose(std, [statistics.stdev([0.0, 0.0, 3.0])] * 2)
+
+
 # ---------------------------------------------------------------------------------------------
 # Statistics against hand computations
 # ---------------------------------------------------------------------------------------------
@@ -284,6 +329,59 @@ def test_sample_std_and_the_table_cells():
     assert plot.mean_std_cell([2.0]) == "2.00 (1)"
     assert plot.p_cell(None, 1, 3) == "n/a (1 vs 3 seeds)"
     assert np.isnan(plot.welch_p([1.0], [2.0, 3.0]))
+    assert table_cell(two_vs_three_seeds_table(), "bigfish", "MDPO vs PPO").endswith("(2 vs 3 seeds)")
+
+
+def two_vs_three_seeds_table():
+    run = lambda value: {"dir": "r", "curves": {"eval/test_return": (np.array([1000]), np.array([value]))}}
+    grouped = {"bigfish": {"PPO": [run(1.0), run(2.0), run(3.0)], "MDPO": [run(4.0), run(6.0)]}}
+    return plot.final_table(grouped, ["PPO", "MDPO"], 1000, "t")[0]
+
+
+@pytest.mark.filterwarnings("ignore:Precision loss")  # scipy's note on the sample without variance
+def test_welch_p_against_scipy_free_arithmetic_and_nan_without_variance():
+    # MDPO 1 1 1 (no variance) against 2 3 4 (variance 1): t = (1 - 3) / sqrt(1/3), all degrees of freedom
+    # from the second sample: df = (1/3)^2 / ((1/3)^2 / 2) = 2. For 2 df, P(|T| > |t|) = 1 - |t| / sqrt(2 + t^2).
+    t = 2 / np.sqrt(1 / 3)
+    assert plot.welch_p([1.0, 1.0, 1.0], [2.0, 3.0, 4.0]) == pytest.approx(1 - t / np.sqrt(2 + t * t), rel=1e-9)
+    assert np.isnan(plot.welch_p([1.0, 1.0], [2.0, 2.0]))  # no variance on either side: no test (scipy says p = 0)
+
+
+def test_hard_mode_ranges_are_the_procgen_papers():
+    # Cobbe et al. 2020, appendix, normalisation constants (R_min, R_max) for hard mode.
+    assert plot.HARD_MODE_RANGES == {
+        "bigfish": (0, 40), "bossfight": (0.5, 13), "caveflyer": (2, 13.4), "chaser": (0.5, 14.2),
+        "climber": (1, 12.6), "coinrun": (5, 10), "dodgeball": (1.5, 19), "fruitbot": (-0.5, 27.2),
+        "heist": (2, 10), "jumper": (1, 10), "leaper": (1.5, 10), "maze": (4, 10), "miner": (1.5, 20),
+        "ninja": (2, 10), "plunder": (3, 30), "starpilot": (1.5, 35)}
+
+
+def test_the_summary_names_iqm_mean_and_median_and_the_profile_thresholds_span_every_score(tmp_path):
+    stats = {"games_covered": ["g"], "seeds": {"M": 2},
+             "aggregate": ({"M": np.array([0.1, 0.2, 0.3])}, {"M": np.array([[0.0, 0.1, 0.2], [0.5, 0.6, 0.7]])}),
+             "improvement": ({"PPO": 0.75}, {"PPO": np.array([[0.5], [1.0]])})}
+    summary = plot.summarise(stats, ["M"])
+    assert summary["aggregate"]["M"] == {"IQM": [0.1, 0.0, 0.5], "mean": [0.2, 0.1, 0.6], "median": [0.3, 0.2, 0.7]}
+    assert summary["probability_of_improvement"] == {"PPO": [0.75, 0.5, 1.0]}
+    runs = tmp_path / "runs"
+    write_run(runs, "ppo", "bigfish", 1, [8.0])  # normalised 0.2
+    write_run(runs, "ppo", "bigfish", 2, [16.0])  # 0.4
+    grouped = plot.group([plot.load_run(d) for d in plot.find_runs([str(runs)])])
+    taus = plot.rliable_statistics(grouped, ["PPO"], 1000, plot_args(tmp_path))["taus"]
+    assert (taus[0], taus[-1], len(taus)) == (0.0, 1.0, 101)  # from 0 to 1 at least
+    write_run(runs, "ppo", "bigfish", 3, [-10.0])  # -0.25
+    write_run(runs, "ppo", "bigfish", 4, [60.0])  # 1.5
+    grouped = plot.group([plot.load_run(d) for d in plot.find_runs([str(runs)])])
+    taus = plot.rliable_statistics(grouped, ["PPO"], 1000, plot_args(tmp_path))["taus"]
+    assert (taus[0], taus[-1]) == (pytest.approx(-0.25), pytest.approx(1.5))  # and every score inside
+
+
+def test_gap_bars_are_the_mean_over_seeds(tmp_path, monkeypatch):
+    drawn = {}
+    monkeypatch.setattr(plot, "save", lambda fig, out, name: drawn.update(fig=fig))
+    plot.plot_gap({"bigfish": {"PPO": [0.0, 0.0, 3.0]}}, ["PPO"], "t", str(tmp_path))
+    [bar] = drawn["fig"].axes[0].patches
+    assert bar.get_height() == pytest.approx(1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -555,6 +653,21 @@ def test_reference_band_is_nan_before_every_run_started_on_both_axes():
     assert np.isnan(low[0]) and low[1] == 1.0  # at 150 the second run has not started
     low, _, _ = plot.reference_band(curves, [140, 160], scale=0.75)  # it starts at 150 on the 3/4 axis
     assert np.isnan(low[0]) and np.isfinite(low[1])
+
+
+def test_reference_band_ends_where_the_shortest_published_run_ends():
+    curves = [(np.array([100, 300]), np.array([0.0, 2.0])), (np.array([100, 200]), np.array([4.0, 0.0]))]
+    low, mean, high = plot.reference_band(curves, [200, 250])
+    assert np.isfinite(mean[0]) and np.isnan(low[1]) and np.isnan(mean[1]) and np.isnan(high[1])
+
+
+def test_reference_check_takes_the_mean_over_three_seeds(tmp_path):
+    runs = tmp_path / "runs"
+    for seed, value in ((1, 0.0), (2, 0.0), (3, 3.0)):  # mean 1, median 0
+        write_run(runs, "ppo", "bigfish", seed, [value], **REFERENCE_TASK)
+    ref = write_reference(tmp_path / "ref.csv", three_runs("bigfish", [0, 2000], [[0.5, 0.5], [1.0, 1.0], [2, 2]]))
+    row = plot.main(plot_args(tmp_path, reference=ref))["reference"]["games"]["bigfish"]["PPO"]
+    assert row["ours"] == 1.0 and row["published"]["where"] == "within"
 
 
 def test_the_band_edges_count_as_within():
