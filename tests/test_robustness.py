@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 
@@ -81,6 +82,56 @@ def test_interval_is_student_t_with_the_sample_std():
     half = 4.302652729911275 / math.sqrt(3)  # t(0.975, 2 dof) x sample std 1 / sqrt(3)
     assert (mean, low, high) == pytest.approx((2.0, 2.0 - half, 2.0 + half))
     assert math.isnan(robustness.interval95([5.0])[1])
+
+
+def test_measure_agent_drops_are_clean_minus_perturbed_with_the_same_draws_for_every_agent(monkeypatch):
+    # The evaluations are stubbed: clean 10, perturbed 4. What is measured: the sign of the drop, and the
+    # perturbations' seeds (one per perturbation, the same for every agent; the frames' draws apart).
+    seeds = []
+
+    class RecordedPerturbation(ppo.EpisodePerturbation):
+        def __init__(self, name, strength, num_envs, seed):
+            seeds.append((name, seed))
+            super().__init__(name, strength, num_envs, seed)
+
+    monkeypatch.setattr(ppo, "ProcgenVecEnv", lambda *args: None)
+    monkeypatch.setattr(ppo, "evaluate", lambda agent, env, device, seed, perturb=None: (10.0 if perturb is None else 4.0,))
+    monkeypatch.setattr(ppo, "EpisodePerturbation", RecordedPerturbation)
+    args = robustness.RobustnessArgs(runs=["unused"], episodes=2, frames=2, copies=2, seed=3)
+    frames = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    perturbations = [("hue", 0.5), ("random_conv", 1.0)]
+    first = robustness.measure_agent(ppo.Agent().eval(), "bigfish", "hard", frames, perturbations, args)
+    for key in ("hue:0.5", "random_conv:1"):
+        assert first["perturbations"][key]["return"] == 4.0 and first["perturbations"][key]["drop"] == 6.0
+    assert first["clean_return"] == 10.0
+    assert seeds == [("hue", 3000), ("hue", 3500), ("random_conv", 3001), ("random_conv", 3501)]
+    robustness.measure_agent(ppo.Agent().eval(), "bigfish", "hard", frames, perturbations, args)
+    assert seeds[4:] == seeds[:4]
+
+
+def two_seeds_of_two_agents():
+    """An MDPO-like result per seed: seed 1's agents return 10 and 6 clean, 3 and 3 perturbed; seed 2's 4, 4 and 1, 1."""
+    agent = lambda clean, perturbed: {"clean_return": clean, "entropy": 1.0, "perturbations": {"hue:0.5": {
+        "return": perturbed, "drop": clean - perturbed, "tv_mean": 0.1, "tv_max": 0.2, "spread": 0.5}}}
+    return [{"run": f"r{seed}", "method": "mdpo", "seed": seed, "global_step": 64, "agents": agents}
+            for seed, agents in ((1, [agent(10.0, 3.0), agent(6.0, 3.0)]), (2, [agent(4.0, 1.0), agent(4.0, 1.0)]))]
+
+
+def test_summary_is_the_mean_over_seeds_of_each_seeds_agent_mean_with_a_t_interval():
+    from scipy import stats
+
+    results = two_seeds_of_two_agents()
+    summary = robustness.summarise(results, ["hue:0.5"])["mdpo"]
+    # per seed: clean 8 and 4, perturbed 3 and 1; with 2 seeds the interval is t(0.975, 1) x std / sqrt(2)
+    for condition, values in (("clean", [8.0, 4.0]), ("hue:0.5", [3.0, 1.0])):
+        half = stats.t.ppf(0.975, 1) * statistics.stdev(values) / math.sqrt(2)
+        mean = statistics.mean(values)
+        assert summary[condition] == pytest.approx({"mean": mean, "low": mean - half, "high": mean + half, "n": 2})
+    table = robustness.markdown("bigfish", results, ["hue:0.5"], robustness.summarise(results, ["hue:0.5"]), "t")
+    half = stats.t.ppf(0.975, 1) * statistics.stdev([3.0, 1.0]) / math.sqrt(2)
+    assert f"| mdpo | 2 | 6.00 [{6 - stats.t.ppf(0.975, 1) * 2:.2f}, {6 + stats.t.ppf(0.975, 1) * 2:.2f}] | " \
+           f"2.00 [{2 - half:.2f}, {2 + half:.2f}] |" in table
+    assert "| mdpo | 1 | 1 | hue:0.5 | 3.00 | 7.00 | 0.100 | 0.200 | 0.500 | 1.000 |" in table
 
 
 @pytest.mark.parametrize("spec, expected", [

@@ -68,6 +68,9 @@ def test_robustness_numbers_match_a_hand_computation():
     for offset in (0.0, 50.0):  # a constant added to every feature changes no number
         result = tsne.robustness(KnownEncoder(offset), clean, [copies, copies])
         assert result["spread"] == pytest.approx([1 / math.sqrt(2)] * 2, rel=1e-6)
+        # what t-SNE embeds: the copies' features in units of the clean frames' spread (sqrt 2)
+        np.testing.assert_allclose(result["features"][0], (np.array([[1.0, 0.0], [3.0, 0.0]]) + offset) / math.sqrt(2),
+                                   rtol=1e-6)
         # TV of each copy's policy from clean frame 1's (logits 2, 0, 0); the second entry from frame 0's.
         for index, reference in ((0, [0, 0, 0]), (1, [2, 0, 0])):
             p0 = softmax(reference)
@@ -142,6 +145,20 @@ def test_tsne_numbers_and_figure_from_ppo_and_k_agent_mdpo_checkpoints(tmp_path)
     assert len(summary["linear_cka"]) == 3 and same[0]["cka"][0] == pytest.approx(1.0, rel=1e-9)
     assert (tmp_path / "fig" / "tsne_bigfish.png").stat().st_size > 0
     assert json.load(open(tmp_path / "fig" / "tsne_bigfish.json")) == json.loads(json.dumps(summary))
+
+
+def test_linear_cka_of_two_encoders_matches_a_float64_computation_on_their_features(tmp_path, monkeypatch):
+    frames = torch.randint(0, 256, (8, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    monkeypatch.setattr(tsne, "test_frames", lambda *args: frames)
+    a, b = write_checkpoint(tmp_path / "a", "ppo"), write_checkpoint(tmp_path / "bb", "ppo")  # different weights
+    summary = tsne.main(tsne.TsneArgs(checkpoints=[a, b], copies=3, clean_frames=8, frames=1, seeds=[0],
+                                      figure=False, out=str(tmp_path / "fig")))
+    with torch.no_grad():
+        x, y = (tsne.load_encoder(path, 1)[0].hidden(frames).double().numpy() for path in (a, b))
+    x, y = x - x.mean(0), y - y.mean(0)
+    expected = np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+    [pair] = summary["linear_cka"]
+    assert pair["cka"][0] == pytest.approx(expected, rel=1e-6) and expected < 0.999
 
 
 def test_tsne_refuses_checkpoints_of_different_games(tmp_path):
