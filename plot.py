@@ -268,13 +268,13 @@ def comparison_step(grouped) -> int:
     return min(game_step(grouped, game) for game in grouped)
 
 
-def value_at(run: dict, tag: str, step: int) -> float:
+def value_at(run: dict, tag: str, step: int, where: str = "where the runs are compared") -> float:
     """The run's evaluation at `step`, or its last one before it when it evaluated elsewhere."""
     steps, values = run["curves"][tag]
     index = np.searchsorted(steps, step, side="right") - 1
     if index < 0:  # it evaluated first after the step the others stopped at (another --eval-interval)
-        raise UsageError(f"{run['dir']} has no {tag} at or before step {step:,}, where the runs are compared "
-                         f"(its first is at {int(steps[0]):,}); plot it apart from the runs that stop earlier")
+        raise UsageError(f"{run['dir']} has no {tag} at or before step {step:,}, {where} (its first is at "
+                         f"{int(steps[0]):,}); plot it apart from the runs that stop earlier")
     return float(values[index])
 
 
@@ -797,7 +797,8 @@ def reference_check(grouped, methods, reference) -> dict:
             runs = grouped[game].get(method)
             if not runs:
                 continue
-            ours = float(np.mean([value_at(run, TEST, step) for run in runs]))
+            at_step = [value_at(run, TEST, step, "where the reference is read (each run's own steps)") for run in runs]
+            ours = float(np.mean(at_step))
             row = {"step": step, "seeds": len(runs), "ours": ours}
             for name, scale in (("published", 1.0), ("three_quarters", REFERENCE_TRAINING_FRACTION)):
                 low, mean, high = (float(b[0]) for b in reference_band(reference[game], [step], scale))

@@ -215,9 +215,21 @@ def test_a_run_without_an_evaluation_by_the_compared_step_is_a_one_line_error(tm
         plot.main(plot_args(tmp_path))
 
 
+def test_a_ppo_2x_run_without_an_evaluation_where_the_reference_is_read_says_so(tmp_path):
+    # Per agent both runs reach 1,000; at their own steps, where the band is read, ppo_2x's first is at 2,000.
+    runs = tmp_path / "runs"
+    write_run(runs, "ppo", "bigfish", 1, [1.0], **REFERENCE_TASK)
+    write_run(runs, "ppo", "bigfish", 1, [2.0], name="ppo_2x", step=2 * STEP, num_envs=128, **REFERENCE_TASK)
+    reference = write_reference(tmp_path / "ref.csv", three_runs("bigfish", [0, 4000], [[0, 4]] * 3))
+    assert plot.main(plot_args(tmp_path))["compared_at"] == 1000
+    with pytest.raises(plot.UsageError, match=r"ppo_2x__1 has no eval/test_return at or before step 1,000, "
+                                              r"where the reference is read \(each run's own steps\)"):
+        plot.main(plot_args(tmp_path, reference=reference))
+
+
 def test_seeds_are_taken_in_numeric_order(tmp_path):
-    # rliable keeps the lowest-numbered seeds a method has on every game: seed 2 on bigfish, not seed 10
-    # (as text, "10" sorts before "2").
+    # normalised_scores keeps the lowest-numbered seeds a method has on every game (rliable needs as many on
+    # each): seed 2 on bigfish, not seed 10, which sorts first as text.
     runs = tmp_path / "runs"
     write_run(runs, "ppo", "bigfish", 10, [40.0])
     write_run(runs, "ppo", "bigfish", 2, [20.0])
@@ -332,9 +344,13 @@ def test_sample_std_and_the_table_cells():
     assert table_cell(two_vs_three_seeds_table(), "bigfish", "MDPO vs PPO").endswith("(2 vs 3 seeds)")
 
 
+def evaluated_once(value):
+    return {"dir": "r", "curves": {"eval/test_return": (np.array([1000]), np.array([value]))}}
+
+
 def two_vs_three_seeds_table():
-    run = lambda value: {"dir": "r", "curves": {"eval/test_return": (np.array([1000]), np.array([value]))}}
-    grouped = {"bigfish": {"PPO": [run(1.0), run(2.0), run(3.0)], "MDPO": [run(4.0), run(6.0)]}}
+    grouped = {"bigfish": {"PPO": [evaluated_once(v) for v in (1.0, 2.0, 3.0)],
+                           "MDPO": [evaluated_once(v) for v in (4.0, 6.0)]}}
     return plot.final_table(grouped, ["PPO", "MDPO"], 1000, "t")[0]
 
 
@@ -356,13 +372,17 @@ def test_hard_mode_ranges_are_the_procgen_papers():
         "ninja": (2, 10), "plunder": (3, 30), "starpilot": (1.5, 35)}
 
 
-def test_the_summary_names_iqm_mean_and_median_and_the_profile_thresholds_span_every_score(tmp_path):
+def test_the_summary_names_each_estimate_and_its_interval():
+    # aggregate_estimates returns [IQM, mean, median] and a [2 x 3] interval (order checked by hand above)
     stats = {"games_covered": ["g"], "seeds": {"M": 2},
              "aggregate": ({"M": np.array([0.1, 0.2, 0.3])}, {"M": np.array([[0.0, 0.1, 0.2], [0.5, 0.6, 0.7]])}),
              "improvement": ({"PPO": 0.75}, {"PPO": np.array([[0.5], [1.0]])})}
     summary = plot.summarise(stats, ["M"])
     assert summary["aggregate"]["M"] == {"IQM": [0.1, 0.0, 0.5], "mean": [0.2, 0.1, 0.6], "median": [0.3, 0.2, 0.7]}
     assert summary["probability_of_improvement"] == {"PPO": [0.75, 0.5, 1.0]}
+
+
+def test_the_profile_thresholds_run_from_0_to_1_and_further_to_take_in_every_score(tmp_path):
     runs = tmp_path / "runs"
     write_run(runs, "ppo", "bigfish", 1, [8.0])  # normalised 0.2
     write_run(runs, "ppo", "bigfish", 2, [16.0])  # 0.4
@@ -382,6 +402,7 @@ def test_gap_bars_are_the_mean_over_seeds(tmp_path, monkeypatch):
     plot.plot_gap({"bigfish": {"PPO": [0.0, 0.0, 3.0]}}, ["PPO"], "t", str(tmp_path))
     [bar] = drawn["fig"].axes[0].patches
     assert bar.get_height() == pytest.approx(1.0)
+    plot.plt.close(drawn["fig"])  # save() would have closed it
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 
@@ -86,7 +85,8 @@ def test_interval_is_student_t_with_the_sample_std():
 
 def test_measure_agent_drops_are_clean_minus_perturbed_with_the_same_draws_for_every_agent(monkeypatch):
     # The evaluations are stubbed: clean 10, perturbed 4. What is measured: the sign of the drop, and the
-    # perturbations' seeds (one per perturbation, the same for every agent; the frames' draws apart).
+    # perturbations' seeds: one per perturbation, the same for every agent, and for the frames whose TV
+    # distance and spread are measured another (seed + 500) than for the test episodes.
     seeds = []
 
     class RecordedPerturbation(ppo.EpisodePerturbation):
@@ -95,7 +95,7 @@ def test_measure_agent_drops_are_clean_minus_perturbed_with_the_same_draws_for_e
             super().__init__(name, strength, num_envs, seed)
 
     monkeypatch.setattr(ppo, "ProcgenVecEnv", lambda *args: None)
-    monkeypatch.setattr(ppo, "evaluate", lambda agent, env, device, seed, perturb=None: (10.0 if perturb is None else 4.0,))
+    monkeypatch.setattr(ppo, "evaluate", lambda agent, env, device, seed, perturb=None: (4.0 if perturb else 10.0,))
     monkeypatch.setattr(ppo, "EpisodePerturbation", RecordedPerturbation)
     args = robustness.RobustnessArgs(runs=["unused"], episodes=2, frames=2, copies=2, seed=3)
     frames = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -109,29 +109,31 @@ def test_measure_agent_drops_are_clean_minus_perturbed_with_the_same_draws_for_e
     assert seeds[4:] == seeds[:4]
 
 
-def two_seeds_of_two_agents():
-    """An MDPO-like result per seed: seed 1's agents return 10 and 6 clean, 3 and 3 perturbed; seed 2's 4, 4 and 1, 1."""
-    agent = lambda clean, perturbed: {"clean_return": clean, "entropy": 1.0, "perturbations": {"hue:0.5": {
+def agent_result(clean, perturbed):
+    return {"clean_return": clean, "entropy": 1.0, "perturbations": {"hue:0.5": {
         "return": perturbed, "drop": clean - perturbed, "tv_mean": 0.1, "tv_max": 0.2, "spread": 0.5}}}
-    return [{"run": f"r{seed}", "method": "mdpo", "seed": seed, "global_step": 64, "agents": agents}
-            for seed, agents in ((1, [agent(10.0, 3.0), agent(6.0, 3.0)]), (2, [agent(4.0, 1.0), agent(4.0, 1.0)]))]
+
+
+def two_seeds_of_mdpo():
+    """Seed 1: three agents returning 12, 6, 6 clean (mean 8, median 6) and 9, 0, 0 perturbed (mean 3, median 0);
+    seed 2: two agents returning 4, 4 and 1, 1."""
+    agents = {1: [agent_result(12.0, 9.0), agent_result(6.0, 0.0), agent_result(6.0, 0.0)],
+              2: [agent_result(4.0, 1.0), agent_result(4.0, 1.0)]}
+    return [{"run": f"r{seed}", "method": "mdpo", "seed": seed, "global_step": 64, "agents": agents[seed]}
+            for seed in (1, 2)]
 
 
 def test_summary_is_the_mean_over_seeds_of_each_seeds_agent_mean_with_a_t_interval():
-    from scipy import stats
-
-    results = two_seeds_of_two_agents()
+    results = two_seeds_of_mdpo()
     summary = robustness.summarise(results, ["hue:0.5"])["mdpo"]
-    # per seed: clean 8 and 4, perturbed 3 and 1; with 2 seeds the interval is t(0.975, 1) x std / sqrt(2)
-    for condition, values in (("clean", [8.0, 4.0]), ("hue:0.5", [3.0, 1.0])):
-        half = stats.t.ppf(0.975, 1) * statistics.stdev(values) / math.sqrt(2)
-        mean = statistics.mean(values)
-        assert summary[condition] == pytest.approx({"mean": mean, "low": mean - half, "high": mean + half, "n": 2})
+    # per seed: clean 8 and 4 (sample std 2 sqrt 2), perturbed 3 and 1 (sqrt 2); with 2 seeds the interval is
+    # t(0.975, 1 dof) x std / sqrt(2), and the t quantile with 1 dof is the Cauchy one, tan(0.475 pi)
+    t1 = math.tan(0.475 * math.pi)
+    assert summary["clean"] == pytest.approx({"mean": 6.0, "low": 6 - 2 * t1, "high": 6 + 2 * t1, "n": 2})
+    assert summary["hue:0.5"] == pytest.approx({"mean": 2.0, "low": 2 - t1, "high": 2 + t1, "n": 2})
     table = robustness.markdown("bigfish", results, ["hue:0.5"], robustness.summarise(results, ["hue:0.5"]), "t")
-    half = stats.t.ppf(0.975, 1) * statistics.stdev([3.0, 1.0]) / math.sqrt(2)
-    assert f"| mdpo | 2 | 6.00 [{6 - stats.t.ppf(0.975, 1) * 2:.2f}, {6 + stats.t.ppf(0.975, 1) * 2:.2f}] | " \
-           f"2.00 [{2 - half:.2f}, {2 + half:.2f}] |" in table
-    assert "| mdpo | 1 | 1 | hue:0.5 | 3.00 | 7.00 | 0.100 | 0.200 | 0.500 | 1.000 |" in table
+    assert f"| mdpo | 2 | 6.00 [{6 - 2 * t1:.2f}, {6 + 2 * t1:.2f}] | 2.00 [{2 - t1:.2f}, {2 + t1:.2f}] |" in table
+    assert "| mdpo | 1 | 1 | hue:0.5 | 9.00 | 3.00 | 0.100 | 0.200 | 0.500 | 1.000 |" in table
 
 
 @pytest.mark.parametrize("spec, expected", [

@@ -150,7 +150,8 @@ def test_tsne_numbers_and_figure_from_ppo_and_k_agent_mdpo_checkpoints(tmp_path)
 def test_linear_cka_of_two_encoders_matches_a_float64_computation_on_their_features(tmp_path, monkeypatch):
     frames = torch.randint(0, 256, (8, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     monkeypatch.setattr(tsne, "test_frames", lambda *args: frames)
-    a, b = write_checkpoint(tmp_path / "a", "ppo"), write_checkpoint(tmp_path / "bb", "ppo")  # different weights
+    # write_checkpoint seeds the weights with the path's length: "a" and "bb" give two different encoders
+    a, b = write_checkpoint(tmp_path / "a", "ppo"), write_checkpoint(tmp_path / "bb", "ppo")
     summary = tsne.main(tsne.TsneArgs(checkpoints=[a, b], copies=3, clean_frames=8, frames=1, seeds=[0],
                                       figure=False, out=str(tmp_path / "fig")))
     with torch.no_grad():
