@@ -133,7 +133,11 @@ def test_policy_step_log_probability_and_value(module):
 @needs_cuda
 @pytest.mark.parametrize("bf16, compiled, dropout", [(False, False, 0.0), (True, False, 0.0), (False, True, 0.0),
                                                      (True, False, 0.1), (False, True, 0.1)])
-def test_graphed_policy_matches_eager_policy_and_follows_weight_updates(bf16, compiled, dropout):
+def test_graphed_policy_matches_eager_policy_and_follows_weight_updates(bf16, compiled, dropout, monkeypatch):
+    # cuDNN's TF32 convolutions (PyTorch's default on an H100) round to ~1e-3, and torch.compile may pick
+    # another algorithm than eager: compiled with dropout differed by 1e-3 there. Exact float32 on both sides
+    # keeps the 1e-4 tolerance, which a stale weight or dropout mask in the graph exceeds by far.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(2)
     device = torch.device("cuda")
     args = tiny_args(ppo, bf16=bf16, compile=compiled, dropout=dropout)
