@@ -2,6 +2,11 @@
 TensorBoard event files, config.json, status.json, diverged.json; no checkpoints, videos or locks)
 into a results directory, with a README section saying how they were made.
 
+The event files are copied record by record without the per-episode training returns and lengths
+(`charts/episodic_return`, `charts/episodic_length`, one record per finished episode: 95% of the bytes,
+3.5 MB per 3M starpilot steps of PPO), unless --keep-episodes; every other record is copied byte for
+byte. plot.py draws the evaluations (eval/*), which stay, so committed results stay small.
+
     python export.py --runs sweeps/slice/runs --to results/starpilot-h100-8min \
         --how "python sweep.py --root sweeps/slice --methods ppo mdpo ... (docs/results.md)"
     python plot.py --runs results/starpilot-h100-8min --reference results/reference/openai_ppo_hard500.csv
@@ -20,11 +25,15 @@ from typing import List, Optional
 
 import tyro
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.summary.writer.record_writer import RecordWriter
 
 import plot
 from plot import UsageError  # one class for both: plot.load_run's refusals are export's too (one line, exit 2)
 
 KEPT_FILES = ("config.json", "status.json", "diverged.json")
+PER_EPISODE_TAGS = ("charts/episodic_return", "charts/episodic_length")  # left out unless --keep-episodes
 
 
 @dataclass
@@ -37,22 +46,42 @@ class ExportArgs:
     """the command that made the runs, quoted in the README"""
     commit: Optional[str] = None
     """the commit the runs were made at, for runs trained outside a git checkout (their logs say "unknown")"""
+    keep_episodes: bool = False
+    """keep the per-episode training returns and lengths in the event files (left out by default: 95% of the bytes)"""
 
 
 def kept(name: str) -> bool:
     return name in KEPT_FILES or name.startswith("events.out.tfevents.")
 
 
-def copy_scalars(run_dir: str, destination: str) -> List[str]:
-    """Copy the run's kept files, keeping their places (agent1/, ...); the relative paths copied."""
-    copied = []
+def copy_events(source: str, destination: str, keep_episodes: bool) -> int:
+    """Copy an event file record by record, leaving out the per-episode ones unless keep_episodes;
+    the number of records left out."""
+    left_out = 0
+    with open(destination, "wb") as f:
+        writer = RecordWriter(f)
+        for record in RawEventFileLoader(source).Load():
+            if not keep_episodes and any(v.tag in PER_EPISODE_TAGS for v in Event.FromString(record).summary.value):
+                left_out += 1
+            else:
+                writer.write(record)
+    shutil.copystat(source, destination)
+    return left_out
+
+
+def copy_scalars(run_dir: str, destination: str, keep_episodes: bool = False) -> int:
+    """Copy the run's kept files, keeping their places (agent1/, ...); the number of event records left out."""
+    left_out = 0
     for directory, _, files in os.walk(run_dir):
         for name in sorted(filter(kept, files)):
             relative = os.path.relpath(os.path.join(directory, name), run_dir)
             os.makedirs(os.path.dirname(os.path.join(destination, relative)), exist_ok=True)
-            shutil.copy2(os.path.join(run_dir, relative), os.path.join(destination, relative))
-            copied.append(relative)
-    return copied
+            if name in KEPT_FILES:
+                shutil.copy2(os.path.join(run_dir, relative), os.path.join(destination, relative))
+            else:
+                left_out += copy_events(os.path.join(run_dir, relative), os.path.join(destination, relative),
+                                        keep_episodes)
+    return left_out
 
 
 def event_summary(run_dir: str) -> dict:
@@ -85,7 +114,7 @@ def minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
 
-def readme_section(runs: List[dict], how: str, commit: Optional[str]) -> str:
+def readme_section(runs: List[dict], how: str, commit: Optional[str], episodes_left_out: int = 0) -> str:
     machines = sorted({m for run in runs for m in run["machines"]}) or ["not logged (runs older than the machine text)"]
     starts = [run["start"] for run in runs if run["start"] is not None]
     ends = [run["end"] for run in runs if run["end"] is not None]
@@ -96,7 +125,9 @@ def readme_section(runs: List[dict], how: str, commit: Optional[str]) -> str:
              f"- made with: `{how}`",
              *[f"- machine, as the runs logged it: {m}" for m in machines],
              *([f"- commit, as given at export: {commit}"] if commit else []),
-             f"- wall time: {wall}", "",
+             f"- wall time: {wall}",
+             *([f"- left out: {episodes_left_out:,} per-episode records ({', '.join(PER_EPISODE_TAGS)}; "
+                "export.py --keep-episodes keeps them)"] if episodes_left_out else []), "",
              "| run | method | seed | steps per agent | last test return (at step) | state | wall time |",
              "|---|---|---|---|---|---|---|"]
     for run in runs:
@@ -120,9 +151,8 @@ def main(args: ExportArgs) -> List[dict]:
     if there:
         raise UsageError(f"{os.path.join(args.to, there[0])} exists already: results are never overwritten")
     runs = [describe_run(d) for d in run_dirs]
-    for run_dir in run_dirs:
-        copy_scalars(run_dir, os.path.join(args.to, os.path.basename(run_dir)))
-    section = readme_section(runs, args.how, args.commit)
+    left_out = sum(copy_scalars(d, os.path.join(args.to, os.path.basename(d)), args.keep_episodes) for d in run_dirs)
+    section = readme_section(runs, args.how, args.commit, left_out)
     readme = os.path.join(args.to, "README.md")
     with open(readme, "a") as f:
         f.write(("\n" if os.path.getsize(readme) else "") + section)

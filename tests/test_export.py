@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
 import export
@@ -135,3 +136,39 @@ def test_export_names_every_machine_and_the_last_not_the_best_return(tmp_path):
     assert "- machine, as the runs logged it: NVIDIA H100 80GB HBM3; torch 2.6.0" in readme
     assert "- machine, as the runs logged it: NVIDIA H200; torch 2.6.0" in readme
     assert "| starpilot__ppo__1 | PPO | 1 | 2,000 | 1.00 at 2,000 |" in readme
+
+
+def scalars_and_texts(directory):
+    """Every scalar (step, value, wall time) and text of one event-file directory, by tag."""
+    accumulator = EventAccumulator(str(directory), size_guidance={"scalars": 0, "tensors": 0})
+    accumulator.Reload()
+    tags = accumulator.Tags()
+    found = {tag: [(e.step, e.value, e.wall_time) for e in accumulator.Scalars(tag)] for tag in tags["scalars"]}
+    found.update({tag: [e.tensor_proto.string_val[0] for e in accumulator.Tensors(tag)] for tag in tags["tensors"]})
+    return found
+
+
+def test_export_leaves_out_the_per_episode_records_and_keeps_every_other_one(tmp_path):
+    run_dir = write_run(tmp_path / "runs", "ppo", 1, [1.0, 2.0], T0, 60)
+    writer = SummaryWriter(run_dir)  # training as the scripts log it: one record per finished episode
+    for episode in range(40):
+        writer.add_scalar("charts/episodic_return", episode / 10, 25 * episode, walltime=T0 + episode)
+        writer.add_scalar("charts/episodic_length", 100 + episode, 25 * episode, walltime=T0 + episode)
+        if episode % 10 == 9:
+            writer.add_scalar("losses/value_loss", episode / 100, 25 * episode, walltime=T0 + episode)
+            writer.add_scalar("charts/SPS", 1000 + episode, 25 * episode, walltime=T0 + episode)  # per iteration: kept
+    writer.close()
+    export.main(export.ExportArgs(runs=[str(tmp_path / "runs")], to=str(tmp_path / "r"), how="x"))
+    source, exported = scalars_and_texts(run_dir), scalars_and_texts(tmp_path / "r" / "starpilot__ppo__1")
+    assert len(source["charts/episodic_return"]) == 40 and set(source) - set(exported) == {
+        "charts/episodic_return", "charts/episodic_length"}
+    assert exported == {tag: events for tag, events in source.items() if not tag.startswith("charts/episodic")}
+    assert "- left out: 80 per-episode records (charts/episodic_return, charts/episodic_length; " \
+           "export.py --keep-episodes keeps them)" in (tmp_path / "r" / "README.md").read_text()
+
+    export.main(export.ExportArgs(runs=[str(tmp_path / "runs")], to=str(tmp_path / "k"), how="x", keep_episodes=True))
+    for name in os.listdir(run_dir):
+        if name.startswith("events.out.tfevents."):  # every record, byte for byte
+            with open(os.path.join(run_dir, name), "rb") as a, open(tmp_path / "k" / "starpilot__ppo__1" / name, "rb") as b:
+                assert a.read() == b.read()
+    assert "left out" not in (tmp_path / "k" / "README.md").read_text()
