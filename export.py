@@ -19,15 +19,15 @@ own clock. A results directory is never overwritten: exporting a run that is alr
 import datetime
 import os
 import shutil
+import struct
 import sys
 from dataclasses import dataclass
 from typing import List, Optional
 
 import tyro
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
 from tensorboard.compat.proto.event_pb2 import Event
-from tensorboard.summary.writer.record_writer import RecordWriter
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
 import plot
 from plot import UsageError  # one class for both: plot.load_run's refusals are export's too (one line, exit 2)
@@ -54,17 +54,41 @@ def kept(name: str) -> bool:
     return name in KEPT_FILES or name.startswith("events.out.tfevents.")
 
 
+def whole_records(data: bytes):
+    """(start, end, payload) of each record of an event file (TFRecord framing: length, its checksum,
+    payload, its checksum), up to the first one cut short (a run killed while writing) or corrupt."""
+    start = 0
+    while start + 12 <= len(data):
+        header, header_crc = data[start:start + 8], data[start + 8:start + 12]
+        length, = struct.unpack("<Q", header)
+        end = start + 12 + length + 4
+        if struct.pack("<I", masked_crc32c(header)) != header_crc or end > len(data):
+            return
+        payload = data[start + 12:end - 4]
+        if struct.pack("<I", masked_crc32c(payload)) != data[end - 4:end]:
+            return
+        yield start, end, payload
+        start = end
+
+
 def copy_events(source: str, destination: str, keep_episodes: bool) -> int:
-    """Copy an event file record by record, leaving out the per-episode ones unless keep_episodes;
-    the number of records left out."""
-    left_out = 0
+    """Copy an event file record by record, byte for byte, leaving out the per-episode ones unless
+    keep_episodes (each is a record of its own: the scripts log one scalar per record); the number left out.
+    Bytes after the last whole record are copied as they are, as a plain copy would, with a warning."""
+    with open(source, "rb") as f:
+        data = f.read()
+    left_out, copied_to = 0, 0
     with open(destination, "wb") as f:
-        writer = RecordWriter(f)
-        for record in RawEventFileLoader(source).Load():
-            if not keep_episodes and any(v.tag in PER_EPISODE_TAGS for v in Event.FromString(record).summary.value):
+        for start, end, payload in whole_records(data):
+            if not keep_episodes and any(v.tag in PER_EPISODE_TAGS for v in Event.FromString(payload).summary.value):
                 left_out += 1
             else:
-                writer.write(record)
+                f.write(data[start:end])
+            copied_to = end
+        if copied_to < len(data):
+            f.write(data[copied_to:])
+            print(f"warning: {source}: {len(data) - copied_to} bytes after its last whole record (cut short or "
+                  "corrupt) copied unfiltered", file=sys.stderr)
     shutil.copystat(source, destination)
     return left_out
 

@@ -1,5 +1,6 @@
 """export.py: what it copies (scalars, never checkpoints), what its README says, and what it refuses."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
 from torch.utils.tensorboard import SummaryWriter
 
 import export
@@ -166,9 +168,39 @@ def test_export_leaves_out_the_per_episode_records_and_keeps_every_other_one(tmp
     assert "- left out: 80 per-episode records (charts/episodic_return, charts/episodic_length; " \
            "export.py --keep-episodes keeps them)" in (tmp_path / "r" / "README.md").read_text()
 
+    for name in os.listdir(run_dir):  # record by record: the file's header and every other record, in order
+        if name.startswith("events.out.tfevents."):
+            source_records = list(RawEventFileLoader(os.path.join(run_dir, name)).Load())
+            exported_records = list(RawEventFileLoader(str(tmp_path / "r" / "starpilot__ppo__1" / name)).Load())
+            assert exported_records == [r for r in source_records if b"charts/episodic_" not in r]
+
     export.main(export.ExportArgs(runs=[str(tmp_path / "runs")], to=str(tmp_path / "k"), how="x", keep_episodes=True))
     for name in os.listdir(run_dir):
         if name.startswith("events.out.tfevents."):  # every record, byte for byte
             with open(os.path.join(run_dir, name), "rb") as a, open(tmp_path / "k" / "starpilot__ppo__1" / name, "rb") as b:
                 assert a.read() == b.read()
     assert "left out" not in (tmp_path / "k" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("damage", ["cut short", "corrupt"])
+def test_export_copies_the_bytes_after_a_damaged_record_as_they_are(tmp_path, damage, capsys):
+    """A run killed while writing leaves a last record cut short: nothing of the file may be lost."""
+    writer = SummaryWriter(str(tmp_path / "events"))
+    for step in range(6):
+        writer.add_scalar("charts/episodic_return", step, step)
+        writer.add_scalar("losses/value_loss", step, step)
+    writer.close()
+    source, = [str(p) for p in (tmp_path / "events").iterdir()]
+    data = open(source, "rb").read()
+    records = list(RawEventFileLoader(source).Load())  # the file version, then per step an episode and a loss
+    ends = [0] + list(itertools.accumulate(len(r) + 16 for r in records))  # 16 bytes of framing per record
+    framed = [data[ends[i]:ends[i + 1]] for i in range(len(records))]
+    whole = ends[7]  # the header and the first 3 steps stay whole
+    # the 8th record cut short (the file ends inside it), or one byte of its payload changed (the file goes on)
+    damaged = data[:whole + 20] if damage == "cut short" else data[:whole + 20] + b"x" + data[whole + 21:]
+    open(source, "wb").write(damaged)
+    destination = str(tmp_path / "copy")
+    left_out = export.copy_events(source, destination, keep_episodes=False)
+    # the header and the losses of steps 0-2, then every byte from the damaged record on, as it was
+    assert open(destination, "rb").read() == framed[0] + framed[2] + framed[4] + framed[6] + damaged[whole:]
+    assert left_out == 3 and "copied unfiltered" in capsys.readouterr().err
