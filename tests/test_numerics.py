@@ -144,14 +144,20 @@ def test_graphed_policy_matches_eager_policy_and_follows_weight_updates(bf16, co
     agent = ppo.make_agent(args, device)
     policy = ppo.make_policy(torch.compile(agent) if compiled else agent, args, device)
     assert isinstance(policy, ppo.CudaGraphed)
+    before_update = None
     for _ in range(2):  # the second round after an in-place weight change, as an optimiser step makes
         obs = torch.randint(0, 256, (args.num_envs, 64, 64, 3), dtype=torch.uint8, device=device)
         action, logprob, value = (t.clone() for t in policy(obs))
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=bf16):
             logits, expected_value = agent(obs)
+            if before_update is not None:  # what a graph that missed the update would give
+                stale_value = before_update(obs)[1]
         torch.testing.assert_close(value, expected_value, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(logprob, torch.log_softmax(logits, -1).gather(-1, action[:, None]).squeeze(-1),
                                    rtol=1e-4, atol=1e-4)
+        if before_update is not None:  # the tolerance tells the two apart
+            assert (value - stale_value).abs().max() > 1e-2
+        before_update = copy.deepcopy(agent)
         with torch.no_grad():
             for p in agent.parameters():
                 p.add_(torch.randn_like(p) * 0.05)
