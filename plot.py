@@ -18,7 +18,8 @@ writes under --out (default Fig/):
   plot_summary.json         every number drawn above
 and, with --reference results/reference/openai_ppo_hard500.csv (OpenAI's published PPO, hard, 500 levels):
   reference.png/.pdf        one panel per game: our test curves over the band of OpenAI's three PPO runs
-  reference_check.md        per game and method: where our curve lies against that band at equal steps
+  reference_check.md        per game and method: where our curve lies against that band at equal steps,
+                            and how many evaluations of each method and seed lie below/within/above it
 Every number is taken at one step that every included run reached (the title says which), a run's
 score is the mean of its agents (any K), and each figure names its budget, seeds, games and --label.
 """
@@ -806,15 +807,35 @@ def reference_check(grouped, methods, reference) -> dict:
                              "where": where_in_band(ours, low, high)}
             steps, mean, _ = mean_std_curve([run["curves"][TEST] for run in runs])
             keep = steps <= step
-            low, _, high = reference_band(reference[game], steps[keep])
-            counts = defaultdict(int)
-            for value, lo, hi in zip(mean[keep], low, high):
-                counts[where_in_band(value, lo, hi)] += 1
-            row["evaluations"] = {k: counts[k] for k in ("below", "within", "above", "no reference")}
-            if counts["not finite"]:
-                row["evaluations"]["not finite"] = counts["not finite"]
+            row["evaluations"] = band_counts(steps[keep], mean[keep], reference[game])
+            row["whole_run"] = whole_run_counts(runs, reference[game])
             check[game][method] = row
     return check
+
+
+def band_counts(steps, values, curves, scale: float = 1.0) -> dict:
+    """How many of (steps, values) lie below, within, above the band of the published `curves` (each at
+    its own step; "no reference" where the band does not reach), with the published steps x `scale`."""
+    low, _, high = reference_band(curves, steps, scale)
+    counts = defaultdict(int)
+    for value, lo, hi in zip(values, low, high):
+        counts[where_in_band(value, lo, hi)] += 1
+    row = {k: counts[k] for k in ("below", "within", "above", "no reference")}
+    if counts["not finite"]:
+        row["not finite"] = counts["not finite"]
+    return row
+
+
+def whole_run_counts(runs: List[dict], curves) -> dict:
+    """Past the game's compared step: every evaluation of the seeds' mean curve (up to the last step all
+    the seeds reached) and of each seed (up to its own last step), against the band on both step axes."""
+    def on_both_axes(steps, values):
+        return {"step": int(steps[-1]), "published": band_counts(steps, values, curves),
+                "three_quarters": band_counts(steps, values, curves, REFERENCE_TRAINING_FRACTION)}
+
+    steps, mean, _ = mean_std_curve([run["curves"][TEST] for run in runs])
+    return {"mean": on_both_axes(steps, mean),
+            "per_seed": {run["seed"]: on_both_axes(*run["curves"][TEST]) for run in runs}}
 
 
 def band_cell(row: dict) -> str:
@@ -837,7 +858,28 @@ def reference_table(check: dict, label: str) -> str:
                          f"{band_cell(row['published'])} | "
                          f"{band_cell(row['three_quarters'])} | {counts['below']} / {counts['within']} / "
                          f"{counts['above']} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + whole_run_table(check)) + "\n"
+
+
+def whole_run_table(check: dict) -> List[str]:
+    """The second table: each method over all of its evaluations, not only those up to the compared step."""
+    def cell(counts):
+        return f"{counts['below']} / {counts['within']} / {counts['above']}"
+
+    lines = ["", "Each method over its whole run (a GPU slice's faster runs go past the compared step): how many "
+             "evaluations lie below / within / above the band, on the published step axis and with its steps x 3/4 "
+             "(none before its first row or past its last); the mean over seeds runs to the last step all its "
+             "seeds reached, each seed to its own last step", "",
+             "| game | method | curve | up to step | published axis | steps x 3/4 |", "|---|---|---|---|---|---|"]
+    for game, by_method in check.items():
+        for method, row in by_method.items():
+            whole = row["whole_run"]
+            seeds = [(f"seed {seed}", counts) for seed, counts in whole["per_seed"].items()]
+            curves = [(f"mean of {row['seeds']} seeds", whole["mean"])] + seeds if len(seeds) > 1 else seeds
+            for name, counts in curves:
+                lines.append(f"| {game} | {method} | {name} | {counts['step']:,} | {cell(counts['published'])} | "
+                             f"{cell(counts['three_quarters'])} |")
+    return lines
 
 
 def plot_reference(grouped, methods, reference, label, x_axis, notes, out) -> None:

@@ -622,6 +622,41 @@ def test_reference_check_says_where_our_mean_lies_at_equal_steps(tmp_path):
     assert summary["reference"]["hyperparameter_differences"] == []
 
 
+def test_reference_check_counts_each_methods_and_seeds_evaluations_over_the_whole_run(tmp_path):
+    # A GPU slice: PPO runs on past the step where MDPO stopped; the README's counts cover all of it.
+    runs = tmp_path / "runs"
+    write_run(runs, "ppo", "bigfish", 1, [0.0, 5.0, 4.5, 7.0, 9.0], **REFERENCE_TASK)  # 1000 ... 5000
+    write_run(runs, "ppo", "bigfish", 2, [0.0, 1.0, 4.5, 5.2], **REFERENCE_TASK)  # 1000 ... 4000
+    write_run(runs, "mdpo", "bigfish", 1, [9.0, 9.0], **REFERENCE_TASK)  # 1000, 2000: compared at 2000
+    # published rows at 2000 and 6000; the band at s is [s / 1000, s / 1000 + 2]. Steps x 3/4: rows at 1500
+    # and 4500, the band [2 + (s - 1500) / 750, that + 2]: [2.67, 4.67] at 2000, [4, 6] at 3000,
+    # [5.33, 7.33] at 4000, none at 1000 (before the first row) and at 5000 (past the last)
+    ref = write_reference(tmp_path / "ref.csv", three_runs("bigfish", [2000, 6000], [[2.0, 6.0], [3.0, 7.0],
+                                                                                       [4.0, 8.0]]))
+    games = plot.main(plot_args(tmp_path, reference=ref))["reference"]["games"]["bigfish"]
+    ppo, mdpo = games["PPO"]["whole_run"], games["MDPO"]["whole_run"]
+    assert games["PPO"]["step"] == 2000 and games["PPO"]["evaluations"]["within"] == 1  # the mean 3 in [2, 4]
+    # seed 1: 5 above [2, 4], 4.5 within [3, 5], 7 above [4, 6], 9 above [5, 7];
+    # 3/4: 5 above [2.67, 4.67], 4.5 within [4, 6], 7 within [5.33, 7.33], 9 past the band's end
+    assert ppo["per_seed"][1] == {"step": 5000,
+                                  "published": {"below": 0, "within": 1, "above": 3, "no reference": 1},
+                                  "three_quarters": {"below": 0, "within": 2, "above": 1, "no reference": 2}}
+    # seed 2: 1 below [2, 4], 4.5 within, 5.2 within [4, 6]; 3/4: 1 below, 4.5 within, 5.2 below [5.33, 7.33]
+    assert ppo["per_seed"][2]["published"] == {"below": 1, "within": 2, "above": 0, "no reference": 1}
+    assert ppo["per_seed"][2]["three_quarters"] == {"below": 2, "within": 1, "above": 0, "no reference": 1}
+    # the mean to 4000, where seed 2 ends: 3, 4.5, 6.1: within, within, above [4, 6]; 3/4: all three within
+    assert ppo["mean"]["step"] == 4000
+    assert ppo["mean"]["published"] == {"below": 0, "within": 2, "above": 1, "no reference": 1}
+    assert ppo["mean"]["three_quarters"] == {"below": 0, "within": 3, "above": 0, "no reference": 1}
+    assert mdpo["mean"]["published"] == {"below": 0, "within": 0, "above": 1, "no reference": 1}
+    table = (tmp_path / "fig" / "reference_check.md").read_text()
+    assert "| bigfish | PPO | mean of 2 seeds | 4,000 | 0 / 2 / 1 | 0 / 3 / 0 |" in table
+    assert "| bigfish | PPO | seed 1 | 5,000 | 0 / 1 / 3 | 0 / 2 / 1 |" in table
+    assert "| bigfish | PPO | seed 2 | 4,000 | 1 / 2 / 0 | 2 / 1 / 0 |" in table
+    assert "| bigfish | MDPO | seed 1 | 2,000 | 0 / 0 / 1 | 0 / 0 / 1 |" in table  # one seed: no mean row
+    assert "MDPO | mean of" not in table
+
+
 def test_reference_compares_each_game_at_the_last_step_its_own_runs_reached(tmp_path):
     runs = tmp_path / "runs"  # two games from two GPU slices of different lengths
     write_run(runs, "ppo", "bigfish", 1, [1.0, 2.0, 3.0, 4.0], **REFERENCE_TASK)
