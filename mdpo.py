@@ -905,12 +905,12 @@ def save_checkpoint(run_dir: str, checkpoint: dict) -> None:
     status.json one checkpoint behind, which the next resume rewrites from the checkpoint."""
     with interrupts_deferred():
         write_durably(os.path.join(run_dir, "checkpoint.pt"), lambda f: torch.save(checkpoint, f))
-        write_status(run_dir, checkpoint)
+        write_status(run_dir, checkpoint, checkpoint["args"]["num_iterations"])
 
 
-def write_status(run_dir: str, checkpoint: dict) -> None:
+def write_status(run_dir: str, checkpoint: dict, num_iterations: int) -> None:
     status = {"global_step": checkpoint["global_step"], "iteration": checkpoint["iteration"],
-              "finished": checkpoint["iteration"] >= checkpoint["args"]["num_iterations"]}
+              "finished": checkpoint["iteration"] >= num_iterations}
     write_durably(os.path.join(run_dir, "status.json"), lambda f: f.write(json.dumps(status).encode()))
 
 
@@ -1143,8 +1143,10 @@ def main(args: Args) -> str:
 def train(args: Args, run_dir: str, device) -> None:
     checkpoint = load_checkpoint(args, device) if args.resume else None
     write_config(args, run_dir)
-    if checkpoint:  # a kill between the checkpoint and status.json left the latter one checkpoint behind
-        write_status(run_dir, checkpoint)
+    # A kill between the checkpoint and status.json left the latter one checkpoint behind; and "finished"
+    # is against this run's --total-timesteps: an extension killed before its first checkpoint is not done.
+    if checkpoint:
+        write_status(run_dir, checkpoint, args.num_iterations)
     seed_everything(args)
     keep_freed_memory()
 

@@ -529,6 +529,27 @@ def test_sweep_runs_skips_finished_and_resumes_extended_jobs(tmp_path, capsys):
         assert json.load(open(os.path.join(job.run_dir, "status.json")))["global_step"] == 256
 
 
+@pytest.mark.parametrize("script", ["ppo", "mdpo"])
+def test_an_extension_killed_before_its_first_checkpoint_is_resumed_not_done(tmp_path, monkeypatch, script):
+    # The resume rewrites config.json with the new total at once; status.json must not go on saying finished.
+    module = __import__(script)
+    args = sweep_args(tmp_path, methods=[script])
+    job, = sweep.make_jobs(args)
+    module.main(module.Args(**{**job.expected, "run_dir": job.run_dir}))  # 128 steps, finished
+    args.flags = TINY_FLAGS.replace("--total-timesteps 128", "--total-timesteps 256")
+    job, = sweep.make_jobs(args)
+
+    def killed(*_, **__):  # Ctrl-C here; SIGKILL, an OOM or a lost node leave the same files
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "update", killed)
+    with pytest.raises(SystemExit):
+        module.main(module.Args(**{**job.expected, "resume": job.run_dir}))
+    status = json.load(open(os.path.join(job.run_dir, "status.json")))
+    assert status == {"global_step": 128, "iteration": 1, "finished": False}
+    assert job.state().kind == "resume"
+
+
 def test_a_signal_after_a_time_boxed_sweep_is_reported_as_preempted(tmp_path, fake_train, monkeypatch, capsys):
     args = sweep_args(tmp_path / "a", stop_after_min=0.05)
     fake_train(args, mode="wait")
