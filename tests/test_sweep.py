@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+from dataclasses import asdict
 
 import pytest
 
@@ -166,6 +167,25 @@ def test_method_of_every_job_is_its_method(tmp_path):
     assert [sweep.method_of({"script": job.script, "args": job.expected}) for job in jobs] == methods
 
 
+def test_each_jobs_command_line_runs_the_args_the_sweep_expects(tmp_path):
+    # What the job starts (its flags, through the script's own parser) must be what the sweep compares a
+    # run directory with: otherwise ppo_l2 could train as plain PPO, or a resume be refused as a mismatch.
+    import tyro
+
+    import mdpo
+    import ppo
+
+    jobs = sweep.make_jobs(sweep_args(tmp_path, methods=[*sweep.METHODS], seeds=[1, 2]))
+    assert len(jobs) == 2 * len(sweep.METHODS)
+    for job in jobs:
+        module = mdpo if job.script == "mdpo" else ppo
+        ran = asdict(module.validate_args(tyro.cli(module.Args, args=job.flags)))
+        assert ran == job.expected, job.name
+        assert (ran["env_id"], ran["exp_name"], ran["seed"]) == (job.game, job.method, job.seed)
+    l2, = [job for job in jobs if job.method == "ppo_l2" and job.seed == 2]
+    assert l2.expected["l2_coef"] == 1e-4  # the paper's PPO + L2 baseline
+
+
 def test_ppo_drac_best_runs_each_game_with_its_augmentation(tmp_path):
     jobs = sweep.make_jobs(sweep_args(tmp_path, methods=["ppo_drac_best", "ppo_drac_crop"],
                                       games=["bigfish", "coinrun"]))
@@ -220,9 +240,21 @@ def test_sweep_rejects_bad_flags_before_any_job_starts(tmp_path, flags, message)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "logs").exists()
 
 
-def test_sweep_rejects_non_positive_settings(tmp_path):
-    with pytest.raises(sweep.UsageError, match="--jobs must be positive, got 0"):
-        sweep.main(sweep_args(tmp_path, jobs=0))
+@pytest.mark.parametrize("name", ["jobs", "time_min", "cpus_per_job", "max_parallel", "signal_delay_s"])
+def test_sweep_rejects_non_positive_settings(tmp_path, name):
+    with pytest.raises(sweep.UsageError, match=f"--{name.replace('_', '-')} must be positive, got 0"):
+        sweep.main(sweep_args(tmp_path, **{name: 0}))
+
+
+def test_sweep_checks_flags_against_every_game_not_only_the_first(tmp_path):
+    with pytest.raises(sweep.UsageError, match="bigfish has no memory mode"):  # caveflyer has one
+        sweep.main(sweep_args(tmp_path, games=["caveflyer", "bigfish"], flags="--distribution-mode memory"))
+
+
+def test_without_flags_drops_each_named_flag_with_its_value():
+    flags = ["--num-envs=4", "--num-steps", "32", "--total_timesteps", "64", "--ent-coef", "0.02"]
+    assert sweep.without_flags(flags, {"--num-envs", "--total-timesteps"}) == ["--num-steps", "32",
+                                                                               "--ent-coef", "0.02"]
 
 
 def test_sweep_checks_flags_against_each_chosen_method(tmp_path):
@@ -323,6 +355,15 @@ def test_a_run_that_predates_the_new_fields_matches_at_their_defaults(tmp_path):
     assert "--eval-perturbation is ('hue',) there, () here" in ppo_job.state().detail
 
 
+def test_a_missing_field_counts_at_its_default_and_another_script_never_matches(tmp_path):
+    l2_job, mdpo_job = sweep.make_jobs(sweep_args(tmp_path, methods=["ppo_l2", "mdpo"]))
+    # a run that predates --l2-coef trained without it (0.0): not the PPO + L2 run this job asks for
+    write_run(l2_job, config_args={k: v for k, v in l2_job.expected.items() if k != "l2_coef"})
+    assert l2_job.state().kind == "mismatch" and "--l2-coef is 0.0 there, 0.0001 here" in l2_job.state().detail
+    config = {"script": "ppo", "args": mdpo_job.expected}
+    assert sweep.config_difference(config, mdpo_job.expected, "mdpo") == "it was made by ppo.py, not mdpo.py"
+
+
 def test_resumable_fields_may_differ_and_a_run_is_extended_not_shortened(tmp_path):
     job, = sweep.make_jobs(sweep_args(tmp_path))
     write_run(job, config_args={**job.expected, "eval_interval": 3, "cuda": True, "run_dir": "elsewhere"})
@@ -331,6 +372,28 @@ def test_resumable_fields_may_differ_and_a_run_is_extended_not_shortened(tmp_pat
     assert job.state().kind == "resume"
     write_run(job, config_args={**job.expected, "total_timesteps": 256})
     assert job.state().kind == "mismatch" and "--total-timesteps is 256 there, 128 here" in job.state().detail
+
+
+def test_a_run_with_a_checkpoint_is_resumed_and_one_of_other_flags_is_never_started(tmp_path, fake_train):
+    job, = fake_train(sweep_args(tmp_path))
+    write_run(job, finished=False)
+    assert job().kind == "resumed"
+    assert "--resume" in json.load(open(os.path.join(job.run_dir, "argv.json")))
+    job, = fake_train(sweep_args(tmp_path / "other"))
+    write_run(job, config_args={**job.expected, "num_steps": 16})  # what a requeued Slurm job may find
+    assert job().kind == "mismatch" and not os.path.exists(os.path.join(job.run_dir, "argv.json"))
+
+
+def test_a_second_claim_on_a_run_is_refused_and_names_the_owner(tmp_path):
+    path = str(tmp_path / "locks" / "bigfish__ppo__1")
+    first, owner = sweep.take_lock(path)
+    assert first is not None and owner is None
+    second, owner = sweep.take_lock(path)  # flock belongs to the open file: refused within one process too
+    assert second is None and owner.endswith(f":{os.getpid()}")  # host:pid
+    first.close()
+    third, _ = sweep.take_lock(path)
+    assert third is not None
+    third.close()
 
 
 def test_a_run_without_checkpoint_and_not_in_use_starts_afresh(tmp_path, fake_train):
@@ -424,26 +487,31 @@ def test_stop_after_min_is_refused_where_it_cannot_work(tmp_path, settings, mess
 
 
 class RecordingJob:
-    def __init__(self, name, log):
-        self.name, self.log = name, log
+    def __init__(self, name, log, together=None):
+        self.name, self.log, self.together = name, log, together
 
     def __call__(self, env=None):
         self.log.append(dict(env or {}))
+        if self.together:  # a threading.Barrier: the workers' jobs must be running at the same time
+            self.together.wait(timeout=10)
         return sweep.Outcome("trained")
 
 
 def test_local_jobs_use_the_inherited_cuda_visible_devices(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     assert sweep.job_gpus(sweep_args(tmp_path)) == ["2", "3"]
-    log = []
-    outcomes = sweep.run_local([RecordingJob(f"job{i}", log) for i in range(4)], sweep_args(tmp_path, jobs=2))
+    log, together = [], threading.Barrier(2)  # each of the 2 workers holds a job until the other does
+    outcomes = sweep.run_local([RecordingJob(f"job{i}", log, together) for i in range(4)], sweep_args(tmp_path, jobs=2))
     assert [o.kind for o in outcomes] == ["trained"] * 4
-    assert {env["CUDA_VISIBLE_DEVICES"] for env in log} <= {"2", "3"} and len(log) == 4
+    assert sorted(env["CUDA_VISIBLE_DEVICES"] for env in log) == ["2", "2", "3", "3"]  # a GPU per worker
     with pytest.raises(sweep.UsageError, match="--gpus 0 is not among CUDA_VISIBLE_DEVICES=2,3"):
         sweep.job_gpus(sweep_args(tmp_path, gpus=["0"]))
     assert sweep.job_gpus(sweep_args(tmp_path, gpus=["3"])) == ["3"]
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(sweep.subprocess, "run", lambda *a, **k: type("Done", (), {"stdout": "GPU 0: x\nGPU 1: y\n"}))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # hides every GPU, even those nvidia-smi lists
     assert sweep.job_gpus(sweep_args(tmp_path)) == []
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert sweep.job_gpus(sweep_args(tmp_path)) == ["0", "1"]
 
 
 class FakeExecutor:
@@ -572,6 +640,21 @@ def test_at_the_budget_only_a_checkpointed_or_killed_run_counts_as_stopped(tmp_p
             job.train("new", None)
     else:
         assert job.train("new", None).kind == kind
+
+
+def test_a_run_killed_by_no_signal_of_ours_failed(tmp_path, fake_train, monkeypatch):
+    # e.g. the kernel's OOM killer: a negative exit with no stop signal forwarded and no budget run out
+    job, = fake_train(sweep_args(tmp_path))
+    monkeypatch.setattr(sweep.FORWARDER, "run", lambda *a: -9)
+    with pytest.raises(sweep.JobFailed, match=r"failed \(exit -9\)"):
+        job.train("new", None)
+
+
+def test_stop_after_min_is_minutes(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(sweep, "run_pool", lambda jobs, slots, gpus, start, stop_after_s=None: seen.append(stop_after_s))
+    sweep.run_local([], sweep_args(tmp_path, stop_after_min=2.5))
+    assert seen == [150.0]
 
 
 def test_a_sweep_that_ends_before_its_budget_leaves_no_timer_behind(tmp_path, fake_train):
