@@ -645,6 +645,8 @@ def test_at_the_budget_only_a_checkpointed_or_killed_run_counts_as_stopped(tmp_p
 def test_a_run_killed_by_no_signal_of_ours_failed(tmp_path, fake_train, monkeypatch):
     # e.g. the kernel's OOM killer: a negative exit with no stop signal forwarded and no budget run out
     job, = fake_train(sweep_args(tmp_path))
+    monkeypatch.setattr(sweep.FORWARDER, "received", None)  # (a sweep before may have left its own)
+    monkeypatch.setattr(sweep.FORWARDER, "out_of_time", False)
     monkeypatch.setattr(sweep.FORWARDER, "run", lambda *a: -9)
     with pytest.raises(sweep.JobFailed, match=r"failed \(exit -9\)"):
         job.train("new", None)
