@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -204,3 +205,127 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_afresh_with_the_same_c
     ppo.main(tyro_args(run_dir, 64))
     assert "events.out.tfevents.1.host.1.0" not in os.listdir(run_dir)
     assert load(run_dir)["iteration"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The pieces of a stop and a resume, one at a time
+# ---------------------------------------------------------------------------------------------
+
+
+def module_args(module, run_dir, total, **kw):
+    return module.Args(total_timesteps=total, run_dir=run_dir, **{**TINY, **kw})
+
+
+@pytest.mark.parametrize("module", [ppo, mdpo])
+def test_exit_codes_are_the_ones_documented_and_the_sweep_reads(module):
+    import sweep
+
+    codes = {error_type.__name__: code for error_type, code in module.EXIT_CODES}
+    assert codes == {"UsageError": 2, "Diverged": 3, "Preempted": 4, "StorageError": 1}
+    assert (sweep.EXIT_DIVERGED, sweep.EXIT_PREEMPTED) == (3, 4)
+
+
+@pytest.mark.parametrize("module", [ppo, mdpo])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR2])  # Slurm's and submitit's
+def test_both_stop_signals_are_caught_and_the_handlers_restored(module, signum):
+    before = signal.getsignal(signum)
+    stop = module.StopSignals()
+    os.kill(os.getpid(), signum)
+    stop.restore()
+    assert stop.received == signal.Signals(signum).name and signal.getsignal(signum) == before
+
+
+@pytest.mark.parametrize("module", [ppo, mdpo])
+def test_status_is_written_after_the_checkpoint_and_says_finished_at_the_last_iteration(module, monkeypatch, tmp_path):
+    written = []
+    monkeypatch.setattr(module, "write_durably", lambda path, write: written.append(os.path.basename(path)))
+    module.save_checkpoint(str(tmp_path), {"global_step": 64, "iteration": 1, "args": {"num_iterations": 2}})
+    assert written == ["checkpoint.pt", "status.json"]  # a kill between the two leaves status.json behind
+    monkeypatch.undo()
+    for iteration, finished in ((1, False), (2, True)):
+        module.write_status(str(tmp_path), {"global_step": 64 * iteration, "iteration": iteration}, 2)
+        assert json.load(open(tmp_path / "status.json"))["finished"] is finished
+
+
+@pytest.mark.parametrize("module", [ppo, mdpo])
+def test_resume_refuses_what_is_not_a_run_before_writing_anything(module, tmp_path):
+    missing = str(tmp_path / "typo")
+    with pytest.raises(module.UsageError, match="does not exist"):
+        module.main(module_args(module, None, 64, resume=missing))
+    assert not os.path.exists(missing)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"script": module.SCRIPT, "args": {}}))
+    with pytest.raises(module.UsageError, match="holds no checkpoint of a run"):
+        module.saved_config(str(run_dir))
+    (run_dir / "checkpoint.pt").write_bytes(b"")
+    (run_dir / "config.json").write_text(json.dumps({"script": module.SCRIPT}))
+    with pytest.raises(module.UsageError, match="is not a run's config"):
+        module.saved_config(str(run_dir))
+
+
+@pytest.mark.parametrize("module, field, value", [(ppo, "l2_coef", 1e-4), (mdpo, "alpha", 0.5)])
+def test_a_field_an_older_run_predates_counts_at_its_default(module, field, value):
+    args = module.Args()
+    older = {"args": {k: v for k, v in asdict(args).items() if k != field}}
+    module.check_compatible(args, older)  # the older run held the default: the same run
+    with pytest.raises(module.UsageError, match=f"--{field.replace('_', '-')} is {value!r} here"):
+        module.check_compatible(replace(args, **{field: value}), older)
+
+
+@pytest.mark.parametrize("module", [ppo, mdpo])
+def test_the_iterations_never_exceed_the_budget(module):
+    args = module.validate_args(module.Args(num_envs=4, num_steps=16, num_minibatches=2, total_timesteps=100))
+    assert args.batch_size == 64 and args.num_iterations == 1  # a second would take 128 steps of the 100
+
+
+def test_a_fresh_start_discards_the_unfinished_runs_records(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "agent1").mkdir(parents=True)
+    for name in ("config.json", "status.json", "diverged.json", "events.out.tfevents.1", "agent1/events.out.tfevents.2"):
+        (run_dir / name).write_text("{}")
+    (run_dir / "notes.txt").write_text("the user's")
+    ppo.discard_unfinished_run(str(run_dir))  # a stale diverged.json would have the sweep report "diverged" forever
+    assert sorted(p.name for p in run_dir.rglob("*") if p.is_file()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("module", [ppo, mdpo])
+def test_a_stop_signal_between_checkpoints_writes_one_and_at_the_end_is_a_finished_run(module, monkeypatch, tmp_path):
+    real_update = module.update
+
+    def update_then_sigterm(*args, **kwargs):
+        stats = real_update(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # as Slurm would, during the first iteration
+        return stats
+
+    monkeypatch.setattr(module, "update", update_then_sigterm)
+    run_dir = str(tmp_path / "run")
+    with pytest.raises(module.Preempted, match="after iteration 1, checkpoint written"):
+        module.main(module_args(module, run_dir, 64 * 3, checkpoint_interval=100))
+    assert load(run_dir)["iteration"] == 1
+    last = str(tmp_path / "last")  # the signal in the last iteration: the run is simply done
+    module.main(module_args(module, last, 64, checkpoint_interval=100))
+    assert json.load(open(os.path.join(last, "status.json"))) == {"global_step": 64, "iteration": 1, "finished": True}
+
+
+@pytest.mark.parametrize("module", [ppo, mdpo])
+def test_resume_restores_which_envs_ended_on_the_rollouts_last_step(module, monkeypatch, tmp_path):
+    # GAE needs next_done: an episode that ended on the checkpointed rollout's last step must not be
+    # bootstrapped into the next rollout after a resume.
+    run_dir = str(tmp_path / "run")
+    module.main(module_args(module, run_dir, 64))
+    checkpoint = load(run_dir)
+    ended = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    checkpoint["next_done"] = ended.clone() if module is ppo else [ended.clone(), 1 - ended]
+    torch.save(checkpoint, os.path.join(run_dir, "checkpoint.pt"))
+    seen = []
+
+    def record_then_stop(policies, envs, rollouts, *args, **kwargs):
+        seen.extend(r.next_done.clone() for r in (rollouts if module is mdpo else [rollouts]))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "collect_rollouts" if module is mdpo else "collect_rollout", record_then_stop)
+    with pytest.raises(SystemExit):
+        module.main(module_args(module, None, 128, resume=run_dir))
+    expected = [ended] if module is ppo else [ended, 1 - ended]
+    assert len(seen) == len(expected) and all(torch.equal(a, b) for a, b in zip(seen, expected))
