@@ -1,6 +1,7 @@
 """sweep.py: the methods, method_of, and what a sweep does with runs that are in use, diverged,
 preempted or made with other flags. Most jobs here run a fake training script (FAKE_TRAIN), not ppo.py."""
 
+import contextlib
 import fcntl
 import json
 import os
@@ -568,6 +569,47 @@ def test_submitit_local_runs_at_most_jobs_at_once_on_the_visible_gpus(tmp_path, 
         assert parameters["gpus_per_node"] == 1
         assert parameters["visible_gpus"] == (int(env["CUDA_VISIBLE_DEVICES"]),)
         assert env["CUDA_VISIBLE_DEVICES"] in ("2", "3")
+
+
+class FakeSlurmExecutor:
+    """submitit's Slurm executor as far as the sweep uses it: parameters, a batch (a job array), submit."""
+
+    def __init__(self, folder, cluster):
+        assert cluster == "slurm"
+        self.parameters, self.submitted, self.in_batch = {}, [], False
+        FakeSlurmExecutor.last = self
+
+    def update_parameters(self, **kw):
+        self.parameters.update(kw)
+
+    @contextlib.contextmanager
+    def batch(self):
+        self.in_batch = True
+        yield
+        self.in_batch = False
+
+    def submit(self, job):
+        assert self.in_batch  # one array, so that --max-parallel bounds it
+        self.submitted.append(job)
+        return type("Handle", (), {"job_id": f"77_{len(self.submitted) - 1}"})()
+
+
+def test_slurm_gets_the_sweeps_resources_and_the_signal_delay_in_one_array(tmp_path, monkeypatch, capsys):
+    import submitit
+
+    monkeypatch.setattr(submitit, "AutoExecutor", FakeSlurmExecutor)
+    jobs = [RecordingJob(f"job{i}", []) for i in range(3)]
+    args = sweep_args(tmp_path, launcher="slurm", partition="gpu", time_min=600, gpus_per_job=2, cpus_per_job=6,
+                      max_parallel=5, signal_delay_s=240)
+    assert sweep.run_slurm(jobs, args) == []
+    executor = FakeSlurmExecutor.last
+    assert executor.submitted == jobs
+    assert {key: executor.parameters[key] for key in ("timeout_min", "slurm_partition", "gpus_per_node",
+                                                      "cpus_per_task", "slurm_array_parallelism",
+                                                      "slurm_signal_delay_s")} == {
+        "timeout_min": 600, "slurm_partition": "gpu", "gpus_per_node": 2, "cpus_per_task": 6,
+        "slurm_array_parallelism": 5, "slurm_signal_delay_s": 240}
+    assert "submitted 3 jobs to slurm; job ids 77_0 ... 77_2" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------
