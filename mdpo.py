@@ -957,6 +957,9 @@ def load_checkpoint(args: Args, device) -> dict:
     if not isinstance(checkpoint, dict) or checkpoint.get("script") != SCRIPT:
         raise UsageError(f"cannot resume: {path} is not a {SCRIPT}.py checkpoint")
     check_compatible(args, checkpoint)
+    if checkpoint["iteration"] > args.num_iterations:
+        raise UsageError(f"cannot resume: the run is at step {checkpoint['global_step']:,}, past --total-timesteps "
+                         f"{args.total_timesteps:,} (a run is extended, never shortened)")
     return checkpoint
 
 
@@ -1142,11 +1145,12 @@ def main(args: Args) -> str:
 
 def train(args: Args, run_dir: str, device) -> None:
     checkpoint = load_checkpoint(args, device) if args.resume else None
-    write_config(args, run_dir)
     # A kill between the checkpoint and status.json left the latter one checkpoint behind; and "finished"
-    # is against this run's --total-timesteps: an extension killed before its first checkpoint is not done.
+    # is against this run's --total-timesteps (written before config.json takes the new total): an
+    # extension killed before its first checkpoint is not done.
     if checkpoint:
         write_status(run_dir, checkpoint, args.num_iterations)
+    write_config(args, run_dir)
     seed_everything(args)
     keep_freed_memory()
 

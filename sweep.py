@@ -396,7 +396,10 @@ class Job:
                                        "left as it is: move it away or use another --root")
         status = read_json(os.path.join(self.run_dir, "status.json")) or {}
         saved_total = read_json(os.path.join(self.run_dir, "config.json"))["args"]["total_timesteps"]
-        if status.get("finished") and saved_total == self.expected["total_timesteps"]:
+        # status.json's own iteration, not only its "finished": a resume killed as it began may have left
+        # config.json with the new total beside the status of the shorter run
+        reached = isinstance(status.get("iteration"), int) and status["iteration"] >= self.expected["num_iterations"]
+        if status.get("finished") and reached and saved_total == self.expected["total_timesteps"]:
             return Outcome("done")
         return Outcome("resume")
 

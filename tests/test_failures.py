@@ -1,6 +1,7 @@
 """A run that goes wrong keeps what it had: divergence, a failed checkpoint write, SIGTERM, SIGKILL at
 any moment, and two processes on one run directory."""
 
+import contextlib
 import errno
 import json
 import os
@@ -216,6 +217,25 @@ def module_args(module, run_dir, total, **kw):
     return module.Args(total_timesteps=total, run_dir=run_dir, **{**TINY, **kw})
 
 
+@contextlib.contextmanager
+def harmless(signum):
+    """A handler that ignores signum while a test sends it to this process: if the code under test stops
+    catching it, the test fails instead of the signal killing pytest."""
+    def ignore(*_):
+        pass
+
+    previous = signal.signal(signum, ignore)
+    try:
+        yield ignore
+    finally:
+        signal.signal(signum, previous)
+
+
+def without_evaluation(module, monkeypatch):
+    """The evaluation at a run's last iteration is most of a tiny run's time, and not what these tests test."""
+    monkeypatch.setattr(module, "log_evaluation", lambda *a, **k: float("nan"))
+
+
 @pytest.mark.parametrize("module", [ppo, mdpo])
 def test_exit_codes_are_the_ones_documented_and_the_sweep_reads(module):
     import sweep
@@ -228,11 +248,11 @@ def test_exit_codes_are_the_ones_documented_and_the_sweep_reads(module):
 @pytest.mark.parametrize("module", [ppo, mdpo])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR2])  # Slurm's and submitit's
 def test_both_stop_signals_are_caught_and_the_handlers_restored(module, signum):
-    before = signal.getsignal(signum)
-    stop = module.StopSignals()
-    os.kill(os.getpid(), signum)
-    stop.restore()
-    assert stop.received == signal.Signals(signum).name and signal.getsignal(signum) == before
+    with harmless(signum) as before:
+        stop = module.StopSignals()
+        os.kill(os.getpid(), signum)
+        stop.restore()
+        assert stop.received == signal.Signals(signum).name and signal.getsignal(signum) is before
 
 
 @pytest.mark.parametrize("module", [ppo, mdpo])
@@ -279,18 +299,20 @@ def test_the_iterations_never_exceed_the_budget(module):
     assert args.batch_size == 64 and args.num_iterations == 1  # a second would take 128 steps of the 100
 
 
-def test_a_fresh_start_discards_the_unfinished_runs_records(tmp_path):
+@pytest.mark.parametrize("module", [ppo, mdpo])
+def test_a_fresh_start_discards_the_unfinished_runs_records(module, tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "agent1").mkdir(parents=True)
     for name in ("config.json", "status.json", "diverged.json", "events.out.tfevents.1", "agent1/events.out.tfevents.2"):
         (run_dir / name).write_text("{}")
     (run_dir / "notes.txt").write_text("the user's")
-    ppo.discard_unfinished_run(str(run_dir))  # a stale diverged.json would have the sweep report "diverged" forever
+    module.discard_unfinished_run(str(run_dir))  # a stale diverged.json would have the sweep report "diverged" forever
     assert sorted(p.name for p in run_dir.rglob("*") if p.is_file()) == ["notes.txt"]
 
 
 @pytest.mark.parametrize("module", [ppo, mdpo])
 def test_a_stop_signal_between_checkpoints_writes_one_and_at_the_end_is_a_finished_run(module, monkeypatch, tmp_path):
+    without_evaluation(module, monkeypatch)
     real_update = module.update
 
     def update_then_sigterm(*args, **kwargs):
@@ -299,12 +321,12 @@ def test_a_stop_signal_between_checkpoints_writes_one_and_at_the_end_is_a_finish
         return stats
 
     monkeypatch.setattr(module, "update", update_then_sigterm)
-    run_dir = str(tmp_path / "run")
-    with pytest.raises(module.Preempted, match="after iteration 1, checkpoint written"):
-        module.main(module_args(module, run_dir, 64 * 3, checkpoint_interval=100))
-    assert load(run_dir)["iteration"] == 1
-    last = str(tmp_path / "last")  # the signal in the last iteration: the run is simply done
-    module.main(module_args(module, last, 64, checkpoint_interval=100))
+    run_dir, last = str(tmp_path / "run"), str(tmp_path / "last")
+    with harmless(signal.SIGTERM):
+        with pytest.raises(module.Preempted, match="after iteration 1, checkpoint written"):
+            module.main(module_args(module, run_dir, 64 * 3, checkpoint_interval=100))
+        assert load(run_dir)["iteration"] == 1
+        module.main(module_args(module, last, 64, checkpoint_interval=100))  # at the last iteration: simply done
     assert json.load(open(os.path.join(last, "status.json"))) == {"global_step": 64, "iteration": 1, "finished": True}
 
 
@@ -312,8 +334,11 @@ def test_a_stop_signal_between_checkpoints_writes_one_and_at_the_end_is_a_finish
 def test_resume_restores_which_envs_ended_on_the_rollouts_last_step(module, monkeypatch, tmp_path):
     # GAE needs next_done: an episode that ended on the checkpointed rollout's last step must not be
     # bootstrapped into the next rollout after a resume.
+    without_evaluation(module, monkeypatch)
     run_dir = str(tmp_path / "run")
-    module.main(module_args(module, run_dir, 64))
+    module.main(module_args(module, run_dir, 128))
+    with pytest.raises(module.UsageError, match="at step 128, past --total-timesteps 64 .*never shortened"):
+        module.main(module_args(module, None, 64, resume=run_dir))
     checkpoint = load(run_dir)
     ended = torch.tensor([1.0, 0.0, 1.0, 1.0])
     checkpoint["next_done"] = ended.clone() if module is ppo else [ended.clone(), 1 - ended]
@@ -326,6 +351,6 @@ def test_resume_restores_which_envs_ended_on_the_rollouts_last_step(module, monk
 
     monkeypatch.setattr(module, "collect_rollouts" if module is mdpo else "collect_rollout", record_then_stop)
     with pytest.raises(SystemExit):
-        module.main(module_args(module, None, 128, resume=run_dir))
+        module.main(module_args(module, None, 192, resume=run_dir))
     expected = [ended] if module is ppo else [ended, 1 - ended]
     assert len(seen) == len(expected) and all(torch.equal(a, b) for a, b in zip(seen, expected))
