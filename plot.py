@@ -786,8 +786,8 @@ def where_in_band(value: float, low: float, high: float) -> str:
 
 def reference_check(grouped, methods, reference) -> dict:
     """game -> method -> our mean test return at the game's step (game_step) against the band there (both
-    step axes), and at how many of our evaluations up to it (mean over seeds) the curve is below, within,
-    above the band."""
+    step axes), at how many of our evaluations up to it (mean over seeds) the curve is below, within,
+    above the band, and the same counts over the whole run (whole_run_counts)."""
     check = {}
     for game in sorted(grouped):
         if game not in reference:
@@ -827,15 +827,16 @@ def band_counts(steps, values, curves, scale: float = 1.0) -> dict:
 
 
 def whole_run_counts(runs: List[dict], curves) -> dict:
-    """Past the game's compared step: every evaluation of the seeds' mean curve (up to the last step all
-    the seeds reached) and of each seed (up to its own last step), against the band on both step axes."""
+    """Every evaluation, not only those up to the game's compared step: of the seeds' mean curve (up to the
+    last step all the seeds reached) and of each seed (up to its own last step), against the band on both
+    step axes. per_seed is a list in the runs' order (two slices of one game may hold the same seed)."""
     def on_both_axes(steps, values):
         return {"step": int(steps[-1]), "published": band_counts(steps, values, curves),
                 "three_quarters": band_counts(steps, values, curves, REFERENCE_TRAINING_FRACTION)}
 
     steps, mean, _ = mean_std_curve([run["curves"][TEST] for run in runs])
     return {"mean": on_both_axes(steps, mean),
-            "per_seed": {run["seed"]: on_both_axes(*run["curves"][TEST]) for run in runs}}
+            "per_seed": [{"seed": run["seed"], **on_both_axes(*run["curves"][TEST])} for run in runs]}
 
 
 def band_cell(row: dict) -> str:
@@ -866,15 +867,16 @@ def whole_run_table(check: dict) -> List[str]:
     def cell(counts):
         return f"{counts['below']} / {counts['within']} / {counts['above']}"
 
-    lines = ["", "Each method over its whole run (a GPU slice's faster runs go past the compared step): how many "
-             "evaluations lie below / within / above the band, on the published step axis and with its steps x 3/4 "
-             "(none before its first row or past its last); the mean over seeds runs to the last step all its "
-             "seeds reached, each seed to its own last step", "",
+    lines = ["", "Over each run's whole length (a faster method's runs go past the compared step in the same "
+             "wall-clock budget): how many evaluations lie below / within / above the band, on OpenAI's published "
+             "step axis and with its steps x 3/4; evaluations before the band's first row or after its last are "
+             "not counted. The mean over seeds runs to the last step all of the method's seeds reached, each seed "
+             "to its own last step", "",
              "| game | method | curve | up to step | published axis | steps x 3/4 |", "|---|---|---|---|---|---|"]
     for game, by_method in check.items():
         for method, row in by_method.items():
             whole = row["whole_run"]
-            seeds = [(f"seed {seed}", counts) for seed, counts in whole["per_seed"].items()]
+            seeds = [(f"seed {counts['seed']}", counts) for counts in whole["per_seed"]]
             curves = [(f"mean of {row['seeds']} seeds", whole["mean"])] + seeds if len(seeds) > 1 else seeds
             for name, counts in curves:
                 lines.append(f"| {game} | {method} | {name} | {counts['step']:,} | {cell(counts['published'])} | "

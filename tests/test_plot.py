@@ -638,12 +638,12 @@ def test_reference_check_counts_each_methods_and_seeds_evaluations_over_the_whol
     assert games["PPO"]["step"] == 2000 and games["PPO"]["evaluations"]["within"] == 1  # the mean 3 in [2, 4]
     # seed 1: 5 above [2, 4], 4.5 within [3, 5], 7 above [4, 6], 9 above [5, 7];
     # 3/4: 5 above [2.67, 4.67], 4.5 within [4, 6], 7 within [5.33, 7.33], 9 past the band's end
-    assert ppo["per_seed"][1] == {"step": 5000,
+    assert ppo["per_seed"][0] == {"seed": 1, "step": 5000,
                                   "published": {"below": 0, "within": 1, "above": 3, "no reference": 1},
                                   "three_quarters": {"below": 0, "within": 2, "above": 1, "no reference": 2}}
     # seed 2: 1 below [2, 4], 4.5 within, 5.2 within [4, 6]; 3/4: 1 below, 4.5 within, 5.2 below [5.33, 7.33]
-    assert ppo["per_seed"][2]["published"] == {"below": 1, "within": 2, "above": 0, "no reference": 1}
-    assert ppo["per_seed"][2]["three_quarters"] == {"below": 2, "within": 1, "above": 0, "no reference": 1}
+    assert ppo["per_seed"][1]["seed"] == 2 and ppo["per_seed"][1]["published"] == {"below": 1, "within": 2, "above": 0, "no reference": 1}
+    assert ppo["per_seed"][1]["three_quarters"] == {"below": 2, "within": 1, "above": 0, "no reference": 1}
     # the mean to 4000, where seed 2 ends: 3, 4.5, 6.1: within, within, above [4, 6]; 3/4: all three within
     assert ppo["mean"]["step"] == 4000
     assert ppo["mean"]["published"] == {"below": 0, "within": 2, "above": 1, "no reference": 1}
