@@ -808,7 +808,7 @@ def reference_check(grouped, methods, reference) -> dict:
             steps, mean, _ = mean_std_curve([run["curves"][TEST] for run in runs])
             keep = steps <= step
             row["evaluations"] = band_counts(steps[keep], mean[keep], reference[game])
-            row["whole_run"] = whole_run_counts(runs, reference[game])
+            row["whole_run"] = whole_run_counts(runs, (steps, mean), reference[game])
             check[game][method] = row
     return check
 
@@ -826,16 +826,16 @@ def band_counts(steps, values, curves, scale: float = 1.0) -> dict:
     return row
 
 
-def whole_run_counts(runs: List[dict], curves) -> dict:
-    """Every evaluation, not only those up to the game's compared step: of the seeds' mean curve (up to the
-    last step all the seeds reached) and of each seed (up to its own last step), against the band on both
-    step axes. per_seed is a list in the runs' order (two slices of one game may hold the same seed)."""
+def whole_run_counts(runs: List[dict], mean_curve: tuple, curves) -> dict:
+    """Every evaluation, not only those up to the game's compared step: of the seeds' mean curve (steps,
+    values, from mean_std_curve: up to the last step all the seeds reached) and of each seed (up to its own
+    last step), against the band on both step axes. per_seed is a list in the runs' order (two slices of
+    one game may hold the same seed)."""
     def on_both_axes(steps, values):
         return {"step": int(steps[-1]), "published": band_counts(steps, values, curves),
                 "three_quarters": band_counts(steps, values, curves, REFERENCE_TRAINING_FRACTION)}
 
-    steps, mean, _ = mean_std_curve([run["curves"][TEST] for run in runs])
-    return {"mean": on_both_axes(steps, mean),
+    return {"mean": on_both_axes(*mean_curve),
             "per_seed": [{"seed": run["seed"], **on_both_axes(*run["curves"][TEST])} for run in runs]}
 
 
