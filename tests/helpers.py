@@ -32,3 +32,8 @@ def random_batch(seed, n=64):
 def tiny_args(module, **kw):
     """Validated Args of a tiny run (8 envs x 16 steps, 2 minibatches) of ppo or mdpo."""
     return module.validate_args(module.Args(num_envs=8, num_steps=16, num_minibatches=2, total_timesteps=128, **kw))
+
+
+def without_evaluation(module, monkeypatch):
+    """The evaluation at a tiny run's last iteration is most of its time: for tests of something else."""
+    monkeypatch.setattr(module, "log_evaluation", lambda *a, **k: float("nan"))

@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import mdpo
 import ppo
-from helpers import ROOT
+from helpers import ROOT, without_evaluation
 
 TINY = dict(env_id="bigfish", num_envs=4, num_steps=16, num_minibatches=2, update_epochs=1, eval_interval=2,
             eval_episodes=2, checkpoint_interval=1, cuda=False)
@@ -151,7 +151,7 @@ ppo.main(tyro.cli(ppo.Args, args=sys.argv[3:]))
 def test_sigkill_at_any_moment_then_resuming_equals_an_uninterrupted_run(tmp_path):
     total = 64 * 6
     straight = str(tmp_path / "straight")
-    ppo.main(tyro_args(straight, total))
+    ppo.main(module_args(ppo, straight, total))
     killed = str(tmp_path / "killed")
     command = [sys.executable, "ppo.py", *tiny_flags(killed, total)]
     # Kills inside a checkpoint write (config.json is write 1; then checkpoint, status per iteration).
@@ -178,8 +178,8 @@ def test_sigkill_at_any_moment_then_resuming_equals_an_uninterrupted_run(tmp_pat
     assert logged_scalars(killed) == logged_scalars(straight)
 
 
-def tyro_args(run_dir, total):
-    return ppo.Args(total_timesteps=total, run_dir=run_dir, **TINY)
+def module_args(module, run_dir, total, **kw):
+    return module.Args(total_timesteps=total, run_dir=run_dir, **{**TINY, **kw})
 
 
 def test_a_second_process_on_a_run_directory_is_refused(tmp_path):
@@ -203,7 +203,7 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_afresh_with_the_same_c
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump({"script": "ppo", "args": {}}, f)
     open(os.path.join(run_dir, "events.out.tfevents.1.host.1.0"), "wb").close()
-    ppo.main(tyro_args(run_dir, 64))
+    ppo.main(module_args(ppo, run_dir, 64))
     assert "events.out.tfevents.1.host.1.0" not in os.listdir(run_dir)
     assert load(run_dir)["iteration"] == 1
 
@@ -211,10 +211,6 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_afresh_with_the_same_c
 # ---------------------------------------------------------------------------------------------
 # The pieces of a stop and a resume, one at a time
 # ---------------------------------------------------------------------------------------------
-
-
-def module_args(module, run_dir, total, **kw):
-    return module.Args(total_timesteps=total, run_dir=run_dir, **{**TINY, **kw})
 
 
 @contextlib.contextmanager
@@ -229,11 +225,6 @@ def harmless(signum):
         yield ignore
     finally:
         signal.signal(signum, previous)
-
-
-def without_evaluation(module, monkeypatch):
-    """The evaluation at a run's last iteration is most of a tiny run's time, and not what these tests test."""
-    monkeypatch.setattr(module, "log_evaluation", lambda *a, **k: float("nan"))
 
 
 @pytest.mark.parametrize("module", [ppo, mdpo])

@@ -13,6 +13,7 @@ from dataclasses import asdict
 import pytest
 
 import sweep
+from helpers import without_evaluation
 
 TINY_FLAGS = "--total-timesteps 128 --num-envs 4 --num-steps 32 --num-minibatches 2 --eval-episodes 2 --no-cuda"
 
@@ -647,7 +648,7 @@ def test_sweep_runs_skips_finished_and_resumes_extended_jobs(tmp_path, capsys):
 def test_an_extension_killed_before_its_first_checkpoint_is_resumed_not_done(tmp_path, monkeypatch, script):
     # The resume rewrites config.json with the new total at once; status.json must not go on saying finished.
     module = __import__(script)
-    monkeypatch.setattr(module, "log_evaluation", lambda *a, **k: float("nan"))  # not what is tested: 90% of the time
+    without_evaluation(module, monkeypatch)
     args = sweep_args(tmp_path, methods=[script])
     job, = sweep.make_jobs(args)
     module.main(module.Args(**{**job.expected, "run_dir": job.run_dir}))  # 128 steps, finished
