@@ -142,8 +142,8 @@ def readme_section(runs: List[dict], how: str, commit: Optional[str], episodes_l
     machines = sorted({m for run in runs for m in run["machines"]}) or ["not logged (runs older than the machine text)"]
     starts = [run["start"] for run in runs if run["start"] is not None]
     ends = [run["end"] for run in runs if run["end"] is not None]
-    wall = (f"{minutes(max(ends) - min(starts))} from the first logged scalar to the last, all runs together"
-            if starts else "no scalars logged")
+    wall = (f"{minutes(max(ends) - min(starts))} from the first scalar the runs logged to the last, "
+            "per-episode records included, all runs together" if starts else "no scalars logged")
     today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     lines = [f"## Exported {today}: {len(runs)} run{'s' if len(runs) > 1 else ''}", "",
              f"- made with: `{how}`",

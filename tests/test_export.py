@@ -57,7 +57,7 @@ def test_export_copies_only_the_scalars_and_says_how_they_were_made(tmp_path):
     assert "- made with: `python sweep.py --stop-after-min 8`" in readme
     assert "- machine, as the runs logged it: NVIDIA H100 80GB HBM3; torch 2.6.0" in readme
     assert "- commit, as given at export: abc1234" in readme
-    assert "- wall time: 3.5 min from the first logged scalar to the last" in readme  # T0 + 60 to T0 + 270
+    assert "- wall time: 3.5 min from the first scalar the runs logged to the last" in readme  # T0 + 60 to T0 + 270
     assert "| starpilot__ppo__1 | PPO | 1 | 3,000 | 3.00 at 3,000 | stopped (resumable) | 2.0 min |" in readme
     assert "| starpilot__mdpo__1 | MDPO | 1 | 2,000 | 2.50 at 2,000 | finished | 2.0 min |" in readme
     # plot.py reads the results directory as it reads the runs
