@@ -145,10 +145,13 @@ def end_to_end(module, config: dict, bench: BenchArgs) -> dict:
         parts = ("rollout", "update", "eval", "iteration")
         series = read_scalars(event_dir, [f"perf/{part}_seconds" for part in parts])
         seconds = {part: list(series[f"perf/{part}_seconds"][1]) for part in parts}
+        eval_at = dict(zip(*series["perf/eval_seconds"]))  # step -> seconds, at the iterations that evaluated
+        measured_steps = series["perf/iteration_seconds"][0][1:]
     eval_interval = module.Args().eval_interval
-    evaluation = seconds["eval"][-1]  # the one evaluation, at the last iteration
-    iteration = np.array(seconds["iteration"][1:])
-    iteration[-1] -= evaluation
+    # every evaluation comes out of its iteration (the last always evaluates; with --iterations past the
+    # interval, others do too) and their mean is put back amortised over the interval, as in a training run
+    evaluation = np.mean([eval_at[step] for step in measured_steps if step in eval_at])
+    iteration = np.array(seconds["iteration"][1:]) - [eval_at.get(step, 0.0) for step in measured_steps]
     per_iteration = iteration.mean() + evaluation / eval_interval
     return {"sps": batch / per_iteration, "rollout": np.mean(seconds["rollout"][1:]),
             "update": np.mean(seconds["update"][1:]), "eval": evaluation / eval_interval, "iteration": per_iteration}
@@ -160,8 +163,8 @@ def check(bench: BenchArgs) -> None:
         raise ppo.UsageError(f"--iterations must be at least 1, got {bench.iterations}")
     if bench.floor_seconds <= 0:
         raise ppo.UsageError(f"--floor-seconds must be positive, got {bench.floor_seconds}")
-    if min(bench.agent_counts) < 2:
-        raise ppo.UsageError(f"--agent-counts must all be at least 2, got {bench.agent_counts}")
+    if not bench.agent_counts or min(bench.agent_counts) < 2:
+        raise ppo.UsageError(f"--agent-counts must list one or more counts, each at least 2, got {bench.agent_counts}")
 
 
 def main(bench: BenchArgs) -> None:

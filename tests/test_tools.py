@@ -1,11 +1,15 @@
 """bench.py on tiny settings (plot.py and tsne.py: test_plot.py and test_tsne.py)."""
 
+import os
 import subprocess
 import sys
 
 import pytest
+import torch
+from torch.utils.tensorboard import SummaryWriter
 
 import bench
+import mdpo
 import ppo
 from helpers import ROOT
 
@@ -59,6 +63,8 @@ def test_bench_cost_table_counts_samples_and_passes_per_iteration(capsys):
     ({"num_envs": 0}, "--num-envs must be positive"),  # not the default 16
     ({"num_envs": 3, "num_steps": 5}, "does not divide"),
     ({"env_id": "pong"}, "unknown game 'pong'"),
+    ({"agent_counts": [1, 2]}, "--agent-counts must list one or more counts, each at least 2"),
+    ({"agent_counts": []}, "--agent-counts must list one or more counts"),  # `--agent-counts` with no value
 ])
 def test_bench_rejects_bad_settings_before_measuring(settings, message, capsys):
     with pytest.raises(ppo.UsageError, match=message):
@@ -71,3 +77,154 @@ def test_bench_reports_bad_settings_in_one_line():
                             cwd=ROOT, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: --iterations must be at least 1, got 0"
+
+
+class Clock:
+    """A stand-in for bench's `time` module: the clock moves only when a stub says so."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def test_bench_tables_compose_the_floors_ratios_and_speed_ups(monkeypatch, capsys):
+    # num_envs 4 x num_steps 16 in 2 minibatches of 32; 3 epochs. Rates by hand, bf16 twice float32's.
+    rates = {(4, False): 1000.0, (32, True): 400.0, (64, True): 600.0}
+    calls, configs = [], []
+
+    def network_rate(device, batch_size, backward, bf16, compiled, seconds):
+        calls.append((batch_size, backward, bf16))
+        return rates.get((batch_size, backward), 100.0) * (2 if bf16 else 1)
+
+    def end_to_end(module, config, bench_args):
+        configs.append((module.__name__, config))
+        if "num_agents" in config:
+            return {"sps": 1.0, "rollout": 1.0, "update": 1.0, "eval": 0.1, "iteration": 9.0}
+        sps = (100.0 if module is ppo else 50.0) * (2 if config["bf16"] else 1)
+        return {"sps": sps, "rollout": 1.0, "update": 2.0, "eval": 0.1, "iteration": 2.0 if module is ppo else 4.0}
+
+    monkeypatch.setattr(bench, "env_rate", lambda env_id, num_envs: 1234.0)
+    monkeypatch.setattr(bench, "network_rate", network_rate)
+    monkeypatch.setattr(bench, "end_to_end", end_to_end)
+    monkeypatch.setattr(bench, "rollout_overlap", lambda device, config: (3.0, 1.5))
+    bench.main(bench.BenchArgs(num_envs=4, num_steps=16, num_minibatches=2, update_epochs=3, cuda=False,
+                               agent_counts=[3, 2]))
+    rows = markdown_rows(capsys.readouterr().out)
+    assert calls == [(4, False, False), (32, True, False), (64, True, False), (4, False, True), (32, True, True),
+                     (64, True, True)]
+    assert ["float32", "1,000", "400", "600"] in rows and ["bf16", "2,000", "800", "1,200"] in rows
+    assert ["float32", "3.000", "1.500", "2.00x"] in rows  # in turn / overlapped
+    # PPO: 1 / (1/1000 + 3/400) = 117.6; MDPO per agent: 1 / (2/1000 + 2 x 2 x 3/600) = 45.5
+    assert ["PPO", "float32", "118", "100", "0.85", "1.00", "2.00", "0.100", "1.00x"] in rows
+    assert ["PPO", "bf16", "235", "200", "0.85", "1.00", "2.00", "0.100", "2.00x"] in rows
+    assert ["MDPO per agent", "float32", "45", "50", "1.10", "1.00", "2.00", "0.100", "1.00x"] in rows
+    assert ["MDPO per agent", "bf16", "91", "100", "1.10", "1.00", "2.00", "0.100", "2.00x"] in rows
+    assert rows[-3:] == [["PPO", "64", "64", "192", "2.00", "0.50x"],
+                         ["MDPO, K = 2", "128", "128", "768", "4.00", "1.00x"],
+                         ["MDPO, K = 3", "192", "192", "1,728", "9.00", "2.25x"]]
+    k3 = [config for name, config in configs if "num_agents" in config]
+    assert len(k3) == 1 and k3[0]["num_agents"] == 3 and k3[0]["num_envs"] == 4 and configs[-1][0] == "mdpo"
+    bench.main(bench.BenchArgs(cuda=False, bf16=False))  # the CPU defaults
+    assert "num-envs 16, num-steps 64, 8 minibatches of 128, 3 epochs" in capsys.readouterr().out
+
+
+def fake_main(event_dir_of, timers):
+    """A script's main that only logs perf/* timers, one dict per iteration (the last one's eval included)."""
+
+    def main(args):
+        fake_main.args = args
+        writer = SummaryWriter(event_dir_of(args.run_dir))
+        for i, seconds in enumerate(timers, start=1):
+            for name, value in seconds.items():
+                writer.add_scalar(f"perf/{name}_seconds", value, i * args.num_envs * args.num_steps)
+        writer.close()
+
+    return main
+
+
+TIMERS = [{"rollout": 5.0, "update": 5.0, "iteration": 20.0},  # the warm-up iteration
+          {"rollout": 1.0, "update": 2.0, "iteration": 3.0}, {"rollout": 1.0, "update": 2.0, "iteration": 3.0},
+          {"rollout": 1.0, "update": 2.0, "eval": 5.0, "iteration": 8.0}]  # 3 s + the one evaluation's 5 s
+
+
+@pytest.mark.parametrize("module", [ppo, mdpo])
+def test_end_to_end_leaves_out_the_warm_up_and_amortises_the_evaluation(module, monkeypatch):
+    if module is ppo:
+        monkeypatch.setattr(ppo, "main", fake_main(lambda run_dir: run_dir, TIMERS))
+    else:  # MDPO's timers are agent 1's; the run directory's own stream says something else
+        def both(args):
+            fake_main(lambda run_dir: os.path.join(run_dir, "agent1"), TIMERS)(args)
+            fake_main(lambda run_dir: run_dir, [{k: 100.0 for k in t} for t in TIMERS])(args)
+        monkeypatch.setattr(mdpo, "main", both)
+    config = dict(env_id="starpilot", num_envs=4, num_steps=16, num_minibatches=2, update_epochs=1, cuda=False,
+                  bf16=False, compile=False)
+    result = bench.end_to_end(module, config, bench.BenchArgs(iterations=3))
+    assert fake_main.args.total_timesteps == 4 * 64
+    # per iteration: the measured ones' mean, 3 s, plus the evaluation spread over --eval-interval 25: 5 / 25
+    assert result == pytest.approx({"sps": 64 / 3.2, "rollout": 1.0, "update": 2.0, "eval": 0.2, "iteration": 3.2})
+
+
+def test_end_to_end_takes_every_evaluation_out_of_its_own_iteration(monkeypatch):
+    # --iterations past --eval-interval: a measured iteration before the last evaluates too (6 s); each comes
+    # out of its iteration and their mean goes back amortised, so one iteration still costs 3 s + 5.5 / 25
+    timers = [*TIMERS[:2], {"rollout": 1.0, "update": 2.0, "eval": 6.0, "iteration": 9.0}, TIMERS[3]]
+    monkeypatch.setattr(ppo, "main", fake_main(lambda run_dir: run_dir, timers))
+    config = dict(env_id="starpilot", num_envs=4, num_steps=16, num_minibatches=2, update_epochs=1, cuda=False,
+                  bf16=False, compile=False)
+    result = bench.end_to_end(ppo, config, bench.BenchArgs(iterations=3))
+    assert result["iteration"] == pytest.approx(3.0 + 5.5 / 25) and result["eval"] == pytest.approx(5.5 / 25)
+
+
+def test_rollout_overlap_takes_medians_without_the_warm_up_round(monkeypatch):
+    clock = Clock()
+    seconds = {False: iter([100.0, 2.0, 4.0, 3.0]), True: iter([100.0, 1.0, 1.0, 5.0])}  # first: the warm-up round
+
+    class Envs:
+        def close(self):
+            pass
+
+    class Rollout:
+        def __init__(self, args, device):
+            pass
+
+        def start(self, envs):
+            pass
+
+    def collect_rollouts(policies, envs, rollouts, args, device, step, overlap):
+        clock.now += next(seconds[overlap])
+
+    monkeypatch.setattr(bench, "time", clock)
+    monkeypatch.setattr(mdpo, "make_agent", lambda args, device: torch.nn.Linear(1, 1))
+    monkeypatch.setattr(mdpo, "make_policy", lambda agent, args, device: None)
+    monkeypatch.setattr(mdpo, "make_envs", lambda args, seed: Envs())
+    monkeypatch.setattr(mdpo, "Rollout", Rollout)
+    monkeypatch.setattr(mdpo, "collect_rollouts", collect_rollouts)
+    config = dict(env_id="starpilot", num_envs=4, num_steps=16, num_minibatches=2, update_epochs=1, cuda=False,
+                  bf16=False, compile=False)
+    assert bench.rollout_overlap(torch.device("cpu"), config) == (3.0, 1.0)  # (in turn, overlapped)
+
+
+def test_env_and_network_rates_count_samples_over_seconds(monkeypatch):
+    clock = Clock()
+
+    class Env:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def step(self, actions):
+            clock.now += 0.5
+
+    monkeypatch.setattr(bench, "time", clock)
+    monkeypatch.setattr(ppo, "ProcgenVecEnv", Env)
+    assert bench.env_rate("starpilot", 4, steps=10) == pytest.approx(10 * 4 / 5.0)
+
+    def make_policy(model, args, device):
+        def policy(obs):
+            clock.now += 1.0
+        return policy
+
+    monkeypatch.setattr(ppo, "make_policy", make_policy)
+    # five policy steps of 8 samples in five seconds (the three warm-up steps before the clock starts)
+    assert bench.network_rate(torch.device("cpu"), 8, False, False, False, 5.0) == pytest.approx(8.0)
