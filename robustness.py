@@ -47,7 +47,7 @@ class RobustnessArgs:
     episodes: int = 64
     """test episodes per agent and perturbation (evaluation envs, each its first complete episode)"""
     frames: int = 64
-    """test-level frames for the TV distance, spread and entropy"""
+    """test-level frames for the TV distance, spread and entropy (at least 2: the spread is relative to theirs)"""
     copies: int = 8
     """perturbed copies of each of those frames"""
     warmup_steps: int = 50
@@ -76,9 +76,10 @@ def parse_perturbation(spec: str):
 
 def check(args: RobustnessArgs) -> list:
     """The parsed perturbations; bad settings fail here, before any checkpoint is loaded."""
-    for name in ("episodes", "frames"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.episodes < 1:
+        raise UsageError(f"--episodes must be positive, got {args.episodes}")
+    if args.frames < 2:  # the spread is relative to the clean frames' spread, which is 0 for one frame
+        raise UsageError(f"--frames must be at least 2, got {args.frames}")
     if args.copies < 2:  # the spread of one copy is 0
         raise UsageError(f"--copies must be at least 2, got {args.copies}")
     if args.warmup_steps < 0:
@@ -121,6 +122,10 @@ def load_run(path: str) -> dict:
 
 def load_runs(paths) -> list:
     runs = [load_run(path) for path in paths]
+    run_dirs = [os.path.realpath(run["run"]) for run in runs]
+    for run_dir in run_dirs:  # a run given twice would count as two seeds and narrow the interval
+        if run_dirs.count(run_dir) > 1:
+            raise UsageError(f"{run_dir} is given twice; give each run once")
     for key, what in (("game", "games"), ("mode", "distribution modes")):
         values = sorted({run[key] for run in runs})
         if len(values) > 1:

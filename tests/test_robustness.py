@@ -159,10 +159,10 @@ def test_bad_perturbation_specs(spec, message):
         robustness.parse_perturbation(spec)
 
 
-def fake_run(path, script="ppo", game="bigfish", agents=1):
+def fake_run(path, script="ppo", game="bigfish", agents=1, mode="hard"):
     """A run directory as ppo.py / mdpo.py write it, with untrained networks (no training needed to load one)."""
     os.makedirs(path)
-    args = {"env_id": game, "seed": 1, "exp_name": script, "distribution_mode": "hard", "dropout": 0.0}
+    args = {"env_id": game, "seed": 1, "exp_name": script, "distribution_mode": mode, "dropout": 0.0}
     states = [ppo.Agent().state_dict() for _ in range(agents)]
     checkpoint = {"script": script, "args": args, "global_step": 64,
                   **({"agent": states[0]} if script == "ppo" else {"agents": states})}
@@ -191,6 +191,7 @@ def assert_one_line_error(result, fragment):
 def test_bad_input_fails_in_one_line(tmp_path):
     ppo_run = fake_run(tmp_path / "a")
     other_game = fake_run(tmp_path / "b", game="coinrun")
+    easy = fake_run(tmp_path / "easy", mode="easy")
     torn = tmp_path / "torn"
     torn.mkdir()
     (torn / "checkpoint.pt").write_bytes(b"not a checkpoint")
@@ -202,10 +203,107 @@ def test_bad_input_fails_in_one_line(tmp_path):
         ([ppo_run, str(torn)], {}, "is not a readable checkpoint"),
         ([str(tmp_path / "missing")], {}, "no checkpoint at"),
         ([ppo_run], dict(copies=1), "--copies must be at least 2"),
+        ([ppo_run], dict(frames=1), "--frames must be at least 2, got 1"),  # one clean frame: its spread is 0
+        ([ppo_run], dict(episodes=0), "--episodes must be positive, got 0"),
+        ([ppo_run], dict(warmup_steps=-1), "--warmup-steps must not be negative, got -1"),
+        ([ppo_run], dict(perturbations=["hue:strong", "hue:0.5"]), "a perturbation is given twice"),  # both 0.5
+        ([ppo_run, easy], {}, "different distribution modes: easy, hard"),
+        ([ppo_run, str(tmp_path / "a" / "checkpoint.pt")], {}, "is given twice"),  # would count as two seeds
     ]:
         with pytest.raises(robustness.UsageError, match=message):
             robustness.main(robustness.RobustnessArgs(runs=runs, out=str(tmp_path / "out"), **flags))
     assert not os.path.exists(tmp_path / "out")  # refused before any work
+
+
+def test_the_smallest_good_settings_are_accepted():
+    args = robustness.RobustnessArgs(runs=["unused"], episodes=1, frames=2, copies=2, warmup_steps=0,
+                                     perturbations=["hue:0.5", "hue:0.25"])
+    assert robustness.check(args) == [("hue", 0.5), ("hue", 0.25)]
+
+
+class RecordingEnv:
+    """Stands in for ProcgenVecEnv: records how each env was made, returns blank frames."""
+    made = []
+
+    def __init__(self, *args):
+        RecordingEnv.made.append(args)
+        self.num_envs = args[1]
+
+    def reset(self):
+        return np.zeros((self.num_envs, 64, 64, 3), dtype=np.uint8), {}
+
+    def step(self, actions):
+        return self.reset()[0], None, None, None, None
+
+    def close(self):
+        pass
+
+
+def test_frames_and_test_episodes_come_from_unseen_levels_with_the_evaluation_seed(monkeypatch):
+    RecordingEnv.made = []
+    monkeypatch.setattr(ppo, "ProcgenVecEnv", RecordingEnv)
+    robustness.test_frames("bigfish", "hard", 3, 2, seed=7)
+    assert RecordingEnv.made == [("bigfish", 3, 0, 0, "hard", 7)]  # num_levels 0: unseen levels, not the training's
+    monkeypatch.setattr(ppo, "evaluate", lambda agent, env, device, seed, perturb=None: (1.0,))
+    args = robustness.RobustnessArgs(runs=["unused"], episodes=5, frames=2, copies=2, seed=3)
+    frames = torch.zeros(2, 64, 64, 3, dtype=torch.uint8)
+    robustness.measure_agent(ppo.Agent().eval(), "bigfish", "easy", frames, [("hue", 0.5)], args)
+    assert RecordingEnv.made[1:] == [("bigfish", 5, 0, 0, "easy", 1_000_003)] * 2  # clean and perturbed: same levels
+
+
+def test_budget_text_names_the_smallest_and_largest_budget():
+    results = [{"global_step": s} for s in (300, 100, 200, None)]
+    assert robustness.budget_text(results) == "budgets differ: 100 to 300 env steps per agent"
+    assert robustness.budget_text([{"global_step": None}]) == "budget unknown"
+
+
+def test_markdown_gives_no_interval_for_one_seed():
+    result = {"run": "r", "method": "ppo", "seed": 1, "global_step": 64, "agents": [
+        {"clean_return": 5.0, "entropy": 1.0, "perturbations": {"hue:0.5": {
+            "return": 3.0, "drop": 2.0, "tv_mean": 0.1, "tv_max": 0.2, "spread": 0.5}}}]}
+    summary = robustness.summarise([result], ["hue:0.5"])
+    table = robustness.markdown("bigfish", [result], ["hue:0.5"], summary, "t")
+    assert "| ppo | 1 | 5.00 | 3.00 |" in table and "nan" not in table
+
+
+def test_policy_shift_reports_the_largest_and_the_mean_tv_over_all_copies():
+    torch.manual_seed(0)
+    agent = ppo.Agent().eval()
+    frames = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8)
+    shift = robustness.policy_shift(agent, frames, ppo.EpisodePerturbation("random_conv", 1.0, 4 * 3, seed=0), copies=3)
+    perturb = ppo.EpisodePerturbation("random_conv", 1.0, 4 * 3, seed=0)  # the same draws, applied here by hand
+    with torch.no_grad():
+        clean = agent.actor(agent.hidden(frames)).softmax(-1).repeat_interleave(3, 0)
+        perturbed = agent.actor(agent.hidden(perturb(frames.repeat_interleave(3, 0)))).softmax(-1)
+    tv = 0.5 * (clean - perturbed).abs().sum(-1)
+    assert shift["tv_max"] == pytest.approx(tv.max().item(), rel=1e-5) and shift["tv_max"] > shift["tv_mean"]
+    assert shift["tv_mean"] == pytest.approx(tv.mean().item(), rel=1e-5)
+
+
+def test_entropy_is_the_policys_mean_entropy_over_the_frames():
+    torch.manual_seed(0)
+    agent = ppo.Agent().eval()
+    frames = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        p = agent.actor(agent.hidden(frames)).softmax(-1).double()
+    assert robustness.entropy(agent, frames) == pytest.approx(-(p * p.log()).sum(-1).mean().item(), rel=1e-5)
+    torch.nn.init.zeros_(agent.actor.weight)
+    torch.nn.init.zeros_(agent.actor.bias)
+    assert robustness.entropy(agent, frames) == pytest.approx(math.log(15), rel=1e-6)  # uniform over 15 actions
+
+
+def test_one_terminal_line_per_run_each_naming_its_own_run(tmp_path, monkeypatch, capsys):
+    a, b = fake_run(tmp_path / "a"), fake_run(tmp_path / "b")
+    monkeypatch.setattr(robustness, "test_frames", lambda *args: torch.zeros(2, 64, 64, 3, dtype=torch.uint8))
+    returns = iter([1.0, 7.0])
+    monkeypatch.setattr(robustness, "measure_agent", lambda *args: {
+        "clean_return": next(returns), "entropy": 1.0, "perturbations": {"hue:0.5": {
+            "return": 0.0, "drop": 0.0, "tv_mean": 0.0, "tv_max": 0.0, "spread": 0.0}}})
+    robustness.main(robustness.RobustnessArgs(runs=[a, b], perturbations=["hue:strong"], figure=False,
+                                              out=str(tmp_path / "out")))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{a}: ") and "clean 1.00" in lines[0]
+    assert lines[1].startswith(f"{b}: ") and "clean 7.00" in lines[1]
 
 
 def test_a_tiny_run_end_to_end(tmp_path, capsys):
