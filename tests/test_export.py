@@ -204,3 +204,45 @@ def test_export_copies_the_bytes_after_a_damaged_record_as_they_are(tmp_path, da
     # the header and the losses of steps 0-2, then every byte from the damaged record on, as it was
     assert open(destination, "rb").read() == framed[0] + framed[2] + framed[4] + framed[6] + damaged[whole:]
     assert left_out == 3 and "copied unfiltered" in capsys.readouterr().err
+
+
+def test_a_file_ending_in_per_episode_records_loses_them_all_and_warns_of_nothing(tmp_path, capsys):
+    writer = SummaryWriter(str(tmp_path / "events"))
+    for step in range(3):
+        writer.add_scalar("losses/value_loss", step, step)
+        writer.add_scalar("charts/episodic_return", step, step)  # the file's last records are per-episode ones
+        writer.add_scalar("charts/episodic_length", 100 + step, step)
+    writer.close()
+    source, = [str(p) for p in (tmp_path / "events").iterdir()]
+    destination = str(tmp_path / "copy")
+    assert export.copy_events(source, destination, keep_episodes=False) == 6
+    records = list(RawEventFileLoader(destination).Load())
+    assert len(records) == 1 + 3 and not any(b"charts/episodic_" in r for r in records)
+    assert capsys.readouterr().err == ""  # a whole file: nothing after its last record to warn about
+    assert os.stat(destination).st_mtime == os.stat(source).st_mtime  # copied as a copy would, its times too
+
+
+def test_readme_names_a_shared_machine_once_and_counts_one_run_in_the_singular(tmp_path):
+    write_run(tmp_path / "a", "ppo", 1, [1.0], T0, 60)
+    write_run(tmp_path / "a", "ppo", 2, [1.0], T0, 60)  # the same machine text
+    write_run(tmp_path / "b", "ppo", 3, [1.0], T0, 60)
+    export.main(export.ExportArgs(runs=[str(tmp_path / "a")], to=str(tmp_path / "r"), how="x"))
+    export.main(export.ExportArgs(runs=[str(tmp_path / "b")], to=str(tmp_path / "r"), how="y"))
+    readme = (tmp_path / "r" / "README.md").read_text()
+    assert readme.count("- machine, as the runs logged it: NVIDIA H100 80GB HBM3; torch 2.6.0") == 2  # once per export
+    assert ": 2 runs\n" in readme and ": 1 run\n" in readme
+
+
+def test_sections_are_separated_by_a_blank_line(tmp_path):
+    write_run(tmp_path / "a", "ppo", 1, [1.0], T0, 60)
+    write_run(tmp_path / "b", "ppo", 2, [1.0], T0, 60)
+    for source in ("a", "b"):
+        export.main(export.ExportArgs(runs=[str(tmp_path / source)], to=str(tmp_path / "r"), how=source))
+    readme = (tmp_path / "r" / "README.md").read_text()
+    assert readme.startswith("## Exported") and readme.count("|\n\n## Exported") == 1
+
+
+def test_a_diverged_run_is_called_diverged_even_if_its_status_says_finished(tmp_path):
+    run_dir = write_run(tmp_path / "runs", "ppo", 1, [1.0], T0, 60, finished=True)
+    open(os.path.join(run_dir, "diverged.json"), "w").write("{}")
+    assert export.describe_run(run_dir)["state"] == "diverged"

@@ -193,7 +193,10 @@ def test_tsne_takes_its_frames_from_the_distribution_the_runs_trained_on(tmp_pat
     ({"copies": 2}, "--copies must be at least 3"),
     ({"clean_frames": 1}, "--clean-frames must be at least 2"),
     ({"frames": 0}, r"--frames must lie in \[1, --clean-frames\]"),
+    ({"frames": 5, "clean_frames": 4}, r"--frames must lie in \[1, --clean-frames\], got 5"),
     ({"seeds": [1, 1]}, "--seeds must name at least one seed, each once"),
+    ({"seeds": []}, "--seeds must name at least one seed"),
+    ({"warmup_steps": -1}, "--warmup-steps not negative"),
     ({"labels": ["a", "b"]}, "one --labels entry per checkpoint"),
 ])
 def test_tsne_refuses_bad_settings(tmp_path, settings, message):
@@ -209,3 +212,46 @@ def test_tsne_says_bad_input_in_one_line_with_exit_code_2(tmp_path):
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {path} is unreadable (UnpicklingError)"
+
+
+def test_tsne_accepts_as_many_perturbed_frames_as_clean_ones():
+    tsne.check(tsne.TsneArgs(checkpoints=["unused"], frames=4, clean_frames=4, copies=3, warmup_steps=0))
+
+
+def test_each_frame_gets_its_own_frame_and_its_own_filters(tmp_path, monkeypatch):
+    frames = torch.arange(3).view(3, 1, 1, 1).expand(3, 64, 64, 3).to(torch.uint8).clone()  # frame i is all i
+    monkeypatch.setattr(tsne, "test_frames", lambda *args: frames)
+    calls, real = [], tsne.random_conv_copies
+
+    def recording(frame, copies, seed):
+        calls.append((int(frame[0, 0, 0]), seed))
+        return real(frame, copies, seed)
+
+    monkeypatch.setattr(tsne, "random_conv_copies", recording)
+    run = write_checkpoint(tmp_path / "a", "ppo")
+    tsne.main(tsne.TsneArgs(checkpoints=[run], copies=3, clean_frames=3, frames=3, seeds=[0, 1], figure=False,
+                            out=str(tmp_path / "fig")))
+    assert [frame for frame, _ in calls] == [0, 1, 2, 0, 1, 2]
+    assert len({seed for _, seed in calls}) == 6  # no two frames share filters, within or across seeds
+
+
+def test_the_figure_shows_the_numbers_of_the_first_seeds_first_frame(tmp_path, monkeypatch):
+    frames = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(tsne, "test_frames", lambda *args: frames)
+    measured, drawn = [], []
+    real = tsne.robustness
+    monkeypatch.setattr(tsne, "robustness", lambda *args: measured.append(real(*args)) or measured[-1])
+    monkeypatch.setattr(tsne, "draw", lambda frame, perturbed, results, *rest: drawn.append(results))
+    run = write_checkpoint(tmp_path / "a", "ppo")
+    tsne.main(tsne.TsneArgs(checkpoints=[run], copies=3, clean_frames=4, frames=3, seeds=[0, 1],
+                            out=str(tmp_path / "fig")))
+    [[shown]] = drawn
+    first = measured[0]
+    assert shown["spread"] == first["spread"][0] and shown["tv_distance"] == first["tv_distance"][0]
+    np.testing.assert_array_equal(shown["features"], first["features"][0])
+
+
+def test_two_encoders_of_one_method_get_two_colours():
+    colours = tsne.colours_of(["MDPO agent 1", "MDPO agent 2", "PPO"], ["MDPO", "MDPO", "PPO"])
+    assert len(set(colours)) == 3
+    assert colours[0] == tsne.METHOD_COLOURS["MDPO"] and colours[2] == tsne.METHOD_COLOURS["PPO"]
