@@ -337,10 +337,11 @@ def sample_std(values) -> float:
 
 
 def mean_std_curve(curves: List[tuple]):
-    """Curves on a common step grid: the first one's steps up to where the shortest ends."""
-    end = min(steps[-1] for steps, _ in curves)
+    """Curves on a common step grid: the first one's steps where every curve has begun and none has ended
+    (np.interp would repeat a curve's first or last value outside its own steps)."""
+    start, end = max(steps[0] for steps, _ in curves), min(steps[-1] for steps, _ in curves)
     steps = curves[0][0]
-    steps = steps[steps <= end]
+    steps = steps[(steps >= start) & (steps <= end)]
     values = np.array([np.interp(steps, s, v) for s, v in curves])
     std = values.std(0, ddof=1) if len(values) > 1 else np.full(len(steps), np.nan)
     return steps, values.mean(0), std
@@ -732,13 +733,18 @@ def read_reference(path: str) -> Dict[str, List[tuple]]:
             rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
     except OSError as error:
         raise UsageError(f"cannot read the reference {path}: {error.strerror}")
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not a reference CSV: it is not UTF-8 text") from None
     if not rows or not {"game", "split", "run", "steps", "return"} <= set(rows[0]):
         raise UsageError(f"{path} is not a reference CSV: it needs the columns game,split,run,steps,return")
     runs = defaultdict(list)
     try:
         for row in rows:
             if row["split"] == "test":
-                runs[(row["game"], row["run"])].append((int(row["steps"]), float(row["return"])))
+                steps, value = int(row["steps"]), float(row["return"])
+                if not np.isfinite(value):  # it would break the band silently, not show in it
+                    raise UsageError(f"{path}: {row['game']} run {row['run']} has return {row['return']} at {steps:,}")
+                runs[(row["game"], row["run"])].append((steps, value))
     except (ValueError, TypeError) as error:  # TypeError: a short row, whose missing fields are None
         raise UsageError(f"{path}: a row that is not game,split,run,steps,return ({error})")
     reference = defaultdict(list)
@@ -912,16 +918,22 @@ def plot_reference(grouped, methods, reference, label, x_axis, notes, out) -> No
                         "reference")
 
 
-def compare_with_reference(grouped, methods, args) -> dict:
+def checked_reference(grouped, path: str) -> tuple:
+    """The reference's curves, the games it lacks and our hyperparameter differences from it; refused in
+    one line, before anything is written, where it cannot be read or compared with these runs."""
+    reference = read_reference(path)
+    missing = sorted(set(grouped) - set(reference))
+    if len(missing) == len(grouped):
+        raise UsageError(f"{path} has none of these games ({', '.join(missing)})")
+    return reference, missing, reference_mismatches(all_runs(grouped))
+
+
+def compare_with_reference(grouped, methods, checked: tuple, args) -> dict:
     """reference_check.md, the figure, and the numbers for plot_summary.json."""
     # OpenAI's band counts samples: every run at its own steps
     grouped = {game: {method: [at_own_steps(run) for run in runs] for method, runs in by_method.items()}
                for game, by_method in grouped.items()}
-    reference = read_reference(args.reference)
-    missing = sorted(set(grouped) - set(reference))
-    if len(missing) == len(grouped):
-        raise UsageError(f"{args.reference} has none of these games ({', '.join(missing)})")
-    mismatches = reference_mismatches(all_runs(grouped))
+    reference, missing, mismatches = checked
     notes = ["our runs differ from its hyperparameters: " + ", ".join(mismatches)] if mismatches else []
     label = args.label or "hardware not stated (--label)"
     check = reference_check(grouped, methods, reference)
@@ -993,6 +1005,7 @@ def main(args: PlotArgs) -> dict:
         raise UsageError(f"no evaluated runs under {', '.join(args.runs)}"
                          + (" (only finished runs were asked for)" if args.finished_only else ""))
     methods = ordered_methods(grouped)
+    reference = checked_reference(grouped, args.reference) if args.reference else None
     step = comparison_step(grouped)
     short = short_runs(grouped, step)
     if short:
@@ -1017,7 +1030,7 @@ def main(args: PlotArgs) -> dict:
             f.write(perturbed_markdown)
         print(perturbed_markdown)
     if args.reference:
-        summary["reference"] = compare_with_reference(grouped, methods, args)
+        summary["reference"] = compare_with_reference(grouped, methods, reference, args)
     with open(os.path.join(args.out, "plot_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     if stats is None:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -771,3 +772,239 @@ def test_reference_rows_that_are_short_or_not_numbers_are_one_line_errors(tmp_pa
 def test_a_value_that_is_not_finite_is_never_within_the_band():
     assert plot.where_in_band(float("nan"), 1.0, 2.0) == "not finite"
     assert plot.where_in_band(1.5, float("nan"), float("nan")) == "no reference"
+
+
+# ---------------------------------------------------------------------------------------------
+# From a mutation audit: reading runs, figures' data, --reference
+# ---------------------------------------------------------------------------------------------
+
+SQRT2 = np.sqrt(2.0)
+
+
+def loaded(runs):
+    return plot.group([plot.load_run(d) for d in plot.find_runs([str(runs)])])
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and loading runs  (belong in test_plot.py, "Reading runs")
+# ---------------------------------------------------------------------------------------------
+
+
+def test_find_runs_skips_a_config_that_is_not_an_object_or_whose_args_are_not(tmp_path):
+    runs = tmp_path / "runs"
+    real = write_run(runs, "ppo", "bigfish", 1, [1.0])
+    (runs / "a_list").mkdir()
+    (runs / "a_list" / "config.json").write_text("[1, 2]")
+    (runs / "string_args").mkdir()
+    (runs / "string_args" / "config.json").write_text(json.dumps({"script": "ppo", "args": "env_id=bigfish"}))
+    assert plot.find_runs([str(runs)]) == [real]
+
+
+def test_the_total_axis_scales_each_agents_curve_by_k_too(tmp_path):
+    # K = 2 agents log test -1 and +1 around [3, 6] at 1,000 and 2,000 steps each: 2,000 and 4,000 in all.
+    run = plot.load_run(write_run(tmp_path, "mdpo", "bigfish", 1, [3.0, 6.0]), x_axis="total")
+    (steps1, values1), (steps2, values2) = run["agent_curves"][plot.TEST]
+    assert steps1.tolist() == steps2.tolist() == [2000, 4000]
+    assert values1.tolist() == [2.0, 5.0] and values2.tolist() == [4.0, 7.0]
+
+
+def test_an_mdpo_run_whose_second_agent_has_not_evaluated_yet_has_no_test_curve(tmp_path):
+    run_dir = write_run(tmp_path / "runs", "mdpo", "bigfish", 1, [3.0, 6.0], train=[4.0, 7.0])
+    shutil.rmtree(os.path.join(run_dir, "agent2"))  # e.g. stopped before agent 2's first evaluation was written
+    run = plot.load_run(run_dir)
+    assert plot.TEST not in run["curves"] and plot.TRAIN not in run["curves"]
+    assert plot.group([run]) == {}
+
+
+def test_a_run_that_logged_a_train_but_no_test_return_is_skipped(tmp_path, capsys):
+    run_dir = tmp_path / "runs" / "bigfish__ppo__1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"script": "ppo", "args": {"env_id": "bigfish", "seed": 1}}))
+    writer = SummaryWriter(str(run_dir))
+    writer.add_scalar(plot.TRAIN, 5.0, 1000)
+    writer.close()
+    assert plot.group([plot.load_run(str(run_dir))]) == {}
+    assert f"skipping {run_dir}: no {plot.TEST} logged yet" in capsys.readouterr().err
+
+
+def test_the_note_names_only_the_runs_that_stop_before_the_longest(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    write_run(runs, "ppo", "bigfish", 1, [1.0, 2.0, 3.0])
+    short = write_run(runs, "ppo", "bigfish", 2, [1.0, 2.0])
+    assert plot.main(plot_args(tmp_path))["compared_at"] == 2000
+    err = capsys.readouterr().err
+    assert f"where 1 run(s) stop: {short};" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Modes  (belongs in test_plot.py, "Bad input" or the whole-call section)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_easy_mode_runs_get_no_hard_mode_normalisation(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for seed in (1, 2):
+        write_run(runs, "ppo", "bigfish", seed, [1.0, 2.0], distribution_mode="easy")
+    summary = plot.main(plot_args(tmp_path))
+    assert "aggregate" not in summary and "games_covered" not in summary
+    assert "no normalisation constants for easy mode" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures' data  (belong in test_plot.py, beside the figure tests)
+# ---------------------------------------------------------------------------------------------
+
+
+def drawn_figure(monkeypatch):
+    drawn = {}
+    monkeypatch.setattr(plot, "finish_curve_figure", lambda fig, *rest: drawn.update(fig=fig))
+    return drawn
+
+
+def band_extent(ax, index=0):
+    ys = ax.collections[index].get_paths()[0].vertices[:, 1]
+    return ys.min(), ys.max()
+
+
+def test_test_return_figure_draws_test_means_sample_std_bands_and_agent_bands_only_for_k_agents(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    # PPO seeds test [1, 3] and [3, 7] (train far above): mean [2, 5], sample std [sqrt 2, 2 sqrt 2]
+    write_run(runs, "ppo", "bigfish", 1, [1.0, 3.0], train=[50.0, 50.0])
+    write_run(runs, "ppo", "bigfish", 2, [3.0, 7.0], train=[60.0, 60.0])
+    # MDPO one seed, agents at [4, 8] -+ 1: the agents' band is [4, 8] +- sample std of (v - 1, v + 1) = sqrt 2
+    write_run(runs, "mdpo", "bigfish", 1, [4.0, 8.0], train=[70.0, 70.0])
+    grouped = loaded(runs)
+    drawn = drawn_figure(monkeypatch)
+    plot.plot_curves(grouped, plot.ordered_methods(grouped), 2000, "t", "agent", str(tmp_path))
+    ax = drawn["fig"].axes[0]
+    solid = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines() if line.get_linestyle() == "-"}
+    assert solid == {"PPO": [2.0, 5.0], "MDPO": [4.0, 8.0]}
+    dotted = sorted(list(line.get_ydata()) for line in ax.get_lines() if line.get_linestyle() == ":")
+    np.testing.assert_allclose(dotted, [[4 - SQRT2, 8 - SQRT2], [4 + SQRT2, 8 + SQRT2]])  # MDPO's only
+    np.testing.assert_allclose(band_extent(ax, 0), (2 - SQRT2, 5 + 2 * SQRT2))  # PPO's band, drawn first
+    plot.plt.close(drawn["fig"])
+
+
+def test_reference_figure_runs_to_the_longest_run_and_shades_min_to_max(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    write_run(runs, "ppo", "bigfish", 1, [1.0, 2.0, 3.0, 4.0], **REFERENCE_TASK)  # to 4,000
+    write_run(runs, "ppo", "bigfish", 2, [1.0, 2.0], **REFERENCE_TASK)  # to 2,000
+    # three runs, constant 0, 1 and 5 from 1,000 to 5,000: band [0, 5], mean 2
+    ref = write_reference(tmp_path / "ref.csv", three_runs("bigfish", [1000, 3000, 5000],
+                                                           [[0.0] * 3, [1.0] * 3, [5.0] * 3]))
+    grouped = loaded(runs)
+    drawn = drawn_figure(monkeypatch)
+    plot.plot_reference(grouped, ["PPO"], plot.read_reference(ref), "x", "agent", [], str(tmp_path))
+    ax = drawn["fig"].axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["OpenAI PPO (mean)"].get_xdata()) == [1000, 3000, 4000]  # rows up to our last step, and it
+    np.testing.assert_allclose(lines["OpenAI PPO (mean)"].get_ydata(), [2.0, 2.0, 2.0])
+    np.testing.assert_allclose(band_extent(ax, 0), (0.0, 5.0))
+    plot.plt.close(drawn["fig"])
+
+
+def test_cka_figure_leaves_out_the_seeds_that_did_not_log_it(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    write_run(runs, "mdpo", "bigfish", 1, [1.0, 2.0], cka=[0.2, 0.6])
+    write_run(runs, "mdpo", "bigfish", 2, [1.0, 2.0])  # from before the CKA was logged
+    grouped = loaded(runs)
+    drawn = drawn_figure(monkeypatch)
+    assert plot.plot_cka(grouped, "agent", "x", str(tmp_path))
+    [line] = [line for line in drawn["fig"].axes[0].get_lines() if line.get_label() == "MDPO"]
+    np.testing.assert_allclose(line.get_ydata(), [0.2, 0.6])
+    plot.plt.close(drawn["fig"])
+
+
+def test_gap_error_bars_are_the_sample_std(tmp_path, monkeypatch):
+    drawn = {}
+    monkeypatch.setattr(plot, "save", lambda fig, out, name: drawn.update(fig=fig))
+    plot.plot_gap({"bigfish": {"PPO": [0.0, 0.0, 3.0]}}, ["PPO"], "t", str(tmp_path))
+    from matplotlib.container import ErrorbarContainer
+
+    [bars] = [c for c in drawn["fig"].axes[0].containers if isinstance(c, ErrorbarContainer)]
+    [segment] = bars.lines[2][0].get_segments()
+    sd = statistics.stdev([0.0, 0.0, 3.0])  # sqrt 3
+    np.testing.assert_allclose(segment[:, 1], [1.0 - sd, 1.0 + sd])
+    plot.plt.close(drawn["fig"])
+
+
+# ---------------------------------------------------------------------------------------------
+# --reference  (belong in test_plot.py, "--reference")
+# ---------------------------------------------------------------------------------------------
+
+
+def test_read_reference_refuses_a_csv_with_rows_but_other_columns(tmp_path):
+    path = tmp_path / "other.csv"
+    path.write_text("game,split,steps,value\nbigfish,test,1000,1.0\n")
+    with pytest.raises(plot.UsageError, match="needs the columns game,split,run,steps,return"):
+        plot.read_reference(str(path))
+
+
+def test_read_reference_keeps_only_the_test_split(tmp_path):
+    rows = three_runs("bigfish", [1000, 2000], [[1.0, 2.0]] * 3)
+    rows += three_runs("bigfish", [1000, 2000], [[9.0, 9.0]] * 3, split="valid")
+    reference = plot.read_reference(write_reference(tmp_path / "ref.csv", rows))
+    assert len(reference["bigfish"]) == 3
+    assert all(values.tolist() == [1.0, 2.0] for _, values in reference["bigfish"])
+
+
+def test_reference_refuses_runs_on_other_start_levels(tmp_path):
+    write_run(tmp_path / "runs", "ppo", "bigfish", 1, [1.0, 2.0], distribution_mode="hard", num_levels=500,
+              start_level=1000)
+    ref = write_reference(tmp_path / "ref.csv", three_runs("bigfish", [1000, 2000], [[1.0, 2.0]] * 3))
+    with pytest.raises(plot.UsageError, match="'start_level': 1000"):
+        plot.main(plot_args(tmp_path, reference=ref))
+
+
+def test_reference_check_skips_games_it_lacks_and_methods_a_game_lacks(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    write_run(runs, "ppo", "bigfish", 1, [1.0, 2.0], **REFERENCE_TASK)
+    write_run(runs, "mdpo", "bigfish", 1, [3.0, 4.0], **REFERENCE_TASK)
+    write_run(runs, "ppo", "starpilot", 1, [5.0, 6.0], **REFERENCE_TASK)  # no MDPO on starpilot
+    write_run(runs, "ppo", "coinrun", 1, [7.0, 8.0], **REFERENCE_TASK)  # not in the reference
+    rows = three_runs("bigfish", [1000, 2000], [[0.0, 0.0]] * 3) + three_runs("starpilot", [1000, 2000],
+                                                                              [[0.0, 0.0]] * 3)
+    games = plot.main(plot_args(tmp_path, reference=write_reference(tmp_path / "ref.csv", rows)))["reference"]["games"]
+    assert sorted(games) == ["bigfish", "starpilot"]
+    assert sorted(games["bigfish"]) == ["MDPO", "PPO"] and list(games["starpilot"]) == ["PPO"]
+    assert games["starpilot"]["PPO"]["ours"] == 6.0 and games["bigfish"]["MDPO"]["ours"] == 4.0
+    assert "note: the reference has no curves for coinrun" in capsys.readouterr().err
+
+
+def test_band_counts_counts_a_non_finite_evaluation_apart():
+    # runs 0 -> 2, 1 -> 3, 2 -> 4 from 1,000 to 3,000: at 2,000 the band is [1, 3], at 3,000 [2, 4]
+    curves = [(np.array([1000, 3000]), np.array([a, a + 2.0])) for a in (0.0, 1.0, 2.0)]
+    counts = plot.band_counts([1000, 2000, 3000, 4000], [float("nan"), 2.5, 9.0, 1.0], curves)
+    assert counts == {"below": 0, "within": 1, "above": 1, "no reference": 1, "not finite": 1}
+
+
+def test_the_mean_curve_starts_where_every_seed_has_begun():
+    # seed 1 evaluated at 1,000 ... 4,000, seed 2 only from 2,000: before 2,000 its first value would be repeated
+    steps, mean, std = plot.mean_std_curve([(np.array([1000, 2000, 3000, 4000]), np.array([1.0, 2.0, 3.0, 4.0])),
+                                            (np.array([2000, 3000]), np.array([4.0, 6.0]))])
+    assert steps.tolist() == [2000, 3000] and mean.tolist() == [3.0, 4.5]
+    np.testing.assert_allclose(std, [statistics.stdev([2.0, 4.0]), statistics.stdev([3.0, 6.0])])
+
+
+def test_read_reference_refuses_a_non_finite_return_and_a_file_that_is_not_text(tmp_path):
+    rows = three_runs("bigfish", [1000, 2000], [[1.0, "inf"], [1.0, 2.0], [1.0, 2.0]])
+    with pytest.raises(plot.UsageError, match="bigfish run 0 has return inf at 2,000"):
+        plot.read_reference(write_reference(tmp_path / "inf.csv", rows))
+    rows = three_runs("bigfish", [1000, 2000], [[1.0, "nan"], [1.0, 2.0], [1.0, 2.0]])
+    with pytest.raises(plot.UsageError, match="bigfish run 0 has return nan at 2,000"):
+        plot.read_reference(write_reference(tmp_path / "nan.csv", rows))
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes(b"game,split,run,steps,return\nbigfish,test,0,1000,\xff\n")
+    with pytest.raises(plot.UsageError, match="is not a reference CSV: it is not UTF-8 text"):
+        plot.read_reference(str(latin1))
+
+
+def test_a_refused_reference_leaves_nothing_written(tmp_path):
+    write_run(tmp_path / "runs", "ppo", "bigfish", 1, [1.0, 2.0], **REFERENCE_TASK)
+    write_run(tmp_path / "runs", "ppo", "starpilot", 1, [1.0, 2.0], num_levels=200)  # another task
+    good = write_reference(tmp_path / "ref.csv", three_runs("bigfish", [1000, 2000], [[1.0, 2.0]] * 3))
+    for reference, message in [(str(tmp_path / "missing.csv"), "cannot read the reference"),
+                               (good, "'num_levels': 200")]:
+        with pytest.raises(plot.UsageError, match=message):
+            plot.main(plot_args(tmp_path, reference=reference))
+        assert not os.path.exists(plot_args(tmp_path).out)  # refused before final_test_returns.md or any figure
