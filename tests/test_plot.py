@@ -58,6 +58,16 @@ def plot_args(tmp_path, **kw):
     return plot.PlotArgs(runs=[str(tmp_path / "runs")], out=str(tmp_path / "fig"), label="synthetic", **kw)
 
 
+def loaded(runs):
+    return plot.group([plot.load_run(d) for d in plot.find_runs([str(runs)])])
+
+
+def drawn_figure(monkeypatch):
+    drawn = {}
+    monkeypatch.setattr(plot, "finish_curve_figure", lambda fig, *rest: drawn.update(fig=fig))
+    return drawn
+
+
 def table_cell(table, game, column):
     """The cell of `column` in the row of `game` of the markdown table whose header has that column."""
     lines = table.splitlines()
@@ -235,7 +245,7 @@ def test_seeds_are_taken_in_numeric_order(tmp_path):
     write_run(runs, "ppo", "bigfish", 10, [40.0])
     write_run(runs, "ppo", "bigfish", 2, [20.0])
     write_run(runs, "ppo", "starpilot", 2, [1.5])
-    grouped = plot.group([plot.load_run(d) for d in plot.find_runs([str(runs)])])
+    grouped = loaded(runs)
     assert [run["seed"] for run in grouped["bigfish"]["PPO"]] == [2, 10]
     np.testing.assert_allclose(plot.normalised_scores(grouped, ["PPO"], ["bigfish", "starpilot"], 1000)["PPO"],
                                [[20 / 40, 0.0]])
@@ -322,7 +332,7 @@ def test_normalised_scores_use_the_hard_mode_range_at_the_compared_step(tmp_path
         write_run(runs, "ppo", "bigfish", seed, values)
     for seed, values in ((1, [1.5, 35.0]), (2, [18.25, 1.5])):
         write_run(runs, "ppo", "starpilot", seed, values)
-    grouped = plot.group([plot.load_run(d) for d in plot.find_runs([str(runs)])])
+    grouped = loaded(runs)
     scores = plot.normalised_scores(grouped, ["PPO"], ["bigfish", "starpilot"], step=1000)
     # bigfish (0, 40), starpilot (1.5, 35); two seeds on every game: the lowest-numbered two.
     np.testing.assert_allclose(scores["PPO"], [[10 / 40, 0.0], [30 / 40, 0.5]])
@@ -387,12 +397,12 @@ def test_the_profile_thresholds_run_from_0_to_1_and_further_to_take_in_every_sco
     runs = tmp_path / "runs"
     write_run(runs, "ppo", "bigfish", 1, [8.0])  # normalised 0.2
     write_run(runs, "ppo", "bigfish", 2, [16.0])  # 0.4
-    grouped = plot.group([plot.load_run(d) for d in plot.find_runs([str(runs)])])
+    grouped = loaded(runs)
     taus = plot.rliable_statistics(grouped, ["PPO"], 1000, plot_args(tmp_path))["taus"]
     assert (taus[0], taus[-1], len(taus)) == (0.0, 1.0, 101)  # from 0 to 1 at least
     write_run(runs, "ppo", "bigfish", 3, [-10.0])  # -0.25
     write_run(runs, "ppo", "bigfish", 4, [60.0])  # 1.5
-    grouped = plot.group([plot.load_run(d) for d in plot.find_runs([str(runs)])])
+    grouped = loaded(runs)
     taus = plot.rliable_statistics(grouped, ["PPO"], 1000, plot_args(tmp_path))["taus"]
     assert (taus[0], taus[-1]) == (pytest.approx(-0.25), pytest.approx(1.5))  # and every score inside
 
@@ -415,14 +425,14 @@ def test_cka_figure_from_the_runs_that_log_it_and_a_note_when_none(tmp_path):
     runs = tmp_path / "runs"
     write_run(runs, "ppo", "bigfish", 1, [1.0, 2.0])
     write_run(runs, "mdpo", "starpilot", 1, [1.0, 2.0])  # an MDPO run from before the CKA was logged
-    grouped = plot.group([plot.load_run(d) for d in plot.find_runs([str(runs)])])
+    grouped = loaded(runs)
     assert not plot.plot_cka(grouped, "agent", "synthetic", str(tmp_path / "fig"))
     assert not (tmp_path / "fig" / "representation_cka.png").exists()
 
     for seed, cka in ((1, [0.2, 0.6]), (2, [0.4, 0.8])):
         write_run(runs, "mdpo", "bigfish", seed, [1.0, 2.0], cka=cka)
         write_run(runs, "mdpo", "bigfish", seed, [1.0, 2.0], cka=[0.1, 0.2], name="mdpo_alpha0", alpha=0.0)
-    grouped = plot.group([plot.load_run(d) for d in plot.find_runs([str(runs)])])
+    grouped = loaded(runs)
     curves = [run["curves"]["eval/representation_cka"] for run in grouped["bigfish"]["MDPO"]]
     steps, mean, std = plot.mean_std_curve(curves)
     np.testing.assert_allclose(mean, [0.3, 0.7])
@@ -467,7 +477,7 @@ def test_perturbed_figure_has_a_panel_per_game_and_perturbation_and_every_method
     runs = tmp_path / "runs"
     write_run(runs, "ppo", "bigfish", 1, [1.0, 5.0], perturbed={"hue": [0.5, 2.0]}, eval_perturbation=["hue"])
     write_run(runs, "mdpo", "starpilot", 1, [2.0, 6.0], perturbed={"hue": [1.0, 5.0]}, eval_perturbation=["hue"])
-    grouped = plot.group([plot.load_run(d) for d in plot.find_runs([str(runs)])])
+    grouped = loaded(runs)
     found = plot.perturbed_runs(grouped)
     saved = {}
     monkeypatch.setattr(plot, "save", lambda fig, out, name: saved.update(fig=fig, name=name))
@@ -498,7 +508,7 @@ def test_perturbed_figure_draws_the_perturbed_mean_solid_and_the_clean_mean_dash
     runs = tmp_path / "runs"
     write_run(runs, "ppo", "bigfish", 1, [1.0, 5.0], perturbed={"hue": [0.5, 2.0]}, eval_perturbation=["hue"])
     write_run(runs, "ppo", "bigfish", 2, [3.0, 7.0], perturbed={"hue": [1.5, 4.0]}, eval_perturbation=["hue"])
-    found = plot.perturbed_runs(plot.group([plot.load_run(d) for d in plot.find_runs([str(runs)])]))
+    found = plot.perturbed_runs(loaded(runs))
     saved = {}
     monkeypatch.setattr(plot, "save", lambda fig, out, name: saved.update(fig=fig))
     plot.plot_perturbed(found, ["PPO"], 2 * STEP, "synthetic", "agent", str(tmp_path / "fig"))
@@ -753,8 +763,7 @@ def test_reference_figure_stops_at_our_last_step_and_draws_the_three_quarter_mea
     run_dir = write_run(tmp_path / "runs", "ppo", "bigfish", 1, [1.0, 2.0], **REFERENCE_TASK)
     ref = write_reference(tmp_path / "ref.csv", three_runs("bigfish", [1000, 2000, 4000], [[0.0, 2.0, 4.0]] * 3))
     grouped = plot.group([plot.load_run(run_dir)])
-    drawn = {}
-    monkeypatch.setattr(plot, "finish_curve_figure", lambda fig, *rest: drawn.update(fig=fig))
+    drawn = drawn_figure(monkeypatch)
     plot.plot_reference(grouped, plot.ordered_methods(grouped), plot.read_reference(ref), "x", "agent", [], str(tmp_path))
     lines = {line.get_label(): line for line in drawn["fig"].axes[0].get_lines()}
     assert list(lines["OpenAI PPO (mean)"].get_xdata()) == [1000, 2000]
@@ -775,18 +784,14 @@ def test_a_value_that_is_not_finite_is_never_within_the_band():
 
 
 # ---------------------------------------------------------------------------------------------
-# From a mutation audit: reading runs, figures' data, --reference
+# More on reading runs, the figures' data and --reference
 # ---------------------------------------------------------------------------------------------
 
 SQRT2 = np.sqrt(2.0)
 
 
-def loaded(runs):
-    return plot.group([plot.load_run(d) for d in plot.find_runs([str(runs)])])
-
-
 # ---------------------------------------------------------------------------------------------
-# Finding and loading runs  (belong in test_plot.py, "Reading runs")
+# Finding and loading runs
 # ---------------------------------------------------------------------------------------------
 
 
@@ -837,7 +842,7 @@ def test_the_note_names_only_the_runs_that_stop_before_the_longest(tmp_path, cap
 
 
 # ---------------------------------------------------------------------------------------------
-# Modes  (belongs in test_plot.py, "Bad input" or the whole-call section)
+# Modes
 # ---------------------------------------------------------------------------------------------
 
 
@@ -851,14 +856,8 @@ def test_easy_mode_runs_get_no_hard_mode_normalisation(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# Figures' data  (belong in test_plot.py, beside the figure tests)
+# Figures' data
 # ---------------------------------------------------------------------------------------------
-
-
-def drawn_figure(monkeypatch):
-    drawn = {}
-    monkeypatch.setattr(plot, "finish_curve_figure", lambda fig, *rest: drawn.update(fig=fig))
-    return drawn
 
 
 def band_extent(ax, index=0):
@@ -929,7 +928,7 @@ def test_gap_error_bars_are_the_sample_std(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# --reference  (belong in test_plot.py, "--reference")
+# --reference
 # ---------------------------------------------------------------------------------------------
 
 

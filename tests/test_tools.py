@@ -144,6 +144,8 @@ def fake_main(event_dir_of, timers):
     return main
 
 
+TINY_CONFIG = dict(env_id="starpilot", num_envs=4, num_steps=16, num_minibatches=2, update_epochs=1, cuda=False,
+                   bf16=False, compile=False)  # the scripts' settings as bench passes them; 64 samples per iteration
 TIMERS = [{"rollout": 5.0, "update": 5.0, "iteration": 20.0},  # the warm-up iteration
           {"rollout": 1.0, "update": 2.0, "iteration": 3.0}, {"rollout": 1.0, "update": 2.0, "iteration": 3.0},
           {"rollout": 1.0, "update": 2.0, "eval": 5.0, "iteration": 8.0}]  # 3 s + the one evaluation's 5 s
@@ -158,9 +160,7 @@ def test_end_to_end_leaves_out_the_warm_up_and_amortises_the_evaluation(module, 
             fake_main(lambda run_dir: os.path.join(run_dir, "agent1"), TIMERS)(args)
             fake_main(lambda run_dir: run_dir, [{k: 100.0 for k in t} for t in TIMERS])(args)
         monkeypatch.setattr(mdpo, "main", both)
-    config = dict(env_id="starpilot", num_envs=4, num_steps=16, num_minibatches=2, update_epochs=1, cuda=False,
-                  bf16=False, compile=False)
-    result = bench.end_to_end(module, config, bench.BenchArgs(iterations=3))
+    result = bench.end_to_end(module, TINY_CONFIG, bench.BenchArgs(iterations=3))
     assert fake_main.args.total_timesteps == 4 * 64
     # per iteration: the measured ones' mean, 3 s, plus the evaluation spread over --eval-interval 25: 5 / 25
     assert result == pytest.approx({"sps": 64 / 3.2, "rollout": 1.0, "update": 2.0, "eval": 0.2, "iteration": 3.2})
@@ -171,9 +171,7 @@ def test_end_to_end_takes_every_evaluation_out_of_its_own_iteration(monkeypatch)
     # out of its iteration and their mean goes back amortised, so one iteration still costs 3 s + 5.5 / 25
     timers = [*TIMERS[:2], {"rollout": 1.0, "update": 2.0, "eval": 6.0, "iteration": 9.0}, TIMERS[3]]
     monkeypatch.setattr(ppo, "main", fake_main(lambda run_dir: run_dir, timers))
-    config = dict(env_id="starpilot", num_envs=4, num_steps=16, num_minibatches=2, update_epochs=1, cuda=False,
-                  bf16=False, compile=False)
-    result = bench.end_to_end(ppo, config, bench.BenchArgs(iterations=3))
+    result = bench.end_to_end(ppo, TINY_CONFIG, bench.BenchArgs(iterations=3))
     assert result["iteration"] == pytest.approx(3.0 + 5.5 / 25) and result["eval"] == pytest.approx(5.5 / 25)
 
 
@@ -201,9 +199,7 @@ def test_rollout_overlap_takes_medians_without_the_warm_up_round(monkeypatch):
     monkeypatch.setattr(mdpo, "make_envs", lambda args, seed: Envs())
     monkeypatch.setattr(mdpo, "Rollout", Rollout)
     monkeypatch.setattr(mdpo, "collect_rollouts", collect_rollouts)
-    config = dict(env_id="starpilot", num_envs=4, num_steps=16, num_minibatches=2, update_epochs=1, cuda=False,
-                  bf16=False, compile=False)
-    assert bench.rollout_overlap(torch.device("cpu"), config) == (3.0, 1.0)  # (in turn, overlapped)
+    assert bench.rollout_overlap(torch.device("cpu"), TINY_CONFIG) == (3.0, 1.0)  # (in turn, overlapped)
 
 
 def test_env_and_network_rates_count_samples_over_seconds(monkeypatch):
