@@ -1007,3 +1007,37 @@ def test_a_refused_reference_leaves_nothing_written(tmp_path):
         with pytest.raises(plot.UsageError, match=message):
             plot.main(plot_args(tmp_path, reference=reference))
         assert not os.path.exists(plot_args(tmp_path).out)  # refused before final_test_returns.md or any figure
+
+
+def test_runs_of_one_method_with_other_learning_settings_are_separate_curves_not_seeds(tmp_path):
+    # A control (PPO with 256 envs, seed 1 as the default's seed 1) beside default PPO seeds 1 2 and MDPO:
+    # pooled, PPO would be 3 seeds with mean 4; split, each setting is its own method in every game.
+    runs = tmp_path / "runs"
+    for game in ("bigfish", "coinrun"):
+        write_run(runs, "ppo", game, 1, [1.0, 2.0], num_envs=64)
+        write_run(runs, "ppo", game, 2, [3.0, 4.0], num_envs=64)
+        write_run(runs, "ppo", game, 1, [5.0, 6.0], num_envs=256, name="ppo256")
+        write_run(runs, "mdpo", game, 1, [7.0, 8.0], num_envs=64)
+    summary = plot.main(plot_args(tmp_path))
+    table = (tmp_path / "fig" / "final_test_returns.md").read_text()
+    for game in ("bigfish", "coinrun"):
+        assert table_cell(table, game, "PPO (num_envs=64)") == f"3.00 ± {statistics.stdev([2.0, 4.0]):.2f} (2)"
+        assert table_cell(table, game, "PPO (num_envs=256)") == "6.00 (1)"
+        assert table_cell(table, game, "MDPO") == "8.00 (1)"  # MDPO's runs agree: its name is left alone
+    assert "| PPO |" not in table
+    assert set(summary["welch"]["coinrun"]) == {"PPO (num_envs=64)", "PPO (num_envs=256)"}
+
+
+def test_split_by_settings_names_only_the_settings_that_differ_and_keeps_a_methods_own_label():
+    def run(method, seed, **args):
+        return {"method": method, "seed": seed, "args": {"num_envs": 64, "learning_rate": 5e-4, "eval_interval": 8,
+                                                         "total_timesteps": 50_000_000, **args}}
+
+    same = [run("PPO", 1), run("PPO", 2, eval_interval=25, total_timesteps=1000, compile=True)]
+    assert [r["method"] for r in plot.split_by_settings(same)] == ["PPO", "PPO"]  # not learning settings
+    mixed = [run("PPO", 1), run("PPO", 2, learning_rate=2.5e-4, bf16=True), run("MDPO (num_agents=3)", 1),
+             run("MDPO (num_agents=3)", 2, ent_coef=0.02)]
+    assert [r["method"] for r in plot.split_by_settings(mixed)] == [
+        "PPO (learning_rate=0.0005, bf16=None)", "PPO (learning_rate=0.00025, bf16=True)",
+        "MDPO (num_agents=3, ent_coef=None)", "MDPO (num_agents=3, ent_coef=0.02)"]
+    assert mixed[0]["method"] == "PPO"  # the runs given are not changed
