@@ -259,30 +259,6 @@ def select_runs(runs: List[dict], args: PlotArgs) -> List[dict]:
     return runs
 
 
-# What changes what a run learns, beside the method's own fields (which name the method already); the seed,
-# the budget's ceiling (the learning rate is not annealed), evaluation, checkpoints and --compile do not.
-LEARNING_SETTINGS = ("num_levels", "start_level", "learning_rate", "num_envs", "num_steps", "gamma", "gae_lambda",
-                     "num_minibatches", "update_epochs", "norm_adv", "clip_coef", "ent_coef", "vf_coef",
-                     "max_grad_norm", "bf16")
-
-
-def split_by_settings(runs: List[dict]) -> List[dict]:
-    """Runs of one method trained with different settings (a control such as PPO with --num-envs 256 beside
-    the default) are not seeds of one curve: each setting that differs among the method's runs joins its name,
-    e.g. "PPO (num_envs=256)" beside "PPO (num_envs=64)", in every game alike."""
-    by_method = defaultdict(list)
-    for run in runs:
-        by_method[run["method"]].append(run)
-    split = []
-    for method, method_runs in by_method.items():
-        differing = [name for name in LEARNING_SETTINGS if len({repr(run["args"].get(name)) for run in method_runs}) > 1]
-        for run in method_runs:
-            settings = ", ".join(f"{name}={run['args'].get(name)}" for name in differing)
-            named = (f"{method[:-1]}, {settings})" if method.endswith(")") else f"{method} ({settings})") if differing else method
-            split.append({**run, "method": named})
-    return split
-
-
 def game_step(grouped, game) -> int:
     """The last step every run of the game reached: games of different GPU slices have different budgets."""
     return int(min(run["curves"][TEST][0][-1] for runs in grouped[game].values() for run in runs))
@@ -1024,7 +1000,9 @@ def draw_rliable(stats, methods, title, out) -> None:
 def main(args: PlotArgs) -> dict:
     check(args)
     runs = select_runs([load_run(d, args.x_axis) for d in find_runs(args.runs)], args)
-    grouped = group(split_by_settings(runs))
+    import sweep
+
+    grouped = group(sweep.split_by_settings(runs))
     if not grouped:
         raise UsageError(f"no evaluated runs under {', '.join(args.runs)}"
                          + (" (only finished runs were asked for)" if args.finished_only else ""))

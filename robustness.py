@@ -36,6 +36,7 @@ import tyro
 from torch.distributions import Categorical
 
 import ppo
+from sweep import method_of, split_by_settings
 
 
 @dataclass
@@ -90,14 +91,6 @@ def check(args: RobustnessArgs) -> list:
     return perturbations
 
 
-def method_label(config: dict) -> str:
-    try:
-        from sweep import method_of
-    except ImportError:  # a checkout without sweep.py's methods table
-        return config["args"].get("exp_name", config.get("script", "?"))
-    return method_of(config)
-
-
 def load_run(path: str) -> dict:
     """The run's config, method and agents (networks in eval mode), or a UsageError saying why not."""
     run_dir = os.path.dirname(path) if path.endswith(".pt") else path
@@ -115,7 +108,7 @@ def load_run(path: str) -> dict:
             agents.append(agent.eval())
     except Exception as error:  # torn, foreign or from another network: one line, not a traceback
         raise UsageError(f"{checkpoint_path} is not a readable checkpoint of ppo.py or mdpo.py ({type(error).__name__})") from None
-    return {"run": run_dir, "config": config, "method": method_label(config), "agents": agents,
+    return {"run": run_dir, "config": config, "args": config["args"], "method": method_of(config), "agents": agents,
             "game": config["args"]["env_id"], "mode": config["args"].get("distribution_mode", "hard"),
             "seed": config["args"].get("seed"), "global_step": checkpoint.get("global_step")}
 
@@ -130,7 +123,7 @@ def load_runs(paths) -> list:
         values = sorted({run[key] for run in runs})
         if len(values) > 1:
             raise UsageError(f"the runs are of different {what}: {', '.join(values)}; give runs of one")
-    return runs
+    return split_by_settings(runs)  # a control trained with other settings is not another seed
 
 
 def test_frames(game: str, mode: str, count: int, warmup_steps: int, seed: int) -> torch.Tensor:

@@ -138,6 +138,31 @@ def method_of(config: dict) -> str:
     return f"{script} ({', '.join(changed)})"
 
 
+# What changes what a run learns, beside the method's own fields (which name the method already); the seed,
+# the budget's ceiling (the learning rate is not annealed), evaluation, checkpoints and --compile do not.
+LEARNING_SETTINGS = ("num_levels", "start_level", "learning_rate", "num_envs", "num_steps", "gamma", "gae_lambda",
+                     "num_minibatches", "update_epochs", "norm_adv", "clip_coef", "ent_coef", "vf_coef",
+                     "max_grad_norm", "bf16")
+
+
+def split_by_settings(runs: List[dict]) -> List[dict]:
+    """Runs of one method trained with different settings (a control such as PPO with --num-envs 256 beside
+    the default) are not seeds of one curve: each setting that differs among the method's runs joins its name,
+    e.g. "PPO (num_envs=256)" beside "PPO (num_envs=64)", in every game alike. A run is a dict with its
+    "method" and its config's "args" (plot.py's and robustness.py's runs); the runs given are not changed."""
+    by_method = {}
+    for run in runs:
+        by_method.setdefault(run["method"], []).append(run)
+    split = []
+    for method, method_runs in by_method.items():
+        differing = [name for name in LEARNING_SETTINGS if len({repr(run["args"].get(name)) for run in method_runs}) > 1]
+        for run in method_runs:
+            settings = ", ".join(f"{name}={run['args'].get(name)}" for name in differing)
+            named = (f"{method[:-1]}, {settings})" if method.endswith(")") else f"{method} ({settings})") if differing else method
+            split.append({**run, "method": named})
+    return split
+
+
 def method_list() -> str:
     """Every method with what it controls for, one a line."""
     width = max(map(len, METHODS))

@@ -1029,15 +1029,17 @@ def test_runs_of_one_method_with_other_learning_settings_are_separate_curves_not
 
 
 def test_split_by_settings_names_only_the_settings_that_differ_and_keeps_a_methods_own_label():
+    import sweep
+
     def run(method, seed, **args):
         return {"method": method, "seed": seed, "args": {"num_envs": 64, "learning_rate": 5e-4, "eval_interval": 8,
                                                          "total_timesteps": 50_000_000, **args}}
 
     same = [run("PPO", 1), run("PPO", 2, eval_interval=25, total_timesteps=1000, compile=True)]
-    assert [r["method"] for r in plot.split_by_settings(same)] == ["PPO", "PPO"]  # not learning settings
+    assert [r["method"] for r in sweep.split_by_settings(same)] == ["PPO", "PPO"]  # not learning settings
     mixed = [run("PPO", 1), run("PPO", 2, learning_rate=2.5e-4, bf16=True), run("MDPO (num_agents=3)", 1),
              run("MDPO (num_agents=3)", 2, ent_coef=0.02)]
-    assert [r["method"] for r in plot.split_by_settings(mixed)] == [
+    assert [r["method"] for r in sweep.split_by_settings(mixed)] == [
         "PPO (learning_rate=0.0005, bf16=None)", "PPO (learning_rate=0.00025, bf16=True)",
         "MDPO (num_agents=3, ent_coef=None)", "MDPO (num_agents=3, ent_coef=0.02)"]
     assert mixed[0]["method"] == "PPO"  # the runs given are not changed

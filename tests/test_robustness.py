@@ -159,10 +159,10 @@ def test_bad_perturbation_specs(spec, message):
         robustness.parse_perturbation(spec)
 
 
-def fake_run(path, script="ppo", game="bigfish", agents=1, mode="hard"):
+def fake_run(path, script="ppo", game="bigfish", agents=1, mode="hard", **settings):
     """A run directory as ppo.py / mdpo.py write it, with untrained networks (no training needed to load one)."""
     os.makedirs(path)
-    args = {"env_id": game, "seed": 1, "exp_name": script, "distribution_mode": mode, "dropout": 0.0}
+    args = {"env_id": game, "seed": 1, "exp_name": script, "distribution_mode": mode, "dropout": 0.0, **settings}
     states = [ppo.Agent().state_dict() for _ in range(agents)]
     checkpoint = {"script": script, "args": args, "global_step": 64,
                   **({"agent": states[0]} if script == "ppo" else {"agents": states})}
@@ -175,6 +175,12 @@ def fake_run(path, script="ppo", game="bigfish", agents=1, mode="hard"):
 def test_every_agent_of_an_mdpo_run_is_loaded(tmp_path):
     run = robustness.load_run(fake_run(tmp_path / "mdpo", "mdpo", agents=3))
     assert len(run["agents"]) == 3 and run["game"] == "bigfish" and not run["agents"][0].training
+
+
+def test_a_run_trained_with_other_settings_is_its_own_method_not_another_seed(tmp_path):
+    runs = robustness.load_runs([fake_run(tmp_path / "a", num_envs=64), fake_run(tmp_path / "b", num_envs=64, seed=2),
+                                 fake_run(tmp_path / "c", num_envs=256), fake_run(tmp_path / "d", "mdpo", agents=2)])
+    assert [run["method"] for run in runs] == ["ppo (num_envs=64)", "ppo (num_envs=64)", "ppo (num_envs=256)", "mdpo"]
 
 
 def run_cli(*flags):
