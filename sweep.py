@@ -145,6 +145,12 @@ LEARNING_SETTINGS = ("num_levels", "start_level", "learning_rate", "num_envs", "
                      "max_grad_norm", "bf16")
 
 
+def learning_setting(run: dict, name: str):
+    """A run's setting; a run made before the setting existed lacks it in config.json and ran at its default
+    (the same in ppo.py and mdpo.py)."""
+    return run["args"].get(name, getattr(ppo.Args, name))
+
+
 def split_by_settings(runs: List[dict]) -> List[dict]:
     """Runs of one method trained with different settings (a control such as PPO with --num-envs 256 beside
     the default) are not seeds of one curve: each setting that differs among the method's runs joins its name,
@@ -155,9 +161,9 @@ def split_by_settings(runs: List[dict]) -> List[dict]:
         by_method.setdefault(run["method"], []).append(run)
     split = []
     for method, method_runs in by_method.items():
-        differing = [name for name in LEARNING_SETTINGS if len({repr(run["args"].get(name)) for run in method_runs}) > 1]
+        differing = [name for name in LEARNING_SETTINGS if len({repr(learning_setting(run, name)) for run in method_runs}) > 1]
         for run in method_runs:
-            settings = ", ".join(f"{name}={run['args'].get(name)}" for name in differing)
+            settings = ", ".join(f"{name}={learning_setting(run, name)}" for name in differing)
             named = (f"{method[:-1]}, {settings})" if method.endswith(")") else f"{method} ({settings})") if differing else method
             split.append({**run, "method": named})
     return split

@@ -1040,6 +1040,9 @@ def test_split_by_settings_names_only_the_settings_that_differ_and_keeps_a_metho
     mixed = [run("PPO", 1), run("PPO", 2, learning_rate=2.5e-4, bf16=True), run("MDPO (num_agents=3)", 1),
              run("MDPO (num_agents=3)", 2, ent_coef=0.02)]
     assert [r["method"] for r in sweep.split_by_settings(mixed)] == [
-        "PPO (learning_rate=0.0005, bf16=None)", "PPO (learning_rate=0.00025, bf16=True)",
-        "MDPO (num_agents=3, ent_coef=None)", "MDPO (num_agents=3, ent_coef=0.02)"]
+        "PPO (learning_rate=0.0005, bf16=False)", "PPO (learning_rate=0.00025, bf16=True)",
+        "MDPO (num_agents=3, ent_coef=0.01)", "MDPO (num_agents=3, ent_coef=0.02)"]
+    # A run made before a setting existed ran at its default: not another setting.
+    older = [run("PPO", 1), run("PPO", 2, bf16=False, gae_lambda=0.95)]
+    assert [r["method"] for r in sweep.split_by_settings(older)] == ["PPO", "PPO"]
     assert mixed[0]["method"] == "PPO"  # the runs given are not changed
