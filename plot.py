@@ -212,13 +212,19 @@ def perturbation_strengths(args: dict, run_dir: str) -> Dict[str, float]:
 
 
 def group(runs: List[dict]) -> Dict[str, Dict[str, List[dict]]]:
-    """game -> method -> runs (the seeds, in seed order), keeping only runs that were evaluated."""
-    grouped = defaultdict(lambda: defaultdict(list))
-    for run in sorted(runs, key=lambda run: run["seed"]):
+    """game -> method -> runs (the seeds, in seed order), keeping only runs that were evaluated; runs of a
+    method trained with other settings are a method of their own (sweep.split_by_settings)."""
+    import sweep
+
+    evaluated = []
+    for run in runs:
         if TEST in run["curves"]:
-            grouped[run["game"]][run["method"]].append(run)
+            evaluated.append(run)
         else:
             print(f"skipping {run['dir']}: no {TEST} logged yet", file=sys.stderr)
+    grouped = defaultdict(lambda: defaultdict(list))
+    for run in sorted(sweep.split_by_settings(evaluated), key=lambda run: run["seed"]):
+        grouped[run["game"]][run["method"]].append(run)
     return grouped
 
 
@@ -1000,9 +1006,7 @@ def draw_rliable(stats, methods, title, out) -> None:
 def main(args: PlotArgs) -> dict:
     check(args)
     runs = select_runs([load_run(d, args.x_axis) for d in find_runs(args.runs)], args)
-    import sweep
-
-    grouped = group(sweep.split_by_settings(runs))
+    grouped = group(runs)
     if not grouped:
         raise UsageError(f"no evaluated runs under {', '.join(args.runs)}"
                          + (" (only finished runs were asked for)" if args.finished_only else ""))

@@ -138,11 +138,12 @@ def method_of(config: dict) -> str:
     return f"{script} ({', '.join(changed)})"
 
 
-# What changes what a run learns, beside the method's own fields (which name the method already); the seed,
-# the budget's ceiling (the learning rate is not annealed), evaluation, checkpoints and --compile do not.
+# What changes what a run learns, beside the method's own fields (which name the method already). Not the
+# seed, the budget's ceiling (the learning rate is not annealed), evaluation, checkpoints, nor the speed flags
+# (--bf16, --compile: a resume may change them, and config.json keeps only the last).
 LEARNING_SETTINGS = ("num_levels", "start_level", "learning_rate", "num_envs", "num_steps", "gamma", "gae_lambda",
                      "num_minibatches", "update_epochs", "norm_adv", "clip_coef", "ent_coef", "vf_coef",
-                     "max_grad_norm", "bf16")
+                     "max_grad_norm")
 
 
 def learning_setting(run: dict, name: str):
@@ -152,20 +153,25 @@ def learning_setting(run: dict, name: str):
 
 
 def split_by_settings(runs: List[dict]) -> List[dict]:
-    """Runs of one method trained with different settings (a control such as PPO with --num-envs 256 beside
-    the default) are not seeds of one curve: each setting that differs among the method's runs joins its name,
-    e.g. "PPO (num_envs=256)" beside "PPO (num_envs=64)", in every game alike. A run is a dict with its
-    "method" and its config's "args" (plot.py's and robustness.py's runs); the runs given are not changed."""
-    by_method = {}
+    """Runs of one method in one game trained with different settings (a control such as PPO with
+    --num-envs 256 beside the default) are not seeds of one curve. Each setting in which some game's runs of
+    a method differ names that method's runs in every game wherever it is not the default:
+    "PPO (num_envs=256)" beside "PPO". Settings that differ only between games (each game's runs agree)
+    split nothing. A run is a dict with its "game", "method" and config's "args" (plot.py's and
+    robustness.py's runs); the runs given are not changed."""
+    values = {}  # (method, setting) -> game -> the values its runs there have
     for run in runs:
-        by_method.setdefault(run["method"], []).append(run)
+        for name in LEARNING_SETTINGS:
+            values.setdefault((run["method"], name), {}).setdefault(run["game"], set()).add(repr(learning_setting(run, name)))
     split = []
-    for method, method_runs in by_method.items():
-        differing = [name for name in LEARNING_SETTINGS if len({repr(learning_setting(run, name)) for run in method_runs}) > 1]
-        for run in method_runs:
-            settings = ", ".join(f"{name}={learning_setting(run, name)}" for name in differing)
-            named = (f"{method[:-1]}, {settings})" if method.endswith(")") else f"{method} ({settings})") if differing else method
-            split.append({**run, "method": named})
+    for run in runs:
+        method = run["method"]
+        named = [f"{name}={learning_setting(run, name)}" for name in LEARNING_SETTINGS
+                 if any(len(v) > 1 for v in values[(method, name)].values())
+                 and learning_setting(run, name) != getattr(ppo.Args, name)]
+        settings = ", ".join(named)
+        split.append({**run, "method": (f"{method[:-1]}, {settings})" if method.endswith(")") else f"{method} ({settings})")
+                      if named else method})
     return split
 
 

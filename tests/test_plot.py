@@ -1009,40 +1009,70 @@ def test_a_refused_reference_leaves_nothing_written(tmp_path):
         assert not os.path.exists(plot_args(tmp_path).out)  # refused before final_test_returns.md or any figure
 
 
-def test_runs_of_one_method_with_other_learning_settings_are_separate_curves_not_seeds(tmp_path):
-    # A control (PPO with 256 envs, seed 1 as the default's seed 1) beside default PPO seeds 1 2 and MDPO:
-    # pooled, PPO would be 3 seeds with mean 4; split, each setting is its own method in every game.
+def test_a_control_with_other_settings_is_its_own_method_in_every_game_not_another_seed(tmp_path):
+    # A control (PPO with 256 envs, seed 1 like the default's seed 1) in coinrun only, beside default PPO seeds
+    # 1 2 and MDPO in both games; an unevaluated MDPO control names nothing. Pooled, coinrun's PPO would be 3
+    # seeds with mean 4.
     runs = tmp_path / "runs"
     for game in ("bigfish", "coinrun"):
         write_run(runs, "ppo", game, 1, [1.0, 2.0], num_envs=64)
         write_run(runs, "ppo", game, 2, [3.0, 4.0], num_envs=64)
-        write_run(runs, "ppo", game, 1, [5.0, 6.0], num_envs=256, name="ppo256")
         write_run(runs, "mdpo", game, 1, [7.0, 8.0], num_envs=64)
+    write_run(runs, "ppo", "coinrun", 1, [5.0, 6.0], num_envs=256, name="ppo256")
+    write_run(runs, "mdpo", "coinrun", 1, [], num_envs=256, name="mdpo256")
     summary = plot.main(plot_args(tmp_path))
     table = (tmp_path / "fig" / "final_test_returns.md").read_text()
     for game in ("bigfish", "coinrun"):
-        assert table_cell(table, game, "PPO (num_envs=64)") == f"3.00 ± {statistics.stdev([2.0, 4.0]):.2f} (2)"
-        assert table_cell(table, game, "PPO (num_envs=256)") == "6.00 (1)"
-        assert table_cell(table, game, "MDPO") == "8.00 (1)"  # MDPO's runs agree: its name is left alone
-    assert "| PPO |" not in table
-    assert set(summary["welch"]["coinrun"]) == {"PPO (num_envs=64)", "PPO (num_envs=256)"}
+        assert table_cell(table, game, "PPO") == f"3.00 ± {statistics.stdev([2.0, 4.0]):.2f} (2)"
+        assert table_cell(table, game, "MDPO") == "8.00 (1)"
+    assert table_cell(table, "coinrun", "PPO (num_envs=256)") == "6.00 (1)"
+    assert set(summary["welch"]["coinrun"]) == {"PPO", "PPO (num_envs=256)"}
 
 
-def test_split_by_settings_names_only_the_settings_that_differ_and_keeps_a_methods_own_label():
+def test_settings_that_differ_only_between_games_split_nothing(tmp_path):
+    runs = tmp_path / "runs"
+    for game, num_envs in (("bigfish", 64), ("coinrun", 32)):
+        for seed in (1, 2):
+            write_run(runs, "ppo", game, seed, [1.0, 2.0 * seed], num_envs=num_envs)
+            write_run(runs, "mdpo", game, seed, [3.0, 4.0 * seed], num_envs=num_envs)
+    assert {game: sorted(methods) for game, methods in loaded(runs).items()} == {
+        "bigfish": ["MDPO", "PPO"], "coinrun": ["MDPO", "PPO"]}
+
+
+def split_names(*runs):
     import sweep
 
-    def run(method, seed, **args):
-        return {"method": method, "seed": seed, "args": {"num_envs": 64, "learning_rate": 5e-4, "eval_interval": 8,
-                                                         "total_timesteps": 50_000_000, **args}}
+    return [run["method"] for run in sweep.split_by_settings(list(runs))]
 
-    same = [run("PPO", 1), run("PPO", 2, eval_interval=25, total_timesteps=1000, compile=True)]
-    assert [r["method"] for r in sweep.split_by_settings(same)] == ["PPO", "PPO"]  # not learning settings
-    mixed = [run("PPO", 1), run("PPO", 2, learning_rate=2.5e-4, bf16=True), run("MDPO (num_agents=3)", 1),
-             run("MDPO (num_agents=3)", 2, ent_coef=0.02)]
-    assert [r["method"] for r in sweep.split_by_settings(mixed)] == [
-        "PPO (learning_rate=0.0005, bf16=False)", "PPO (learning_rate=0.00025, bf16=True)",
-        "MDPO (num_agents=3, ent_coef=0.01)", "MDPO (num_agents=3, ent_coef=0.02)"]
+
+def settings_run(method, seed, game="coinrun", **args):
+    return {"method": method, "seed": seed, "game": game, "args": {"learning_rate": 5e-4, **args}}
+
+
+def test_each_learning_setting_splits_runs_and_both_scripts_default_it_alike():
+    import mdpo
+    import ppo
+    import sweep
+
+    for name in sweep.LEARNING_SETTINGS:
+        default = getattr(ppo.Args, name)
+        assert getattr(mdpo.Args, name) == default, name
+        other = not default if isinstance(default, bool) else default * 2 + 1
+        assert split_names(settings_run("PPO", 1), settings_run("PPO", 2, **{name: other})) == [
+            "PPO", f"PPO ({name}={other})"], name
+
+
+def test_evaluation_checkpoints_the_budget_and_speed_flags_split_nothing():
+    other = {"eval_interval": 2, "eval_episodes": 256, "eval_perturbation": ["hue"], "checkpoint_interval": 1,
+             "total_timesteps": 1000, "cuda": False, "torch_deterministic": False, "bf16": True, "compile": True}
+    assert split_names(settings_run("PPO", 1), settings_run("PPO", 2, **other)) == ["PPO", "PPO"]
+
+
+def test_the_name_joins_a_methods_own_label_and_names_only_settings_off_their_default():
+    runs = [settings_run("MDPO (num_agents=3)", 1), settings_run("MDPO (num_agents=3)", 2, ent_coef=0.02, num_envs=16),
+            settings_run("MDPO (num_agents=3)", 3, num_envs=16)]
+    assert split_names(*runs) == ["MDPO (num_agents=3)", "MDPO (num_agents=3, num_envs=16, ent_coef=0.02)",
+                                  "MDPO (num_agents=3, num_envs=16)"]
+    assert runs[1]["method"] == "MDPO (num_agents=3)"  # the runs given are not changed
     # A run made before a setting existed ran at its default: not another setting.
-    older = [run("PPO", 1), run("PPO", 2, bf16=False, gae_lambda=0.95)]
-    assert [r["method"] for r in sweep.split_by_settings(older)] == ["PPO", "PPO"]
-    assert mixed[0]["method"] == "PPO"  # the runs given are not changed
+    assert split_names(settings_run("PPO", 1), settings_run("PPO", 2, gae_lambda=0.95)) == ["PPO", "PPO"]

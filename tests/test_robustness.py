@@ -180,7 +180,7 @@ def test_every_agent_of_an_mdpo_run_is_loaded(tmp_path):
 def test_a_run_trained_with_other_settings_is_its_own_method_not_another_seed(tmp_path):
     runs = robustness.load_runs([fake_run(tmp_path / "a", num_envs=64), fake_run(tmp_path / "b", num_envs=64, seed=2),
                                  fake_run(tmp_path / "c", num_envs=256), fake_run(tmp_path / "d", "mdpo", agents=2)])
-    assert [run["method"] for run in runs] == ["ppo (num_envs=64)", "ppo (num_envs=64)", "ppo (num_envs=256)", "mdpo"]
+    assert [run["method"] for run in runs] == ["ppo", "ppo", "ppo (num_envs=256)", "mdpo"]
 
 
 def run_cli(*flags):
