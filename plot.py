@@ -44,7 +44,7 @@ METHOD_NAMES = {"ppo": "PPO", "ppo_l2": "PPO + L2", "ppo_dropout": "PPO + dropou
                 "ppo_ucb_drac": "PPO + UCB-DrAC", "mdpo_alpha0": "MDPO α=0", "mdpo": "MDPO"}
 METHOD_COLOURS = {"PPO": "#17becf", "PPO + L2": "#f5a700", "PPO + dropout": "#1565d8", "PPO 2x samples": "#2ca02c",
                   "PPO + UCB-DrAC": "#8c564b", "MDPO α=0": "#9467bd", "MDPO": "#e8323c"}
-OTHER_COLOURS = ["#7f7f7f", "#bcbd22", "#e377c2", "#393b79", "#637939"]
+OTHER_COLOURS = ["#bcbd22", "#e377c2", "#393b79", "#637939", "#ff7f0e"]  # no grey: OpenAI's band is grey
 MDPO = "MDPO"
 # (R_min, R_max) of each game in hard mode, from the Procgen paper (Cobbe et al. 2020).
 HARD_MODE_RANGES = {
@@ -77,7 +77,8 @@ class PlotArgs:
     finished_only: bool = False
     """leave out runs whose status.json does not say finished"""
     methods: Optional[List[str]] = None
-    """only these methods (as sweep.py names them, e.g. ppo mdpo mdpo_alpha0); default: every method found"""
+    """only these methods (as sweep.py names them, e.g. ppo mdpo mdpo_alpha0, or a control as the figures name
+    it, e.g. "PPO (num_envs=256)"); default: every method found"""
     bootstrap_reps: int = 2000
     """bootstrap resamples for the confidence intervals"""
     bootstrap_seed: int = 0
@@ -211,9 +212,9 @@ def perturbation_strengths(args: dict, run_dir: str) -> Dict[str, float]:
         raise UsageError(f"{run_dir}: its config's --eval-perturbation is not one ({error})") from None
 
 
-def group(runs: List[dict]) -> Dict[str, Dict[str, List[dict]]]:
-    """game -> method -> runs (the seeds, in seed order), keeping only runs that were evaluated; runs of a
-    method trained with other settings are a method of their own (sweep.split_by_settings)."""
+def named_runs(runs: List[dict]) -> List[dict]:
+    """The runs that were evaluated, a run of a method trained with other settings named as a method of its
+    own (sweep.split_by_settings: "PPO (num_envs=256)" beside "PPO")."""
     import sweep
 
     evaluated = []
@@ -222,8 +223,13 @@ def group(runs: List[dict]) -> Dict[str, Dict[str, List[dict]]]:
             evaluated.append(run)
         else:
             print(f"skipping {run['dir']}: no {TEST} logged yet", file=sys.stderr)
+    return sweep.split_by_settings(evaluated)
+
+
+def group(runs: List[dict]) -> Dict[str, Dict[str, List[dict]]]:
+    """game -> method -> runs (the seeds, in seed order), of the evaluated runs as named_runs names them."""
     grouped = defaultdict(lambda: defaultdict(list))
-    for run in sorted(sweep.split_by_settings(evaluated), key=lambda run: run["seed"]):
+    for run in sorted(named_runs(runs), key=lambda run: run["seed"]):
         grouped[run["game"]][run["method"]].append(run)
     return grouped
 
@@ -1005,7 +1011,8 @@ def draw_rliable(stats, methods, title, out) -> None:
 
 def main(args: PlotArgs) -> dict:
     check(args)
-    runs = select_runs([load_run(d, args.x_axis) for d in find_runs(args.runs)], args)
+    # --methods picks among the names a control's settings give it, so select after naming
+    runs = select_runs(named_runs([load_run(d, args.x_axis) for d in find_runs(args.runs)]), args)
     grouped = group(runs)
     if not grouped:
         raise UsageError(f"no evaluated runs under {', '.join(args.runs)}"

@@ -162,17 +162,23 @@ def split_by_settings(runs: List[dict]) -> List[dict]:
     values = {}  # (method, setting) -> game -> the values its runs there have
     for run in runs:
         for name in LEARNING_SETTINGS:
-            values.setdefault((run["method"], name), {}).setdefault(run["game"], set()).add(repr(learning_setting(run, name)))
+            values.setdefault((run["method"], name), {}).setdefault(run["game"], set()).add(learning_setting(run, name))
     split = []
     for run in runs:
-        method = run["method"]
-        named = [f"{name}={learning_setting(run, name)}" for name in LEARNING_SETTINGS
-                 if any(len(v) > 1 for v in values[(method, name)].values())
-                 and learning_setting(run, name) != getattr(ppo.Args, name)]
-        settings = ", ".join(named)
-        split.append({**run, "method": (f"{method[:-1]}, {settings})" if method.endswith(")") else f"{method} ({settings})")
-                      if named else method})
+        varied = [name for name in LEARNING_SETTINGS if any(len(v) > 1 for v in values[(run["method"], name)].values())]
+        named = [f"{name}={learning_setting(run, name)}" for name in varied
+                 if learning_setting(run, name) != getattr(ppo.Args, name)]
+        split.append({**run, "method": with_settings(run["method"], named)})
     return split
+
+
+def with_settings(method: str, settings: List[str]) -> str:
+    """'PPO' with ['num_envs=256'] -> 'PPO (num_envs=256)'; a name with settings of its own keeps one bracket."""
+    if not settings:
+        return method
+    if method.endswith(")"):
+        return f"{method[:-1]}, {', '.join(settings)})"
+    return f"{method} ({', '.join(settings)})"
 
 
 def method_list() -> str:

@@ -1074,5 +1074,40 @@ def test_the_name_joins_a_methods_own_label_and_names_only_settings_off_their_de
     assert split_names(*runs) == ["MDPO (num_agents=3)", "MDPO (num_agents=3, num_envs=16, ent_coef=0.02)",
                                   "MDPO (num_agents=3, num_envs=16)"]
     assert runs[1]["method"] == "MDPO (num_agents=3)"  # the runs given are not changed
-    # A run made before a setting existed ran at its default: not another setting.
+
+
+def test_a_run_made_before_a_setting_existed_ran_at_its_default():
     assert split_names(settings_run("PPO", 1), settings_run("PPO", 2, gae_lambda=0.95)) == ["PPO", "PPO"]
+
+
+def test_every_field_of_both_scripts_is_a_learning_setting_a_method_field_or_named_here_as_neither():
+    # A field added to Args must be sorted here, so that split_by_settings cannot silently miss it.
+    import dataclasses
+
+    import mdpo
+    import ppo
+    import sweep
+
+    neither = {"exp_name", "seed", "torch_deterministic", "cuda", "track", "wandb_project_name", "wandb_entity",
+               "capture_video", "run_dir", "resume", "checkpoint_interval",  # the run's identity and bookkeeping
+               "env_id", "distribution_mode",  # the task: plot.py groups by game and refuses mixed modes
+               "total_timesteps",  # a ceiling: the learning rate is not annealed
+               "eval_interval", "eval_episodes", "eval_perturbation",  # how it is measured
+               "bf16", "compile",  # speed flags a resume may change
+               "batch_size", "minibatch_size", "num_iterations"}  # computed from the settings
+    for module in (ppo, mdpo):
+        fields = {field.name for field in dataclasses.fields(module.Args)}
+        sorted_fields = set(sweep.LEARNING_SETTINGS) | set(sweep.METHOD_FIELDS[module.__name__]) | neither
+        assert fields - sorted_fields == set(), module.__name__
+        assert set(sweep.LEARNING_SETTINGS) <= fields, module.__name__
+
+
+def test_methods_selects_a_control_by_its_name_and_a_method_without_its_controls(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs, "ppo", "coinrun", 1, [1.0, 2.0])
+    write_run(runs, "ppo", "coinrun", 1, [5.0, 6.0], num_envs=256, name="ppo256")
+    write_run(runs, "mdpo", "coinrun", 1, [7.0, 8.0])
+    summary = plot.main(plot_args(tmp_path, methods=["PPO (num_envs=256)", "mdpo"]))
+    assert set(summary["welch"]["coinrun"]) == {"PPO (num_envs=256)"}
+    summary = plot.main(plot_args(tmp_path, methods=["ppo", "mdpo"]))
+    assert set(summary["welch"]["coinrun"]) == {"PPO"}
