@@ -227,9 +227,9 @@ def named_runs(runs: List[dict]) -> List[dict]:
 
 
 def group(runs: List[dict]) -> Dict[str, Dict[str, List[dict]]]:
-    """game -> method -> runs (the seeds, in seed order), of the evaluated runs as named_runs names them."""
+    """game -> method -> runs (the seeds, in seed order), of runs as named_runs leaves them."""
     grouped = defaultdict(lambda: defaultdict(list))
-    for run in sorted(named_runs(runs), key=lambda run: run["seed"]):
+    for run in sorted(runs, key=lambda run: run["seed"]):
         grouped[run["game"]][run["method"]].append(run)
     return grouped
 

@@ -135,7 +135,7 @@ def method_of(config: dict) -> str:
     if plain:
         return plain[0]
     changed = [f"{name}={value}" for name, value in settings.items() if value != METHOD_FIELDS[script][name]]
-    return f"{script} ({', '.join(changed)})"
+    return with_settings(script, changed)
 
 
 # What changes what a run learns, beside the method's own fields (which name the method already). Not the
@@ -146,10 +146,8 @@ LEARNING_SETTINGS = ("num_levels", "start_level", "learning_rate", "num_envs", "
                      "max_grad_norm")
 
 
-def learning_setting(run: dict, name: str):
-    """A run's setting; a run made before the setting existed lacks it in config.json and ran at its default
-    (the same in ppo.py and mdpo.py)."""
-    return run["args"].get(name, getattr(ppo.Args, name))
+# A run made before a setting existed lacks it in config.json and ran at its default (ppo.py's and mdpo.py's agree).
+LEARNING_DEFAULTS = {name: ppo.Args.__dataclass_fields__[name].default for name in LEARNING_SETTINGS}
 
 
 def split_by_settings(runs: List[dict]) -> List[dict]:
@@ -159,15 +157,15 @@ def split_by_settings(runs: List[dict]) -> List[dict]:
     "PPO (num_envs=256)" beside "PPO". Settings that differ only between games (each game's runs agree)
     split nothing. A run is a dict with its "game", "method" and config's "args" (plot.py's and
     robustness.py's runs); the runs given are not changed."""
+    settings = [{name: run["args"].get(name, default) for name, default in LEARNING_DEFAULTS.items()} for run in runs]
     values = {}  # (method, setting) -> game -> the values its runs there have
-    for run in runs:
-        for name in LEARNING_SETTINGS:
-            values.setdefault((run["method"], name), {}).setdefault(run["game"], set()).add(learning_setting(run, name))
+    for run, own in zip(runs, settings):
+        for name, value in own.items():
+            values.setdefault((run["method"], name), {}).setdefault(run["game"], set()).add(value)
     split = []
-    for run in runs:
-        varied = [name for name in LEARNING_SETTINGS if any(len(v) > 1 for v in values[(run["method"], name)].values())]
-        named = [f"{name}={learning_setting(run, name)}" for name in varied
-                 if learning_setting(run, name) != getattr(ppo.Args, name)]
+    for run, own in zip(runs, settings):
+        named = [f"{name}={value}" for name, value in own.items() if value != LEARNING_DEFAULTS[name]
+                 and any(len(game_values) > 1 for game_values in values[(run["method"], name)].values())]
         split.append({**run, "method": with_settings(run["method"], named)})
     return split
 

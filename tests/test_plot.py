@@ -59,7 +59,7 @@ def plot_args(tmp_path, **kw):
 
 
 def loaded(runs):
-    return plot.group([plot.load_run(d) for d in plot.find_runs([str(runs)])])
+    return plot.group(plot.named_runs([plot.load_run(d) for d in plot.find_runs([str(runs)])]))
 
 
 def drawn_figure(monkeypatch):
@@ -762,7 +762,7 @@ def test_reference_without_any_of_the_games_is_refused(tmp_path):
 def test_reference_figure_stops_at_our_last_step_and_draws_the_three_quarter_mean(tmp_path, monkeypatch):
     run_dir = write_run(tmp_path / "runs", "ppo", "bigfish", 1, [1.0, 2.0], **REFERENCE_TASK)
     ref = write_reference(tmp_path / "ref.csv", three_runs("bigfish", [1000, 2000, 4000], [[0.0, 2.0, 4.0]] * 3))
-    grouped = plot.group([plot.load_run(run_dir)])
+    grouped = plot.group(plot.named_runs([plot.load_run(run_dir)]))
     drawn = drawn_figure(monkeypatch)
     plot.plot_reference(grouped, plot.ordered_methods(grouped), plot.read_reference(ref), "x", "agent", [], str(tmp_path))
     lines = {line.get_label(): line for line in drawn["fig"].axes[0].get_lines()}
@@ -818,7 +818,7 @@ def test_an_mdpo_run_whose_second_agent_has_not_evaluated_yet_has_no_test_curve(
     shutil.rmtree(os.path.join(run_dir, "agent2"))  # e.g. stopped before agent 2's first evaluation was written
     run = plot.load_run(run_dir)
     assert plot.TEST not in run["curves"] and plot.TRAIN not in run["curves"]
-    assert plot.group([run]) == {}
+    assert plot.group(plot.named_runs([run])) == {}
 
 
 def test_a_run_that_logged_a_train_but_no_test_return_is_skipped(tmp_path, capsys):
@@ -828,7 +828,7 @@ def test_a_run_that_logged_a_train_but_no_test_return_is_skipped(tmp_path, capsy
     writer = SummaryWriter(str(run_dir))
     writer.add_scalar(plot.TRAIN, 5.0, 1000)
     writer.close()
-    assert plot.group([plot.load_run(str(run_dir))]) == {}
+    assert plot.group(plot.named_runs([plot.load_run(str(run_dir))])) == {}
     assert f"skipping {run_dir}: no {plot.TEST} logged yet" in capsys.readouterr().err
 
 
