@@ -1,0 +1,421 @@
+"""Run machinery of ppo.py, drac.py and mdpo.py: what keeps a run alive, never what it learns.
+
+Durable checkpoints and exact resume, the stop signals of Slurm and submitit, the divergence stop, the
+run-directory lock and status.json, which sweep.py reads. The training scripts call these plain
+functions at a handful of visible places in their loops.
+"""
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+
+if not (3, 10) <= sys.version_info[:2] <= (3, 12):  # Procgen has wheels for these only; say so before any import fails
+    print(f"error: Python {sys.version_info[0]}.{sys.version_info[1]} is not supported, Procgen needs 3.10 to 3.12: "
+          f"run `uv run {os.path.basename(sys.argv[0])} ...` (uv fetches a supported Python) or use a 3.10-3.12 venv",
+          file=sys.stderr)
+    sys.exit(2)
+
+import numpy as np
+import torch
+import tyro
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line, exit code 2."""
+
+
+class Diverged(Exception):
+    """A loss, gradient or weight went non-finite: exit code 3, the last good checkpoint kept."""
+
+
+class StorageError(Exception):
+    """A checkpoint could not be written (full disk, unwritable directory): exit code 1, the previous one intact."""
+
+
+class Preempted(Exception):
+    """SIGTERM or SIGUSR2 arrived: the run wrote a checkpoint and stops with exit code 4, to be resumed."""
+
+
+# The exit codes sweep.py reads; Ctrl-C exits with 130.
+EXIT_CODES = ((UsageError, 2), (Diverged, 3), (Preempted, 4), (StorageError, 1))
+# Fields that may change when a run is resumed; every other field must match the checkpoint.
+RESUMABLE_FIELDS = {
+    "cuda", "track", "wandb_project_name", "wandb_entity", "capture_video", "run_dir", "resume",
+    "checkpoint_interval", "total_timesteps", "eval_interval", "eval_episodes", "bf16", "compile",
+    "num_iterations",
+}
+
+
+def cli(Args, main, script: str) -> None:
+    """Parse the flags with tyro and run main(args); errors become one line and their exit code.
+    With --resume DIR the saved run's flags are the defaults, so DIR alone continues it."""
+    args = tyro.cli(Args)
+    if args.resume and os.path.isfile(os.path.join(args.resume, "config.json")):
+        with contextlib.suppress(UsageError):  # main() reports what is wrong with the run
+            saved = {**saved_config(args.resume, script)["args"], "resume": args.resume}
+            args = tyro.cli(Args, default=Args(**saved))
+    try:
+        main(args)
+    except tuple(error_type for error_type, _ in EXIT_CODES) as error:
+        print(str(error) if isinstance(error, Preempted) else f"error: {error}", file=sys.stderr)
+        sys.exit(next(code for error_type, code in EXIT_CODES if isinstance(error, error_type)))
+    except OSError as error:  # the disk filled up or the run directory became unwritable while logging
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+            raise
+        print(f"error: could not write the run ({error.strerror}); continue from its last checkpoint with --resume",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+# Run directory and lock
+
+
+def open_run_dir(args, script: str):
+    """The run directory, locked, and the args to run with: running the command of a run that holds a
+    checkpoint again continues it (as --resume does); a run stopped before its first checkpoint starts afresh."""
+    if args.resume:
+        saved_config(args.resume, script)  # a missing or foreign run fails here, before anything is written
+    run_dir = args.resume or args.run_dir or f"runs/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    lock = lock_run_dir(run_dir)
+    if not args.resume and os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+        check_compatible(args, saved_config(run_dir, script))
+        print(f"{run_dir} holds a checkpoint: continuing it", file=sys.stderr)
+        args = replace(args, resume=run_dir)
+    elif not args.resume:
+        discard_unfinished_run(run_dir)
+    return args, run_dir, lock
+
+
+def lock_run_dir(run_dir: str):
+    """Hold an exclusive lock on run_dir/lock while this process trains there (the kernel drops it
+    when the process dies, even by SIGKILL): two processes never train one run directory."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        lock = open(os.path.join(run_dir, "lock"), "a+")
+    except OSError as error:
+        raise UsageError(f"cannot write the run directory {run_dir} ({error.strerror})") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        owner = lock.read().strip() or "another process"
+        lock.close()
+        raise UsageError(f"{run_dir} is in use by {owner}") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                           "slurm_job_id": os.environ.get("SLURM_JOB_ID")}))
+    lock.flush()
+    return lock
+
+
+def discard_unfinished_run(run_dir: str) -> None:
+    """Remove what a run that stopped before its first checkpoint logged, so that it starts afresh."""
+    if not os.path.isfile(os.path.join(run_dir, "config.json")):
+        return
+    print(f"{run_dir} holds a run stopped before its first checkpoint: starting it afresh", file=sys.stderr)
+    for directory, _, files in os.walk(run_dir):
+        for name in files:
+            if name.startswith("events.out.tfevents.") or name in ("config.json", "status.json", "diverged.json"):
+                os.remove(os.path.join(directory, name))
+
+
+def write_config(args, run_dir: str, script: str) -> None:
+    # Rewritten on resume too, so that a run extended with more --total-timesteps resumes as extended.
+    config = {"script": script, "args": asdict(args)}
+    write_durably(os.path.join(run_dir, "config.json"), lambda f: f.write(json.dumps(config, indent=2).encode()))
+
+
+# Checkpoints
+
+
+def write_durably(path: str, write) -> None:
+    """write(file) into path + ".tmp", flushed and fsynced, then renamed over path, and the rename fsynced:
+    a kill or a machine crash at any moment leaves either the old file or the new one, never a torn one."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        raise
+    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def save_checkpoint(run_dir: str, checkpoint: dict) -> None:
+    """Write the checkpoint, then status.json (which tells sweep.py how far the run got without loading
+    it). Each write is atomic and Ctrl-C waits for both; a kill between the two leaves status.json one
+    checkpoint behind, which the next resume rewrites from the checkpoint."""
+    try:
+        with interrupts_deferred():
+            write_durably(os.path.join(run_dir, "checkpoint.pt"), lambda f: torch.save(checkpoint, f))
+            write_status(run_dir, checkpoint, checkpoint["args"]["num_iterations"])
+    except OSError as error:
+        raise StorageError(f"could not write the checkpoint in {run_dir} ({error.strerror}); the previous "
+                           f"checkpoint is intact: make room and continue with: python {checkpoint.get('script')}.py "
+                           f"--resume {run_dir}") from None
+
+
+def write_status(run_dir: str, checkpoint: dict, num_iterations: int) -> None:
+    status = {"global_step": checkpoint["global_step"], "iteration": checkpoint["iteration"],
+              "finished": checkpoint["iteration"] >= num_iterations}
+    write_durably(os.path.join(run_dir, "status.json"), lambda f: f.write(json.dumps(status).encode()))
+
+
+def saved_config(run_dir: str, script: str) -> dict:
+    """The config.json of a run directory, or a UsageError saying why it cannot be resumed."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isdir(run_dir):
+        raise UsageError(f"cannot resume: {run_dir} does not exist")
+    if not os.path.isfile(path) or not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+        raise UsageError(f"cannot resume: {run_dir} holds no checkpoint of a run "
+                         "(a run stopped before its first checkpoint starts afresh without --resume)")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"cannot resume: {path} is unreadable ({type(error).__name__})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("args"), dict):
+        raise UsageError(f"cannot resume: {path} is not a run's config")
+    if config.get("script") != script:
+        raise UsageError(f"cannot resume: {run_dir} was made by {config.get('script')}.py, not {script}.py")
+    return config
+
+
+def check_compatible(args, config: dict) -> None:
+    """Refuse to resume a run of another version of the script, or with flags that change what it computes."""
+    fields = set(asdict(args))
+    if set(config["args"]) != fields:
+        raise UsageError(f"cannot resume: the run was made by another version of this script (its flags differ: "
+                         f"{', '.join(sorted(fields ^ set(config['args'])))})")
+    for key, value in asdict(args).items():
+        saved = config["args"][key]
+        saved = tuple(saved) if isinstance(saved, list) else saved  # JSON turns tuples into lists
+        if key not in RESUMABLE_FIELDS and saved != value:
+            raise UsageError(f"cannot resume: --{key.replace('_', '-')} is {value!r} here but {saved!r} in the checkpoint")
+
+
+def load_checkpoint(args, script: str, device) -> dict:
+    """The checkpoint to resume from, after checking that it fits this script and these flags."""
+    check_compatible(args, saved_config(args.resume, script))
+    path = os.path.join(args.resume, "checkpoint.pt")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=False)
+    except Exception as error:  # a torn or foreign file: say so in one line
+        raise UsageError(f"cannot resume: {path} is unreadable ({type(error).__name__})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("script") != script:
+        raise UsageError(f"cannot resume: {path} is not a {script}.py checkpoint")
+    check_compatible(args, checkpoint)
+    if checkpoint["iteration"] > args.num_iterations:
+        raise UsageError(f"cannot resume: the run is at step {checkpoint['global_step']:,}, past --total-timesteps "
+                         f"{args.total_timesteps:,} (a run is extended, never shortened)")
+    return checkpoint
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        # The current device's state only, so the run can resume on a machine with another number of GPUs.
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    # The checkpoint is loaded onto the training device, but RNG states must be CPU byte tensors.
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+# Stopping: signals, Ctrl-C, divergence
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR2 (what Slurm and submitit send before they kill a job) ask the run to stop
+    at the end of the current iteration, after a checkpoint. The handlers only set a flag."""
+
+    def __init__(self):
+        self.received = None
+        self.previous = {signum: signal.signal(signum, self.handle) for signum in (signal.SIGTERM, signal.SIGUSR2)}
+
+    def handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def restore(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Ctrl-C waits until the block is done, so that a checkpoint and its status.json are written together."""
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interrupt_reported(run_dir: str, script: str, checkpoint_interval: int):
+    """Ctrl-C ends the run with exit code 130 and the command that continues it."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+            print(f"interrupted; continue with: python {script}.py --resume {run_dir}", file=sys.stderr)
+        else:
+            print(f"interrupted before the first checkpoint (iteration {checkpoint_interval}): nothing to resume",
+                  file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def stop_if_diverged(run_dir: str, iteration: int, global_step: int, stats: list, agents: list) -> None:
+    """Stop with Diverged (exit code 3), keeping the last good checkpoint and writing diverged.json, when an
+    iteration's losses or gradient norms (already on the host) or the updated weights are non-finite."""
+    what = None
+    for i, (agent_stats, agent) in enumerate(zip(stats, agents)):
+        whose = f"agent {i + 1}'s " if len(agents) > 1 else ""
+        what = next((f"{whose}{key} is {value}" for key, value in agent_stats.items() if not math.isfinite(value)), None)
+        if what is None and not bool(torch.isfinite(torch.cat([p.detach().flatten() for p in agent.parameters()])).all()):
+            what = f"{whose}weights are non-finite after the update"
+        if what:
+            break
+    if what is None:
+        return
+    record = {"iteration": iteration, "global_step": global_step, "what": what}
+    write_durably(os.path.join(run_dir, "diverged.json"), lambda f: f.write(json.dumps(record).encode()))
+    raise Diverged(f"diverged at iteration {iteration} (step {global_step}): {what}; "
+                   f"the last good checkpoint in {run_dir} is kept")
+
+
+# Speed and what a run logs about itself
+
+
+class CudaGraphed:
+    """fn(x) replayed from a CUDA graph, for inputs shaped like `example`: one launch, not one per kernel.
+    At the rollout's batch the network is launch-bound. The graph reads the parameters where they live,
+    so optimiser steps (in place) reach it; its outputs are overwritten by the next call."""
+
+    def __init__(self, fn, example):
+        self.input = example.clone()
+        # Warm-up draws random numbers; restoring the state keeps a resumed run's stream unchanged.
+        rng = torch.cuda.get_rng_state(example.device)
+        with torch.inference_mode():
+            side_stream = torch.cuda.Stream()
+            side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side_stream):  # warm-up on a side stream, as graph capture requires
+                for _ in range(3):
+                    fn(self.input)
+            torch.cuda.current_stream().wait_stream(side_stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.output = fn(self.input)
+        torch.cuda.set_rng_state(rng, example.device)
+
+    def __call__(self, x):
+        self.input.copy_(x)
+        self.graph.replay()
+        return self.output
+
+
+def log_video(writer, tag, frames, step, path):
+    """Save frames as a GIF and show the same GIF in TensorBoard."""
+    from PIL import Image
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    images = [Image.fromarray(frame).resize((256, 256), Image.NEAREST) for frame in frames[:-1] or frames]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=40, loop=0)
+    with open(path, "rb") as f:
+        image = Summary.Image(height=256, width=256, colorspace=3, encoded_image_string=f.read())
+    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+
+
+
+class Timer:
+    """Wall-clock seconds of the parts of one iteration, logged as perf/* scalars (bench.py reads them)."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.seconds = {}
+
+    def lap(self, name=None):
+        now = time.perf_counter()
+        if name:
+            self.seconds[name] = now - self.last
+        self.last = now
+
+    def log(self, writer, step):
+        self.seconds["iteration"] = time.perf_counter() - self.start
+        for name, seconds in self.seconds.items():
+            writer.add_scalar(f"perf/{name}_seconds", seconds, step)
+
+
+def hyperparameter_table(args) -> str:
+    return "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+
+
+def machine_description(device) -> str:
+    """What this process trains on, logged as text at each start, so a run resumed elsewhere says so."""
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
+    return f"{where}; torch {torch.__version__}; Python {sys.version.split()[0]}; commit {source_commit()}"
+
+
+def source_commit() -> str:
+    """The git commit of the scripts, with "+changes" when tracked files differ from it; "unknown"
+    outside a git checkout."""
+    try:
+        described = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "describe", "--always",
+                                    "--abbrev=7", "--dirty=+changes", "--exclude=*"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return described.stdout.strip() if described.returncode == 0 else "unknown"
+
+
+def start_tracking(args, run_dir: str) -> None:
+    """Mirror the TensorBoard logs to Weights & Biases."""
+    try:
+        import wandb
+    except ImportError:
+        raise UsageError("--track needs Weights & Biases: pip install wandb") from None
+    wandb.tensorboard.patch(root_logdir=run_dir)
+    wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
+               name=os.path.basename(run_dir.rstrip("/")), id=os.path.basename(run_dir.rstrip("/")),
+               resume="allow", dir=run_dir, save_code=True)
+
+
+def keep_freed_memory() -> None:
+    """Stop glibc from handing large freed blocks back to the OS after every batch: each activation
+    tensor of a minibatch would otherwise be a fresh mmap whose pages fault in again on the next one."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    libc.mallopt(-4, 0)  # M_MMAP_MAX: no mmap'd blocks, so large blocks are reused from the heap
+    libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap
