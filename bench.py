@@ -33,6 +33,7 @@ import torch
 import tyro
 import mdpo
 import ppo
+import run_utils
 from plot import read_scalars
 
 
@@ -169,7 +170,7 @@ def check(bench: BenchArgs) -> None:
 
 def main(bench: BenchArgs) -> None:
     check(bench)
-    ppo.keep_freed_memory()  # as the training scripts do, so the floors are the fastest this machine gives
+    run_utils.keep_freed_memory()  # as the training scripts do, so the floors are the fastest this machine gives
     device = torch.device("cuda" if torch.cuda.is_available() and bench.cuda else "cpu")
     on_gpu = device.type == "cuda"
     num_envs = (64 if on_gpu else 16) if bench.num_envs is None else bench.num_envs

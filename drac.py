@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import run_utils  # first: it refuses a Python that Procgen has no wheel for
+import evaluation
 import gymnasium as gym
 import numpy as np
 import torch
@@ -116,7 +117,7 @@ def validate_args(args: Args) -> Args:
     for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs",
                  "eval_interval", "eval_episodes", "checkpoint_interval", "learning_rate"):
         refuse_unless(getattr(args, name) > 0, f"--{flag(name)} must be positive, got {getattr(args, name)}")
-    for name in ("num_levels", "start_level", "ent_coef", "vf_coef", "clip_coef", "max_grad_norm", "l2_coef", "drac_coef"):
+    for name in ("num_levels", "start_level", "ent_coef", "vf_coef", "clip_coef", "max_grad_norm", "l2_coef"):
         refuse_unless(getattr(args, name) >= 0, f"--{flag(name)} must not be negative, got {getattr(args, name)}")
     for name in ("num_levels", "start_level", "num_envs", "eval_episodes"):
         refuse_unless(getattr(args, name) <= INT32_MAX, f"--{flag(name)} must be at most {INT32_MAX}, got {getattr(args, name)}")
@@ -124,6 +125,8 @@ def validate_args(args: Args) -> Args:
     refuse_unless(0 <= args.dropout < 1, f"--dropout must lie in [0, 1), got {args.dropout}")
     refuse_unless(args.augment in (*AUGMENTATIONS, "ucb"), f"unknown augmentation {args.augment!r}; choose one of: "
                   f"{', '.join(AUGMENTATIONS)}, ucb")
+    refuse_unless(args.drac_coef > 0, f"--drac-coef must be positive (DrAC's paper uses 0.1; 0 is plain PPO: run ppo.py), "
+                  f"got {args.drac_coef}")
     batch_size = args.num_envs * args.num_steps
     refuse_unless(batch_size % args.num_minibatches == 0, f"the batch (num-envs x num-steps = {batch_size}) does not "
                   f"divide into {args.num_minibatches} minibatches")
@@ -553,62 +556,17 @@ def collect_rollout(policy, envs, rollout: Rollout, args: Args, device, global_s
     return global_step, episodes, finish_rollout(policy, rollout, args, device)
 
 
-@torch.inference_mode()
-def evaluate(agent, env, device, seed, bf16=False, capture_video=False, perturb=None):
-    """Mean raw return of the first complete episode of every env (no bias towards short episodes, as
-    stopping "once N episodes have finished" would have), and env 0's frames if asked. Actions come from a
-    generator of their own: the training's random stream is untouched. `perturb(frames, envs)`, if given
-    (robustness.py's), changes the frames the network sees."""
-    was_training = agent.training
-    agent.eval()
-    generator = torch.Generator(device=device).manual_seed(seed)
-    obs, _ = env.reset()
-    logits_of = eval_network(agent, obs, bf16, device, perturb)
-    returns = np.zeros(env.num_envs)
-    finished = np.zeros(env.num_envs, dtype=bool)
-    frames = [obs[0]] if capture_video else []
-    action = np.zeros(env.num_envs, dtype=np.int64)
-    while not finished.all():  # every Procgen game has a time limit, so this ends
-        # Envs past their first episode repeat their last action; only the running ones' rewards count.
-        running = np.flatnonzero(~finished)
-        logits = logits_of(obs, running)
-        action[running] = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1).cpu().numpy()
-        obs, reward, terminated, truncated, _ = env.step(action)
-        returns[~finished] += reward[~finished]
-        if capture_video and not finished[0]:
-            frames.append(obs[0])
-        finished |= terminated | truncated
-    agent.train(was_training)
-    return float(returns.mean()), frames
-
-
-def eval_network(agent, first_obs, bf16, device, perturb=None):
-    """logits_of(obs, running): the policy's logits for the running envs' frames. On a GPU the network
-    runs on every env from a CUDA graph (launch-bound: a smaller batch would save nothing); on the CPU
-    on the running envs alone, where batch is time."""
-    def logits(obs):
-        with torch.autocast(device.type, torch.bfloat16, enabled=bf16, cache_enabled=False):
-            return agent(obs)[0]
-
-    if perturb is not None:  # eager, as perturbed frames may be float (random convolution)
-        return lambda obs, running: logits(perturb(torch.as_tensor(obs[running], device=device), running))
-    if device.type == "cuda":
-        graphed = run_utils.CudaGraphed(logits, torch.as_tensor(first_obs, device=device))
-        return lambda obs, running: graphed(torch.as_tensor(obs, device=device))[torch.as_tensor(running, device=device)]
-    return lambda obs, running: logits(torch.as_tensor(obs[running], device=device))
-
-
 def log_evaluation(writer, agent, args: Args, device, iteration, global_step, run_dir, name):
     """Evaluate on test levels (full distribution) and on training levels; log the three scalars."""
     eval_seed = args.seed + 1_000_000 + iteration  # differs from the training seed and between evals
-    test_return, frames = evaluate(agent, make_eval_env(args, 0, eval_seed), device, eval_seed, args.bf16,
+    test_return, frames = evaluation.evaluate(agent, make_eval_env(args, 0, eval_seed), device, eval_seed, args.bf16,
                                    args.capture_video)
-    train_return, _ = evaluate(agent, make_eval_env(args, args.num_levels, eval_seed), device, eval_seed, args.bf16)
+    train_return, _ = evaluation.evaluate(agent, make_eval_env(args, args.num_levels, eval_seed), device, eval_seed, args.bf16)
     writer.add_scalar("eval/test_return", test_return, global_step)
     writer.add_scalar("eval/train_return", train_return, global_step)
     writer.add_scalar("eval/generalization_gap", train_return - test_return, global_step)
     if args.capture_video:
-        run_utils.log_video(writer, "eval/video", frames, global_step, os.path.join(run_dir, "videos", f"{name}_{global_step}.gif"))
+        evaluation.log_video(writer, "eval/video", frames, global_step, os.path.join(run_dir, "videos", f"{name}_{global_step}.gif"))
     return test_return
 
 
@@ -653,19 +611,25 @@ def ppo_loss(logits, new_value, batch: dict, mb_inds, args: Args):
     return pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss, stats
 
 
+def drac_terms(clean_logits, clean_value, aug_logits, aug_value):
+    """DrAC's regularisers from the network's outputs on clean and augmented frames: G_pi = mean KL(pi(.|s) ||
+    pi(.|f(s))) and G_V = mean (V(s) - V(f(s)))^2 / 2, the clean side a fixed target (detached): gradients reach
+    the network through the augmented frames only, as in their code. Their code estimates G_pi by -log pi(a|f(s))
+    with a ~ pi(.|s), which has this KL's gradient in expectation; the exact KL over the 15 actions has none of
+    that sampling noise. The 1/2 of G_V is their code's."""
+    clean_logp, aug_logp = F.log_softmax(clean_logits.detach(), -1), F.log_softmax(aug_logits, -1)
+    g_pi = (clean_logp.exp() * (clean_logp - aug_logp)).sum(-1).mean()
+    g_v = 0.5 * (clean_value.detach() - aug_value).pow(2).mean()
+    return g_pi, g_v
+
+
 def drac_loss(agent, obs, logits, value, augment: str, bf16: bool):
-    """DrAC's regularisers on a minibatch's frames `obs`, given the network's logits and values on them:
-    G_pi = mean KL(pi(.|s) || pi(.|f(s))) and G_V = mean (V(s) - V(f(s)))^2 / 2, the clean side a fixed target
-    (detached): gradients reach the network through the augmented frames only, as in their code. Their code
-    estimates G_pi by -log pi(a|f(s)) with a ~ pi(.|s), which has this KL's gradient in expectation; the exact
-    KL over the 15 actions has none of that sampling noise. The 1/2 of G_V is their code's."""
+    """G_pi + G_V on a minibatch's frames `obs`, given the network's logits and values on them, and its stats."""
     # The augmentation's parameters come from the global stream, which checkpoints save: resumes stay exact.
     generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
     with torch.autocast(obs.device.type, torch.bfloat16, enabled=bf16):
         aug_logits, aug_value = agent(AUGMENTATIONS[augment](obs, generator))
-    clean_logp, aug_logp = F.log_softmax(logits.detach(), -1), F.log_softmax(aug_logits, -1)
-    g_pi = (clean_logp.exp() * (clean_logp - aug_logp)).sum(-1).mean()
-    g_v = 0.5 * (value.detach() - aug_value).pow(2).mean()
+    g_pi, g_v = drac_terms(logits, value, aug_logits, aug_value)
     return g_pi + g_v, {"drac_pi": g_pi, "drac_v": g_v}
 
 
@@ -783,7 +747,7 @@ def train(args: Args, run_dir: str) -> None:
     rollout.next_obs.copy_(torch.from_numpy(envs.reset()[0]))
     iteration, global_step = 0, 0
     if checkpoint:
-        restore_agent_state(agent, envs, rollout, checkpoint["agent"])
+        restore_agent_state(agent, envs, rollout, checkpoint["agents"][0])
         optimizer.load_state_dict(checkpoint["optimizer"])
         run_utils.restore_rng_state(checkpoint["rng"])
         iteration, global_step = checkpoint["iteration"], checkpoint["global_step"]
@@ -825,15 +789,14 @@ def train(args: Args, run_dir: str) -> None:
                 timer.lap()
                 test_return = log_evaluation(writer, agent, args, device, iteration, global_step, run_dir, SCRIPT)
                 timer.lap("eval")
-            sps = int((global_step - start_step) / (time.time() - start_time))
-            writer.add_scalar("charts/SPS", sps, global_step)
+            sps = int((global_step - start_step) / (time.time() - start_time))  # steps per second of each agent
             if iteration % args.checkpoint_interval == 0 or iteration == args.num_iterations or stop.received:
                 run_utils.save_checkpoint(run_dir, {
                     "script": SCRIPT, "args": asdict(args), "iteration": iteration, "global_step": global_step,
-                    "agent": agent_state(agent, envs, rollout),
+                    "agents": [agent_state(agent, envs, rollout)],
                     "optimizer": optimizer.state_dict(), "rng": run_utils.rng_state(),
                     **({"ucb": bandit.state_dict()} if bandit else {})})
-            timer.log(writer, global_step)
+            timer.log(writer, global_step, sps)
             progress.update(args.batch_size)
             progress.set_postfix(sps=sps, test_return=f"{test_return:.2f}")
             if stop.received and iteration < args.num_iterations:

@@ -7,7 +7,6 @@ mdpo.py --help` lists every flag."""
 
 import contextlib
 import io
-import itertools
 import os
 import sys
 import time
@@ -16,6 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import run_utils  # first: it refuses a Python that Procgen has no wheel for
+import evaluation
 import gymnasium as gym
 import numpy as np
 import torch
@@ -429,62 +429,17 @@ def collect_rollouts(policies, envs, rollouts, args: Args, device, global_step: 
     return global_step + args.num_steps * args.num_envs, episodes, batches
 
 
-@torch.inference_mode()
-def evaluate(agent, env, device, seed, bf16=False, capture_video=False, perturb=None):
-    """Mean raw return of the first complete episode of every env (no bias towards short episodes, as
-    stopping "once N episodes have finished" would have), and env 0's frames if asked. Actions come from a
-    generator of their own: the training's random stream is untouched. `perturb(frames, envs)`, if given
-    (robustness.py's), changes the frames the network sees."""
-    was_training = agent.training
-    agent.eval()
-    generator = torch.Generator(device=device).manual_seed(seed)
-    obs, _ = env.reset()
-    logits_of = eval_network(agent, obs, bf16, device, perturb)
-    returns = np.zeros(env.num_envs)
-    finished = np.zeros(env.num_envs, dtype=bool)
-    frames = [obs[0]] if capture_video else []
-    action = np.zeros(env.num_envs, dtype=np.int64)
-    while not finished.all():  # every Procgen game has a time limit, so this ends
-        # Envs past their first episode repeat their last action; only the running ones' rewards count.
-        running = np.flatnonzero(~finished)
-        logits = logits_of(obs, running)
-        action[running] = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1).cpu().numpy()
-        obs, reward, terminated, truncated, _ = env.step(action)
-        returns[~finished] += reward[~finished]
-        if capture_video and not finished[0]:
-            frames.append(obs[0])
-        finished |= terminated | truncated
-    agent.train(was_training)
-    return float(returns.mean()), frames
-
-
-def eval_network(agent, first_obs, bf16, device, perturb=None):
-    """logits_of(obs, running): the policy's logits for the running envs' frames. On a GPU the network
-    runs on every env from a CUDA graph (launch-bound: a smaller batch would save nothing); on the CPU
-    on the running envs alone, where batch is time."""
-    def logits(obs):
-        with torch.autocast(device.type, torch.bfloat16, enabled=bf16, cache_enabled=False):
-            return agent(obs)[0]
-
-    if perturb is not None:  # eager, as perturbed frames may be float (random convolution)
-        return lambda obs, running: logits(perturb(torch.as_tensor(obs[running], device=device), running))
-    if device.type == "cuda":
-        graphed = run_utils.CudaGraphed(logits, torch.as_tensor(first_obs, device=device))
-        return lambda obs, running: graphed(torch.as_tensor(obs, device=device))[torch.as_tensor(running, device=device)]
-    return lambda obs, running: logits(torch.as_tensor(obs[running], device=device))
-
-
 def log_evaluation(writer, agent, args: Args, device, iteration, global_step, run_dir, name):
     """Evaluate on test levels (full distribution) and on training levels; log the three scalars."""
     eval_seed = args.seed + 1_000_000 + iteration  # differs from the training seed and between evals
-    test_return, frames = evaluate(agent, make_eval_env(args, 0, eval_seed), device, eval_seed, args.bf16,
+    test_return, frames = evaluation.evaluate(agent, make_eval_env(args, 0, eval_seed), device, eval_seed, args.bf16,
                                    args.capture_video)
-    train_return, _ = evaluate(agent, make_eval_env(args, args.num_levels, eval_seed), device, eval_seed, args.bf16)
+    train_return, _ = evaluation.evaluate(agent, make_eval_env(args, args.num_levels, eval_seed), device, eval_seed, args.bf16)
     writer.add_scalar("eval/test_return", test_return, global_step)
     writer.add_scalar("eval/train_return", train_return, global_step)
     writer.add_scalar("eval/generalization_gap", train_return - test_return, global_step)
     if args.capture_video:
-        run_utils.log_video(writer, "eval/video", frames, global_step, os.path.join(run_dir, "videos", f"{name}_{global_step}.gif"))
+        evaluation.log_video(writer, "eval/video", frames, global_step, os.path.join(run_dir, "videos", f"{name}_{global_step}.gif"))
     return test_return
 
 
@@ -577,7 +532,7 @@ def update(agents, optimizer, batches, args: Args) -> list:
             losses, stats = minibatch_loss(agents, batches, mb_inds, args)
             optimizer.zero_grad(set_to_none=True)
             (sum(losses) / len(agents)).backward()
-            for agent, agent_stats, agent_totals in zip(agents, stats, totals):  # each agent clipped on its own
+            for agent, agent_stats in zip(agents, stats):  # each agent's gradient clipped on its own
                 agent_stats["grad_norm"] = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
             optimizer.step()
             for agent_stats, agent_totals in zip(stats, totals):
@@ -617,37 +572,15 @@ def probe_frames(args: Args, num_envs: int = 16, steps: int = 16) -> torch.Tenso
     return torch.from_numpy(np.concatenate(frames))
 
 
-def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Linear CKA (Kornblith et al. 2019) of two representations of the same n inputs (n x d1, n x d2):
-    ||Y'X||_F^2 / (||X'X||_F ||Y'Y||_F) on column-centred features; 1 for representations that differ
-    by an orthogonal transform and an isotropic scaling, in float64."""
-    x = x.double() - x.double().mean(0)
-    y = y.double() - y.double().mean(0)
-    return float((y.T @ x).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm()))
-
-
-@torch.inference_mode()
 def log_agreement(writer, agents, frames, global_step, bf16) -> None:
     """Log the mean over agent pairs of linear CKA between their 256-d features and of the total-variation
-    distance between their policies, on the probe frames (each pair too when K > 2)."""
-    features, probs = [], []
-    for agent in agents:
-        was_training = agent.training
-        agent.eval()
-        with torch.autocast(frames.device.type, torch.bfloat16, enabled=bf16):
-            hidden = agent.hidden(frames)
-            logits = agent.actor(hidden)
-        agent.train(was_training)
-        features.append(hidden.float())
-        probs.append(logits.float().softmax(-1))
-    ckas, tvs = [], []
-    for i, j in itertools.combinations(range(len(agents)), 2):
-        ckas.append(linear_cka(features[i], features[j]))
-        tvs.append(float(0.5 * (probs[i] - probs[j]).abs().sum(-1).mean()))
+    distance between their policies, on the probe frames (each pair's CKA too when K > 2)."""
+    ckas, tvs = evaluation.agreement(agents, frames, bf16)
+    for (i, j), cka in ckas.items():
         if len(agents) > 2:
-            writer.add_scalar(f"eval/representation_cka_{i + 1}_{j + 1}", ckas[-1], global_step)
-    writer.add_scalar("eval/representation_cka", float(np.mean(ckas)), global_step)
-    writer.add_scalar("eval/policy_tv", float(np.mean(tvs)), global_step)
+            writer.add_scalar(f"eval/representation_cka_{i + 1}_{j + 1}", cka, global_step)
+    writer.add_scalar("eval/representation_cka", float(np.mean(list(ckas.values()))), global_step)
+    writer.add_scalar("eval/policy_tv", float(np.mean(list(tvs.values()))), global_step)
 
 
 # ---- Training loop -----------------------------------------------------------------------------
@@ -672,8 +605,9 @@ def train(args: Args, run_dir: str) -> None:
     run_utils.keep_freed_memory()
 
     agents = [make_agent(args, device) for _ in range(args.num_agents)]
-    # One optimiser over every agent's parameters: L = mean_i L_i is minimised jointly. Fused Adam updates every parameter in one pass.
-    optimizer = torch.optim.Adam([p for agent in agents for p in agent.parameters()], lr=args.learning_rate, eps=1e-5, fused=True)
+    # One optimiser over every agent's parameters: L = mean_i L_i is minimised jointly.
+    optimizer = torch.optim.Adam([p for agent in agents for p in agent.parameters()], lr=args.learning_rate, eps=1e-5,
+                                 fused=True)
     envs = [make_envs(args, seed=args.seed) for _ in agents]  # each agent its own envs, same level seed
     rollouts = [Rollout(args, device) for _ in agents]
     for agent_envs, rollout in zip(envs, rollouts):
@@ -722,20 +656,19 @@ def train(args: Args, run_dir: str) -> None:
             if iteration % args.eval_interval == 0 or iteration == args.num_iterations:
                 timer.lap()
                 for i, agent_writer in enumerate(writers):
-                    test_return[i] = log_evaluation(agent_writer, agents[i], args, device, iteration, global_step, run_dir, f"agent{i + 1}")
+                    test_return[i] = log_evaluation(agent_writer, agents[i], args, device, iteration, global_step, run_dir,
+                                                    f"agent{i + 1}")
                 timer.lap("eval")
                 log_agreement(writer, agents, probes, global_step, args.bf16)
                 timer.lap("agreement")
-            sps = int((global_step - start_step) / (time.time() - start_time))
-            for agent_writer in writers:
-                agent_writer.add_scalar("charts/SPS", sps, global_step)
+            sps = int((global_step - start_step) / (time.time() - start_time))  # steps per second of each agent
             if iteration % args.checkpoint_interval == 0 or iteration == args.num_iterations or stop.received:
                 run_utils.save_checkpoint(run_dir, {
                     "script": SCRIPT, "args": asdict(args), "iteration": iteration, "global_step": global_step,
                     "agents": [agent_state(*state) for state in zip(agents, envs, rollouts)],
                     "optimizer": optimizer.state_dict(), "rng": run_utils.rng_state()})
             for agent_writer in writers:
-                timer.log(agent_writer, global_step)
+                timer.log(agent_writer, global_step, sps)
             progress.update(args.batch_size)
             progress.set_postfix(sps=sps, test_return=f"{np.mean(test_return):.2f}")
             if stop.received and iteration < args.num_iterations:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import run_utils  # first: it refuses a Python that Procgen has no wheel for
+import evaluation
 import gymnasium as gym
 import numpy as np
 import torch
@@ -407,62 +408,17 @@ def collect_rollout(policy, envs, rollout: Rollout, args: Args, device, global_s
     return global_step, episodes, finish_rollout(policy, rollout, args, device)
 
 
-@torch.inference_mode()
-def evaluate(agent, env, device, seed, bf16=False, capture_video=False, perturb=None):
-    """Mean raw return of the first complete episode of every env (no bias towards short episodes, as
-    stopping "once N episodes have finished" would have), and env 0's frames if asked. Actions come from a
-    generator of their own: the training's random stream is untouched. `perturb(frames, envs)`, if given
-    (robustness.py's), changes the frames the network sees."""
-    was_training = agent.training
-    agent.eval()
-    generator = torch.Generator(device=device).manual_seed(seed)
-    obs, _ = env.reset()
-    logits_of = eval_network(agent, obs, bf16, device, perturb)
-    returns = np.zeros(env.num_envs)
-    finished = np.zeros(env.num_envs, dtype=bool)
-    frames = [obs[0]] if capture_video else []
-    action = np.zeros(env.num_envs, dtype=np.int64)
-    while not finished.all():  # every Procgen game has a time limit, so this ends
-        # Envs past their first episode repeat their last action; only the running ones' rewards count.
-        running = np.flatnonzero(~finished)
-        logits = logits_of(obs, running)
-        action[running] = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1).cpu().numpy()
-        obs, reward, terminated, truncated, _ = env.step(action)
-        returns[~finished] += reward[~finished]
-        if capture_video and not finished[0]:
-            frames.append(obs[0])
-        finished |= terminated | truncated
-    agent.train(was_training)
-    return float(returns.mean()), frames
-
-
-def eval_network(agent, first_obs, bf16, device, perturb=None):
-    """logits_of(obs, running): the policy's logits for the running envs' frames. On a GPU the network
-    runs on every env from a CUDA graph (launch-bound: a smaller batch would save nothing); on the CPU
-    on the running envs alone, where batch is time."""
-    def logits(obs):
-        with torch.autocast(device.type, torch.bfloat16, enabled=bf16, cache_enabled=False):
-            return agent(obs)[0]
-
-    if perturb is not None:  # eager, as perturbed frames may be float (random convolution)
-        return lambda obs, running: logits(perturb(torch.as_tensor(obs[running], device=device), running))
-    if device.type == "cuda":
-        graphed = run_utils.CudaGraphed(logits, torch.as_tensor(first_obs, device=device))
-        return lambda obs, running: graphed(torch.as_tensor(obs, device=device))[torch.as_tensor(running, device=device)]
-    return lambda obs, running: logits(torch.as_tensor(obs[running], device=device))
-
-
 def log_evaluation(writer, agent, args: Args, device, iteration, global_step, run_dir, name):
     """Evaluate on test levels (full distribution) and on training levels; log the three scalars."""
     eval_seed = args.seed + 1_000_000 + iteration  # differs from the training seed and between evals
-    test_return, frames = evaluate(agent, make_eval_env(args, 0, eval_seed), device, eval_seed, args.bf16,
+    test_return, frames = evaluation.evaluate(agent, make_eval_env(args, 0, eval_seed), device, eval_seed, args.bf16,
                                    args.capture_video)
-    train_return, _ = evaluate(agent, make_eval_env(args, args.num_levels, eval_seed), device, eval_seed, args.bf16)
+    train_return, _ = evaluation.evaluate(agent, make_eval_env(args, args.num_levels, eval_seed), device, eval_seed, args.bf16)
     writer.add_scalar("eval/test_return", test_return, global_step)
     writer.add_scalar("eval/train_return", train_return, global_step)
     writer.add_scalar("eval/generalization_gap", train_return - test_return, global_step)
     if args.capture_video:
-        run_utils.log_video(writer, "eval/video", frames, global_step, os.path.join(run_dir, "videos", f"{name}_{global_step}.gif"))
+        evaluation.log_video(writer, "eval/video", frames, global_step, os.path.join(run_dir, "videos", f"{name}_{global_step}.gif"))
     return test_return
 
 
@@ -586,7 +542,7 @@ def train(args: Args, run_dir: str) -> None:
     rollout.next_obs.copy_(torch.from_numpy(envs.reset()[0]))
     iteration, global_step = 0, 0
     if checkpoint:
-        restore_agent_state(agent, envs, rollout, checkpoint["agent"])
+        restore_agent_state(agent, envs, rollout, checkpoint["agents"][0])
         optimizer.load_state_dict(checkpoint["optimizer"])
         run_utils.restore_rng_state(checkpoint["rng"])
         iteration, global_step = checkpoint["iteration"], checkpoint["global_step"]
@@ -620,14 +576,13 @@ def train(args: Args, run_dir: str) -> None:
                 timer.lap()
                 test_return = log_evaluation(writer, agent, args, device, iteration, global_step, run_dir, SCRIPT)
                 timer.lap("eval")
-            sps = int((global_step - start_step) / (time.time() - start_time))
-            writer.add_scalar("charts/SPS", sps, global_step)
+            sps = int((global_step - start_step) / (time.time() - start_time))  # steps per second of each agent
             if iteration % args.checkpoint_interval == 0 or iteration == args.num_iterations or stop.received:
                 run_utils.save_checkpoint(run_dir, {
                     "script": SCRIPT, "args": asdict(args), "iteration": iteration, "global_step": global_step,
-                    "agent": agent_state(agent, envs, rollout),
+                    "agents": [agent_state(agent, envs, rollout)],
                     "optimizer": optimizer.state_dict(), "rng": run_utils.rng_state()})
-            timer.log(writer, global_step)
+            timer.log(writer, global_step, sps)
             progress.update(args.batch_size)
             progress.set_postfix(sps=sps, test_return=f"{test_return:.2f}")
             if stop.received and iteration < args.num_iterations:

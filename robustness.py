@@ -12,11 +12,10 @@ For every agent of every run (PPO: its one agent; MDPO: each of its K) and every
             frames' features (a shared offset of the features then counts for nothing)
   entropy   the policy's mean entropy on the clean frames: a near-uniform policy has a small TV
             whatever its features do
-The perturbations are ppo.py's (the ones DrAC trains with live there too): random convolution
-(Lee et al. 2020; strength s blends s of the filtered frame in, 1 is theirs), brightness, contrast,
-saturation (a factor from U[1 - s, 1 + s]) and hue (a turn of the colour wheel from U[-s, s]).
-A strength is a number or weak / medium / strong (ppo.PERTURBATION_STRENGTHS; the same syntax as the
-training scripts' --eval-perturbation).
+The perturbations are built from drac.py's image functions (the ones DrAC trains with): random
+convolution (Lee et al. 2020; strength s blends s of the filtered frame in, 1 is theirs), brightness,
+contrast, saturation (a factor from U[1 - s, 1 + s]) and hue (a turn of the colour wheel from U[-s, s]).
+A strength is a number or weak / medium / strong (PERTURBATION_STRENGTHS).
 
     python robustness.py runs/bigfish__ppo__1 runs/bigfish__mdpo__1 --label "CPU, 2 cores"
     python robustness.py RUNS... --perturbations random_conv hue:strong brightness:0.3 --episodes 100
@@ -36,6 +35,8 @@ import tyro
 from torch.distributions import Categorical
 
 import ppo
+import run_utils
+from drac import adjust_colour, convolve, random_conv_weights, uniform
 from sweep import method_of, split_by_settings
 
 
@@ -43,7 +44,7 @@ from sweep import method_of, split_by_settings
 class RobustnessArgs:
     runs: tyro.conf.Positional[List[str]]
     """run directories (or their checkpoint.pt) of one game, any method"""
-    perturbations: List[str] = field(default_factory=lambda: list(ppo.PERTURBATION_STRENGTHS))
+    perturbations: List[str] = field(default_factory=lambda: list(PERTURBATION_STRENGTHS))
     """perturbations as NAME or NAME:STRENGTH (weak, medium, strong or a number), e.g. hue:strong brightness:0.3"""
     episodes: int = 64
     """test episodes per agent and perturbation (evaluation envs, each its first complete episode)"""
@@ -67,12 +68,71 @@ class UsageError(Exception):
     """Bad input: one line on stderr, exit code 2."""
 
 
+# The robustness tests' perturbations and the largest strength each takes.
+PERTURBATION_MAX_STRENGTH = {"random_conv": 1.0, "brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.5}
+# Named strengths of each perturbation; a number up to PERTURBATION_MAX_STRENGTH works too.
+PERTURBATION_STRENGTHS = {
+    "random_conv": {"weak": 0.25, "medium": 0.5, "strong": 1.0},
+    "brightness": {"weak": 0.2, "medium": 0.4, "strong": 0.8},
+    "contrast": {"weak": 0.2, "medium": 0.4, "strong": 0.8},
+    "saturation": {"weak": 0.2, "medium": 0.4, "strong": 0.8},
+    "hue": {"weak": 0.1, "medium": 0.25, "strong": 0.5},
+}
+# Without a strength: Lee et al.'s full random convolution; brightness, contrast and saturation at DrAC's
+# colour-jitter range (0.4); hue a quarter turn at most, less than DrAC's color-jitter (0.5 x 255/360 of a turn).
+DEFAULT_PERTURBATION_STRENGTH = {"random_conv": "strong", "brightness": "medium", "contrast": "medium",
+                                 "saturation": "medium", "hue": "medium"}
+
+
 def parse_perturbation(spec: str):
-    """(name, strength) from NAME or NAME:STRENGTH (ppo.parse_perturbation); UsageError when it is refused."""
+    """(name, strength) from NAME or NAME:STRENGTH; UsageError, saying why, for an unknown name or a
+    strength out of range."""
+    name, _, strength = spec.partition(":")
+    if name not in PERTURBATION_STRENGTHS:
+        raise UsageError(f"unknown perturbation {name!r}; choose from: {', '.join(PERTURBATION_STRENGTHS)}")
+    strength = strength or DEFAULT_PERTURBATION_STRENGTH[name]
+    if strength in PERTURBATION_STRENGTHS[name]:
+        return name, PERTURBATION_STRENGTHS[name][strength]
+    highest = PERTURBATION_MAX_STRENGTH[name]
     try:
-        return ppo.parse_perturbation(spec)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+        value = float(strength)
+    except ValueError:
+        raise UsageError(f"strength {strength!r} of {name}: give weak, medium, strong or a number in [0, {highest:g}]") from None
+    if not 0 <= value <= highest:
+        raise UsageError(f"strength {strength} of {name} is out of range: it must lie in [0, {highest:g}]")
+    return name, value
+
+
+class EpisodePerturbation:
+    """A robustness test's perturbation, fixed within an episode: every frame of env i's episode goes
+    through the same random filter or colour factor, drawn when the episode starts (Lee et al. draw one
+    random convolution per episode). Strength s: random_conv blends s of the filtered frame into the
+    frame (1: Lee et al.'s); brightness, contrast and saturation scale by a factor from U[1 - s, 1 + s];
+    hue turns the colour wheel by U[-s, s] of a turn. s = 0 is the identity."""
+
+    def __init__(self, name, strength, num_envs, seed):
+        if name not in PERTURBATION_MAX_STRENGTH:
+            raise ValueError(f"unknown perturbation {name!r}")
+        self.name, self.strength = name, strength
+        self.generator = torch.Generator().manual_seed(seed)
+        self.params = self.draw(num_envs)
+
+    def draw(self, n):
+        if self.name == "random_conv":
+            return random_conv_weights(n, self.generator)
+        centre = 0.0 if self.name == "hue" else 1.0
+        return uniform(n, centre - self.strength, centre + self.strength, self.generator, "cpu")
+
+    def start_episodes(self, envs):
+        """Fresh parameters for the episodes that start now in these envs."""
+        self.params[torch.as_tensor(envs)] = self.draw(len(envs))
+
+    def __call__(self, frames, envs=None):
+        """The frames of these envs (all, by default), perturbed with their episodes' parameters."""
+        params = self.params if envs is None else self.params[torch.as_tensor(envs)]
+        if self.name == "random_conv":
+            return convolve(frames, params, self.strength)
+        return adjust_colour(frames, **{self.name: params})
 
 
 def check(args: RobustnessArgs) -> list:
@@ -100,14 +160,13 @@ def load_run(path: str) -> dict:
     try:
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         config = {"script": checkpoint["script"], "args": dict(checkpoint["args"])}
-        states = [checkpoint["agent"]] if config["script"] == "ppo" else list(checkpoint["agents"])
         agents = []
-        for state in states:
+        for state in run_utils.agent_weights(checkpoint):
             agent = ppo.Agent(dropout=config["args"].get("dropout", 0.0))
             agent.load_state_dict(state)
             agents.append(agent.eval())
     except Exception as error:  # torn, foreign or from another network: one line, not a traceback
-        raise UsageError(f"{checkpoint_path} is not a readable checkpoint of ppo.py or mdpo.py ({type(error).__name__})") from None
+        raise UsageError(f"{checkpoint_path} is not a readable checkpoint of ppo.py, drac.py or mdpo.py ({type(error).__name__})") from None
     return {"run": run_dir, "config": config, "args": config["args"], "method": method_of(config), "agents": agents,
             "game": config["args"]["env_id"], "mode": config["args"].get("distribution_mode", "hard"),
             "seed": config["args"].get("seed"), "global_step": checkpoint.get("global_step")}
@@ -179,8 +238,8 @@ def measure_agent(agent, game, mode, frames, perturbations, args: RobustnessArgs
     result = {"clean_return": clean, "entropy": entropy(agent, frames), "perturbations": {}}
     for k, (name, strength) in enumerate(perturbations):
         seed = args.seed * 1000 + k  # the same draws for every agent
-        perturbed = test_return(ppo.EpisodePerturbation(name, strength, args.episodes, seed))
-        shift = policy_shift(agent, frames, ppo.EpisodePerturbation(name, strength, len(frames) * args.copies, seed + 500),
+        perturbed = test_return(EpisodePerturbation(name, strength, args.episodes, seed))
+        shift = policy_shift(agent, frames, EpisodePerturbation(name, strength, len(frames) * args.copies, seed + 500),
                              args.copies)
         result["perturbations"][perturbation_key(name, strength)] = {
             "return": perturbed, "drop": clean - perturbed, **shift}

@@ -230,6 +230,11 @@ def load_checkpoint(args, script: str, device) -> dict:
     return checkpoint
 
 
+def agent_weights(checkpoint: dict) -> list:
+    """The state dicts of a checkpoint's agents: one for ppo.py and drac.py, K for mdpo.py."""
+    return [state["agent"] for state in checkpoint["agents"]]
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -342,22 +347,10 @@ class CudaGraphed:
         return self.output
 
 
-def log_video(writer, tag, frames, step, path):
-    """Save frames as a GIF and show the same GIF in TensorBoard."""
-    from PIL import Image
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
-    images = [Image.fromarray(frame).resize((256, 256), Image.NEAREST) for frame in frames[:-1] or frames]
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    images[0].save(path, save_all=True, append_images=images[1:], duration=40, loop=0)
-    with open(path, "rb") as f:
-        image = Summary.Image(height=256, width=256, colorspace=3, encoded_image_string=f.read())
-    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
-
-
 
 class Timer:
-    """Wall-clock seconds of the parts of one iteration, logged as perf/* scalars (bench.py reads them)."""
+    """Wall-clock seconds of the parts of one iteration, logged as perf/* scalars (bench.py reads them), and the
+    run's steps per second."""
 
     def __init__(self):
         self.start = self.last = time.perf_counter()
@@ -369,10 +362,11 @@ class Timer:
             self.seconds[name] = now - self.last
         self.last = now
 
-    def log(self, writer, step):
+    def log(self, writer, step, sps):
         self.seconds["iteration"] = time.perf_counter() - self.start
         for name, seconds in self.seconds.items():
             writer.add_scalar(f"perf/{name}_seconds", seconds, step)
+        writer.add_scalar("charts/SPS", sps, step)
 
 
 def hyperparameter_table(args) -> str:

@@ -2,7 +2,7 @@
 
 Every job trains into {root}/runs/{game}__{method}__{seed}, so running the same sweep again is safe:
 - a finished run is skipped, if it was made with the same flags (all of them, except the ones a run may
-  resume with changed: ppo.RESUMABLE_FIELDS); one made with other flags is reported in one line and
+  resume with changed: run_utils.RESUMABLE_FIELDS); one made with other flags is reported in one line and
   skipped, never overwritten: move it away or use another --root;
 - a run with a checkpoint resumes (also when --total-timesteps grew: the run is extended);
 - a run in use (another sweep or training process holds its lock) is reported and left alone;
@@ -48,8 +48,10 @@ from typing import Callable, List, Literal, Optional, Tuple
 
 import tyro
 
+import drac
 import mdpo
 import ppo
+import run_utils
 from ppo import PROCGEN_GAMES
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -57,7 +59,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 @dataclass(frozen=True)
 class Method:
-    script: str  # "ppo" or "mdpo"
+    script: str  # "ppo", "drac" or "mdpo"
     flags: Tuple[str, ...]  # the flags that make the method, as (flag, value) pairs
     about: str  # what it controls for, one line
     budget_scale: int = 1  # ppo_2x: the envs and total steps of --flags, times this
@@ -88,9 +90,9 @@ METHODS = {
                           "PPO + dropout after each convolution (Cobbe et al. 2019): is it noise in the encoder?"),
     "ppo_2x": Method("ppo", (), "PPO with twice --num-envs and --total-timesteps: as many samples per iteration and in "
                      "all as MDPO's two agents together, the same iterations (sample-matched)", budget_scale=2),
-    **{f"ppo_drac_{augment}": Method("ppo", ("--augment", augment, "--drac-coef", DRAC_COEF), drac_about(augment))
+    **{f"ppo_drac_{augment}": Method("drac", ("--augment", augment, "--drac-coef", DRAC_COEF), drac_about(augment))
        for augment in sorted(set(DRAC_BEST_AUGMENT.values()))},
-    "ppo_ucb_drac": Method("ppo", ("--augment", "ucb", "--drac-coef", DRAC_COEF),
+    "ppo_ucb_drac": Method("drac", ("--augment", "ucb", "--drac-coef", DRAC_COEF),
                            "PPO + UCB-DrAC (Raileanu et al. 2021): DrAC choosing its augmentation by a bandit"),
     "mdpo": Method("mdpo", (), "MDPO: two agents, each also pulled towards the other's policy by a KL term"),
     "mdpo_alpha0": Method("mdpo", ("--alpha", "0"), "MDPO without the KL term: the same two-agent training, loss "
@@ -101,12 +103,13 @@ DRAC_BEST = "ppo_drac_best"
 DRAC_BEST_ABOUT = "each game's ppo_drac_<augment> with the augmentation DrAC found best on it"
 DEFAULT_METHODS = ["ppo", "ppo_l2", "ppo_dropout", "ppo_2x", DRAC_BEST, "ppo_ucb_drac", "mdpo", "mdpo_alpha0"]
 
-# The Args fields that tell the methods apart, with their values when no flag sets them. Runs made before
-# these fields existed lack them in config.json and ran at these values.
+# The Args fields that tell the methods apart, with their values when no flag sets them.
 METHOD_FIELDS = {
-    "ppo": {"l2_coef": 0.0, "dropout": 0.0, "augment": "none", "drac_coef": 0.0},
-    "mdpo": {"num_agents": 2, "alpha": 1.0, "detach_peer": False},
+    "ppo": {"l2_coef": 0.0, "dropout": 0.0},
+    "drac": {"augment": "crop", "drac_coef": 0.1, "l2_coef": 0.0, "dropout": 0.0},
+    "mdpo": {"num_agents": 2, "alpha": 1.0, "detach_peer": False, "l2_coef": 0.0, "dropout": 0.0},
 }
+SCRIPTS = {"ppo": ppo, "drac": drac, "mdpo": mdpo}
 
 
 def method_settings(script: str, flags: Tuple[str, ...]) -> dict:
@@ -256,7 +259,7 @@ UNSUCCESSFUL = {"diverged", "mismatch", "preempted", "failed", "not started"}
 
 
 # ---------------------------------------------------------------------------------------------
-# Locks. A training process holds run_dir/lock while it trains (ppo.lock_run_dir); a sweep job holds
+# Locks. A training process holds run_dir/lock while it trains (run_utils.lock_run_dir); a sweep job holds
 # {root}/locks/{name} from its decision to skip, resume or start until its training process has exited,
 # so that two sweeps on one root never both start, or delete, the same run.
 # ---------------------------------------------------------------------------------------------
@@ -378,17 +381,19 @@ FORWARDER = SignalForwarder()
 
 def config_difference(config: dict, expected: dict, script: str) -> Optional[str]:
     """How a run's config.json differs from what the job would run, in the fields a resume may not
-    change; None when it does not. Fields the run predates count at their defaults, as the scripts' resume
-    counts them."""
+    change; None when it does not. A run of another version of the script (other flags) is refused, as the
+    scripts' resume refuses it."""
     if not isinstance(config, dict) or not isinstance(config.get("args"), dict):
         return "its config.json is missing or not a run's config"
     if config.get("script") != script:
         return f"it was made by {config.get('script')}.py, not {script}.py"
-    module = mdpo if script == "mdpo" else ppo
+    if set(config["args"]) != set(expected):
+        return f"it was made by another version of {script}.py (its flags differ: " \
+               f"{', '.join(sorted(set(config['args']) ^ set(expected)))})"
     for key, value in expected.items():
-        saved = config["args"].get(key, module.Args.__dataclass_fields__[key].default)
+        saved = config["args"][key]
         saved = tuple(saved) if isinstance(saved, list) else saved  # JSON keeps a tuple as a list
-        if key not in module.RESUMABLE_FIELDS and saved != value:
+        if key not in run_utils.RESUMABLE_FIELDS and saved != value:
             return f"--{key.replace('_', '-')} is {saved!r} there, {value!r} here"
     saved_total, total = config["args"].get("total_timesteps"), expected["total_timesteps"]
     if not isinstance(saved_total, int) or saved_total > total:
@@ -588,7 +593,7 @@ def make_jobs(args: SweepArgs) -> List[Job]:
     jobs = []
     for game in args.games:
         for method in methods_of[game]:
-            module = mdpo if METHODS[method].script == "mdpo" else ppo
+            module = SCRIPTS[METHODS[method].script]
             for seed in args.seeds:
                 expected = asdict(module.validate_args(replace(parsed[method], env_id=game, seed=seed,
                                                                exp_name=method)))
@@ -600,7 +605,7 @@ def parse_flags(method: str, flags: List[str], games: List[str]):
     """The method's Args from the extra flags, parsed and checked for every game as its script will:
     a bad flag fails here, once, not in every job."""
     script, flags = METHODS[method].script, [*METHODS[method].flags, *flags]
-    module = mdpo if script == "mdpo" else ppo
+    module = SCRIPTS[script]
     # An unknown or malformed flag: tyro prints what is wrong and exits with 2.
     args = tyro.cli(module.Args, args=flags, prog=f"{script}.py (the sweep's --flags)")
     try:

@@ -38,8 +38,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import tyro  # noqa: E402
 
+import drac  # noqa: E402
 import mdpo  # noqa: E402
 import ppo  # noqa: E402
+import run_utils  # noqa: E402
 import sweep  # noqa: E402
 from robustness import spread, test_frames, tv_distance  # noqa: E402
 from plot import OTHER_COLOURS, METHOD_COLOURS, UsageError, display_name  # noqa: E402
@@ -82,14 +84,14 @@ def load_encoder(path: str, mdpo_agent: int):
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # a torn or foreign file: say so in one line
         raise UsageError(f"{path} is unreadable ({type(error).__name__})") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("script") not in ("ppo", "mdpo"):
-        raise UsageError(f"{path} is not a checkpoint of ppo.py or mdpo.py")
+    if not isinstance(checkpoint, dict) or checkpoint.get("script") not in ("ppo", "drac", "mdpo"):
+        raise UsageError(f"{path} is not a checkpoint of ppo.py, drac.py or mdpo.py")
     config = {"script": checkpoint["script"], "args": checkpoint["args"]}
     agent = ppo.Agent(dropout=config["args"].get("dropout", 0.0))
-    if checkpoint["script"] == "ppo":
-        agent.load_state_dict(checkpoint["agent"])
+    agents = run_utils.agent_weights(checkpoint)
+    if checkpoint["script"] != "mdpo":
+        agent.load_state_dict(agents[0])
         return agent.eval(), config, None
-    agents = checkpoint["agents"]
     if not 1 <= mdpo_agent <= len(agents):
         raise UsageError(f"--mdpo-agent {mdpo_agent}: {path} has agents 1 to {len(agents)}")
     agent.load_state_dict(agents[mdpo_agent - 1])
@@ -98,10 +100,10 @@ def load_encoder(path: str, mdpo_agent: int):
 
 def random_conv_copies(frame: np.ndarray, copies: int, seed: int) -> torch.Tensor:
     """`copies` float32 versions of one uint8 HWC frame, each through its own random 3x3 convolution
-    (ppo.random_conv, the project's one implementation), unclipped as Lee et al. feed them."""
+    (drac.random_conv, the project's one implementation), unclipped as Lee et al. feed them."""
     generator = torch.Generator().manual_seed(seed)
     frames = torch.as_tensor(frame).unsqueeze(0).expand(copies, *frame.shape)
-    return ppo.random_conv(frames, generator)
+    return drac.random_conv(frames, generator)
 
 
 @torch.no_grad()

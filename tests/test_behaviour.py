@@ -21,8 +21,10 @@ from gymnasium.vector import AutoresetMode
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.distributions import Categorical, kl_divergence
 
+import drac
 import mdpo
 import ppo
+import run_utils
 from helpers import ROOT, random_batch
 from test_numerics import plain_forward, plain_ppo_loss
 from test_units import reference_gae
@@ -341,70 +343,12 @@ def test_evaluation_tests_on_all_levels_trains_on_the_training_levels_and_logs_t
     assert seeds[0][0] != seeds[1][0] and seeds[0][1] != seeds[1][1]  # fresh levels at every evaluation
 
 
-@pytest.mark.parametrize("module", [ppo, mdpo])
-def test_eval_perturbation_replays_the_clean_test_levels_with_perturbed_frames(module, scripted, monkeypatch):
-    args = module.validate_args(module.Args(num_levels=200, start_level=7, seed=3, num_envs=4, num_steps=16,
-                                            num_minibatches=2, total_timesteps=64, eval_episodes=3, cuda=False,
-                                            eval_perturbation=("random_conv", "hue:weak")))
-    agent = module.make_agent(args, CPU)
-    real_evaluate, real_eval_network, seeds, perturbs = module.evaluate, module.eval_network, [], []
-
-    def recording_evaluate(agent, env, device, seed, *rest, **keywords):
-        seeds.append(seed)
-        return real_evaluate(agent, env, device, seed, *rest, **keywords)
-
-    def recording_eval_network(agent, first_obs, bf16, device, perturb=None):
-        perturbs.append(perturb)  # what the network's frames go through (test_robustness checks it is applied)
-        return real_eval_network(agent, first_obs, bf16, device, perturb)
-
-    monkeypatch.setattr(module, "evaluate", recording_evaluate)
-    monkeypatch.setattr(module, "eval_network", recording_eval_network)
-    torch.manual_seed(11)
-    before = random_streams()
-    log = ScalarLog()
-    module.log_evaluation(log, agent, args, CPU, 1, 640, "unused", "agent1")
-    after = random_streams()
-    assert after[0] == before[0] and np.array_equal(after[1], before[1]) and torch.equal(after[2], before[2])
-    # Test, train, then the test levels again (same count, levels and seed) once per perturbation.
-    test, train, *again = scripted.made
-    assert again == [test, test] and train != test
-    assert seeds[2:] == [seeds[0], seeds[0]]  # the clean test's action seed
-    assert perturbs[:2] == [None, None]
-    assert [(p.name, p.strength, len(p.params)) for p in perturbs[2:]] == [("random_conv", 1.0, 3), ("hue", 0.1, 3)]
-    # The scripted games pay whatever the actions: the perturbed returns equal the clean one.
-    assert log.scalars["eval/test_return_random_conv"] == log.scalars["eval/test_return_hue"] == (pytest.approx(31 / 3), 640)
-
-
 def config_as_saved(module, args, run_dir):
     """The run's config as a resume reads it: written to config.json (tuples become lists), read by saved_config."""
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump({"script": module.SCRIPT, "args": dataclasses.asdict(args)}, f)
     open(os.path.join(run_dir, "checkpoint.pt"), "w").close()
-    return module.saved_config(str(run_dir))
-
-
-@pytest.mark.parametrize("module", [ppo, mdpo])
-def test_eval_perturbation_given_as_a_list_is_kept_as_a_tuple_and_resumes(module, tmp_path):
-    args = module.validate_args(module.Args(num_envs=4, num_steps=16, num_minibatches=2, total_timesteps=64,
-                                            eval_perturbation=["hue"]))
-    assert args.eval_perturbation == ("hue",)
-    module.check_compatible(args, config_as_saved(module, args, tmp_path))
-
-
-@pytest.mark.parametrize("module", [ppo, mdpo])
-def test_eval_perturbation_draws_from_the_evaluation_seed(module, scripted, monkeypatch):
-    """Fresh draws at every evaluation, from its seed, the same way in both scripts (comparable curves)."""
-    args = module.validate_args(module.Args(num_envs=4, num_steps=16, num_minibatches=2, total_timesteps=64,
-                                            eval_episodes=3, cuda=False, eval_perturbation=("random_conv",)))
-    perturbs, real = [], module.eval_network
-    monkeypatch.setattr(module, "eval_network",
-                        lambda a, o, b, d, perturb=None: perturbs.append(perturb) or real(a, o, b, d, perturb))
-    for iteration in (1, 2):
-        module.log_evaluation(ScalarLog(), module.make_agent(args, CPU), args, CPU, iteration, 640, "unused", "a")
-    drawn = [p.params for p in perturbs if p is not None]
-    expected = [ppo.EpisodePerturbation("random_conv", 1.0, 3, args.seed + 1_000_000 + i).params for i in (1, 2)]
-    assert len(drawn) == 2 and all(torch.equal(d, e) for d, e in zip(drawn, expected))
-    assert not torch.equal(drawn[0], drawn[1])
+    return run_utils.saved_config(str(run_dir), module.SCRIPT)
 
 
 @pytest.mark.parametrize("module", [ppo, mdpo])
@@ -463,7 +407,7 @@ def one_rollout(module, policy, args, seed):
     """(rollout, global step, episodes, batch) of one rollout of one agent on fresh envs, in either script."""
     envs = module.make_envs(args, seed=seed)
     rollout = module.Rollout(args, CPU)
-    rollout.start(envs)
+    rollout.next_obs.copy_(torch.from_numpy(envs.reset()[0]))
     if module is ppo:
         return (rollout, *ppo.collect_rollout(policy, envs, rollout, args, CPU, 0))
     global_step, (episodes,), (batch,) = mdpo.collect_rollouts([policy], [envs], [rollout], args, CPU, 0, False)
@@ -622,7 +566,7 @@ def test_after_an_interrupted_run_resumes_its_logged_episodes_are_those_of_one_s
     saved, so the resumed run must hide them, and carry the unfinished episodes' scores across."""
     run_dir = str(tmp_path / "run")
     args = module.Args(total_timesteps=4 * 16, checkpoint_interval=2, eval_interval=100, run_dir=run_dir, **TINY)
-    real_write, writes = module.write_checkpoint, []
+    real_write, writes = run_utils.save_checkpoint, []
 
     def interrupted_second_write(*a):
         writes.append(1)
@@ -630,14 +574,14 @@ def test_after_an_interrupted_run_resumes_its_logged_episodes_are_those_of_one_s
             raise KeyboardInterrupt
         real_write(*a)
 
-    monkeypatch.setattr(module, "write_checkpoint", interrupted_second_write)
+    monkeypatch.setattr(run_utils, "save_checkpoint", interrupted_second_write)
     if module is mdpo:  # 8 probe frames instead of 256: the agreement is not what this test is about
         real_probes = mdpo.probe_frames
         monkeypatch.setattr(mdpo, "probe_frames", lambda args: real_probes(args, num_envs=2, steps=4))
     with pytest.raises(SystemExit) as stopped:
         module.main(args)
     assert stopped.value.code == 130
-    monkeypatch.setattr(module, "write_checkpoint", real_write)
+    monkeypatch.setattr(run_utils, "save_checkpoint", real_write)
     module.main(dataclasses.replace(args, resume=run_dir))
     expected = scripted_episodes(2, 32)  # 4 rollouts of 8 steps of 2 envs
     # every agent's training envs, before and after the resume, play the run's seed (the same levels)
@@ -652,8 +596,8 @@ def test_after_an_interrupted_run_resumes_its_logged_episodes_are_those_of_one_s
 MUST_MATCH = {"seed", "torch_deterministic", "env_id", "num_levels", "start_level", "distribution_mode",
               "learning_rate", "num_envs", "num_steps", "gamma", "gae_lambda", "num_minibatches", "update_epochs",
               "norm_adv", "clip_coef", "ent_coef", "vf_coef", "max_grad_norm", "batch_size", "minibatch_size",
-              "eval_perturbation"}  # the last: its tags do not name the strength; another would continue the curve
-MUST_MATCH_OF = {ppo: MUST_MATCH | {"l2_coef", "dropout", "augment", "drac_coef"},
+              "l2_coef", "dropout"}
+MUST_MATCH_OF = {ppo: MUST_MATCH, drac: MUST_MATCH | {"augment", "drac_coef"},
                  mdpo: MUST_MATCH | {"num_agents", "alpha", "detach_peer"}}
 
 
@@ -667,21 +611,20 @@ def another_value(value):
     return "other" if value is None else value + "-other"
 
 
-@pytest.mark.parametrize("module", [ppo, mdpo])
+@pytest.mark.parametrize("module", [ppo, drac, mdpo])
 def test_resume_refuses_every_field_outside_the_resumable_ones(module, tmp_path):
-    args = module.validate_args(module.Args(num_envs=4, num_steps=16, num_minibatches=2, total_timesteps=64,
-                                            eval_perturbation=("hue",)))
+    args = module.validate_args(module.Args(num_envs=4, num_steps=16, num_minibatches=2, total_timesteps=64))
     config = config_as_saved(module, args, tmp_path)  # through config.json, as a resume reads it
-    module.check_compatible(args, config)
+    run_utils.check_compatible(args, config)
     names = {field.name for field in dataclasses.fields(module.Args)}
-    assert MUST_MATCH_OF[module] <= names - module.RESUMABLE_FIELDS
+    assert MUST_MATCH_OF[module] <= names - run_utils.RESUMABLE_FIELDS
     for name in sorted(names):
         changed = dataclasses.replace(args, **{name: another_value(getattr(args, name))})
-        if name in module.RESUMABLE_FIELDS:
-            module.check_compatible(changed, config)
+        if name in run_utils.RESUMABLE_FIELDS:
+            run_utils.check_compatible(changed, config)
         else:
             with pytest.raises(module.UsageError, match=f"cannot resume: --{name.replace('_', '-')} is "):
-                module.check_compatible(changed, config)
+                run_utils.check_compatible(changed, config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -719,34 +662,36 @@ def bad_input_cases(script):
         (["--num-envs", "3", "--num-steps", "5"], "does not divide into 2 minibatches"),
         (["--num-envs", "1", "--num-steps", "2"], "--norm-adv needs minibatches of at least 2 samples"),
         (["--total-timesteps", "32"], "--total-timesteps (32) is less than one batch (64)"),
-        (["--eval-perturbation", "blur"], "--eval-perturbation: unknown perturbation 'blur'"),
-        (["--eval-perturbation", "hue:0.6"], "--eval-perturbation: strength 0.6 of hue is out of range"),
-        (["--eval-perturbation", "hue", "random_conv", "hue:strong"], "--eval-perturbation names a perturbation twice"),
+        # What numpy, torch or Procgen would reject after the checks above, and a run directory that cannot be made.
+        (["--seed=-1"], "--seed must lie in [0, "),
+        (["--seed", str(2**32)], "--seed must lie in [0, "),
+        (["--num-levels", str(2**31)], "--num-levels must be at most 2147483647"),
+        (["--start-level", str(2**31)], "--start-level must be at most 2147483647"),
+        ([], "cannot write the run directory"),
     ]
     for flag in ("total-timesteps", "num-envs", "num-steps", "num-minibatches", "update-epochs", "eval-interval",
                  "eval-episodes", "checkpoint-interval"):
         cases.append(([f"--{flag}", "0"], f"--{flag} must be positive"))
     negatives = ["num-levels", "start-level", "ent-coef", "vf-coef", "clip-coef", "max-grad-norm"]
-    negatives += ["l2-coef"] if script == "ppo.py" else ["alpha"]
+    negatives += ["l2-coef"] + (["alpha"] if script == "mdpo.py" else [])
     for flag in negatives:
         cases.append(([f"--{flag}=-1"], f"--{flag} must not be negative"))
-    module = ppo if script == "ppo.py" else mdpo
+    module = {"ppo.py": ppo, "drac.py": drac, "mdpo.py": mdpo}[script]
     floats = [f.name for f in dataclasses.fields(module.Args) if f.type in (float, "float")]
     assert "learning_rate" in floats and "gamma" in floats
     for name in floats:
         for value in ("nan", "inf", "-inf"):
             flag = name.replace("_", "-")
             cases.append(([f"--{flag}={value}"], f"--{flag} must be a finite number, got {value}"))
-    if script == "ppo.py":
+    cases += [(["--dropout", "1"], "--dropout must lie in [0, 1)"), (["--dropout=-0.1"], "--dropout must lie in [0, 1)")]
+    if script == "drac.py":
         cases += [
-            (["--dropout", "1"], "--dropout must lie in [0, 1)"),
-            (["--dropout=-0.1"], "--dropout must lie in [0, 1)"),
             (["--augment", "blur"], "unknown augmentation 'blur'"),
-            (["--drac-coef=-1"], "--drac-coef must be a finite number >= 0"),
-            (["--augment", "crop"], "DrAC needs both --augment and a positive --drac-coef"),
-            (["--drac-coef", "0.1"], "DrAC needs both --augment and a positive --drac-coef"),
+            (["--augment", "none"], "unknown augmentation 'none'"),
+            (["--drac-coef=-1"], "--drac-coef must be positive"),
+            (["--drac-coef", "0"], "--drac-coef must be positive"),
         ]
-    else:
+    if script == "mdpo.py":
         cases.append((["--num-agents", "1"], "--num-agents must be at least 2"))
     return cases
 
@@ -758,7 +703,8 @@ def test_bad_input_through_both_command_lines_fails_in_one_line_with_exit_code_2
     # (inside a file) instead of training.
     base = ["--env-id", "bigfish", "--num-envs", "4", "--num-steps", "16", "--num-minibatches", "2",
             "--total-timesteps", "64", "--no-cuda", "--run-dir", str(blocker / "run")]
-    cases = [(script, flags, message) for script in ("ppo.py", "mdpo.py") for flags, message in bad_input_cases(script)]
+    cases = [(script, flags, message) for script in ("ppo.py", "drac.py", "mdpo.py")
+             for flags, message in bad_input_cases(script)]
     result = subprocess.run([sys.executable, "-c", CLI_CASES, json.dumps([[s, base + f] for s, f, _ in cases])],
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

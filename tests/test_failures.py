@@ -17,6 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import mdpo
 import ppo
+import run_utils
 from helpers import ROOT, without_evaluation
 
 TINY = dict(env_id="bigfish", num_envs=4, num_steps=16, num_minibatches=2, update_epochs=1, eval_interval=2,
@@ -62,7 +63,7 @@ def test_weights_gone_non_finite_stop_the_run_and_keep_the_last_good_checkpoint(
         module.main(module.Args(total_timesteps=64 * 4, run_dir=run_dir, **TINY))
     checkpoint = load(run_dir)
     assert checkpoint["iteration"] == 1
-    states = checkpoint["agents"] if module is mdpo else [checkpoint["agent"]]
+    states = run_utils.agent_weights(checkpoint)
     assert all(torch.isfinite(value).all() for state in states for value in state.values())
     assert json.load(open(os.path.join(run_dir, "diverged.json"))) == {
         "iteration": 2, "global_step": 128, "what": "weights are non-finite after the update" if module is ppo
@@ -133,7 +134,8 @@ import os, signal, sys, tyro
 sys.path.insert(0, {root!r})
 import ppo
 where, nth = sys.argv[1], int(sys.argv[2])
-real_write, writes = ppo.write_durably, []
+import run_utils
+real_write, writes = run_utils.write_durably, []
 def write_then_die(path, write):
     writes.append(path)
     if len(writes) == nth and where == "mid-write":
@@ -143,7 +145,7 @@ def write_then_die(path, write):
     real_write(path, write)
     if len(writes) == nth and where == "after-checkpoint-rename":
         os.kill(os.getpid(), signal.SIGKILL)
-ppo.write_durably = write_then_die
+run_utils.write_durably = write_then_die
 ppo.main(tyro.cli(ppo.Args, args=sys.argv[3:]))
 """
 
@@ -173,8 +175,8 @@ def test_sigkill_at_any_moment_then_resuming_equals_an_uninterrupted_run(tmp_pat
 
     a, b = load(straight), load(killed)
     assert a["iteration"] == b["iteration"] == 6
-    for name, value in a["agent"].items():
-        assert torch.equal(value, b["agent"][name]), name
+    for name, value in a["agents"][0]["agent"].items():
+        assert torch.equal(value, b["agents"][0]["agent"][name]), name
     assert logged_scalars(killed) == logged_scalars(straight)
 
 
@@ -184,7 +186,7 @@ def module_args(module, run_dir, total, **kw):
 
 def test_a_second_process_on_a_run_directory_is_refused(tmp_path):
     run_dir = str(tmp_path / "run")
-    lock = ppo.lock_run_dir(run_dir)
+    lock = run_utils.lock_run_dir(run_dir)
     try:
         owner = json.loads(open(os.path.join(run_dir, "lock")).read())
         assert owner["pid"] == os.getpid()
@@ -194,7 +196,7 @@ def test_a_second_process_on_a_run_directory_is_refused(tmp_path):
         assert result.stderr.strip().splitlines() == [f"error: {run_dir} is in use by {json.dumps(owner)}"]
     finally:
         lock.close()
-    ppo.lock_run_dir(run_dir).close()  # released: the directory is free again
+    run_utils.lock_run_dir(run_dir).close()  # released: the directory is free again
 
 
 def test_a_run_stopped_before_its_first_checkpoint_starts_afresh_with_the_same_command(tmp_path):
@@ -231,7 +233,7 @@ def harmless(signum):
 def test_exit_codes_are_the_ones_documented_and_the_sweep_reads(module):
     import sweep
 
-    codes = {error_type.__name__: code for error_type, code in module.EXIT_CODES}
+    codes = {error_type.__name__: code for error_type, code in run_utils.EXIT_CODES}
     assert codes == {"UsageError": 2, "Diverged": 3, "Preempted": 4, "StorageError": 1}
     assert (sweep.EXIT_DIVERGED, sweep.EXIT_PREEMPTED) == (3, 4)
 
@@ -249,12 +251,12 @@ def test_both_stop_signals_are_caught_and_the_handlers_restored(module, signum):
 @pytest.mark.parametrize("module", [ppo, mdpo])
 def test_status_is_written_after_the_checkpoint_and_says_finished_at_the_last_iteration(module, monkeypatch, tmp_path):
     written = []
-    monkeypatch.setattr(module, "write_durably", lambda path, write: written.append(os.path.basename(path)))
-    module.save_checkpoint(str(tmp_path), {"global_step": 64, "iteration": 1, "args": {"num_iterations": 2}})
+    monkeypatch.setattr(run_utils, "write_durably", lambda path, write: written.append(os.path.basename(path)))
+    run_utils.save_checkpoint(str(tmp_path), {"global_step": 64, "iteration": 1, "args": {"num_iterations": 2}})
     assert written == ["checkpoint.pt", "status.json"]  # a kill between the two leaves status.json behind
     monkeypatch.undo()
     for iteration, finished in ((1, False), (2, True)):
-        module.write_status(str(tmp_path), {"global_step": 64 * iteration, "iteration": iteration}, 2)
+        run_utils.write_status(str(tmp_path), {"global_step": 64 * iteration, "iteration": iteration}, 2)
         assert json.load(open(tmp_path / "status.json"))["finished"] is finished
 
 
@@ -268,20 +270,21 @@ def test_resume_refuses_what_is_not_a_run_before_writing_anything(module, tmp_pa
     run_dir.mkdir()
     (run_dir / "config.json").write_text(json.dumps({"script": module.SCRIPT, "args": {}}))
     with pytest.raises(module.UsageError, match="holds no checkpoint of a run"):
-        module.saved_config(str(run_dir))
+        run_utils.saved_config(str(run_dir), module.SCRIPT)
     (run_dir / "checkpoint.pt").write_bytes(b"")
     (run_dir / "config.json").write_text(json.dumps({"script": module.SCRIPT}))
     with pytest.raises(module.UsageError, match="is not a run's config"):
-        module.saved_config(str(run_dir))
+        run_utils.saved_config(str(run_dir), module.SCRIPT)
 
 
-@pytest.mark.parametrize("module, field, value", [(ppo, "l2_coef", 1e-4), (mdpo, "alpha", 0.5)])
-def test_a_field_an_older_run_predates_counts_at_its_default(module, field, value):
+@pytest.mark.parametrize("module, field", [(ppo, "l2_coef"), (mdpo, "alpha")])
+def test_a_run_made_by_another_version_of_the_script_is_refused_in_one_line(module, field):
+    # A pre-release project keeps no compatibility branches: a config whose flags are not this script's is refused.
     args = module.Args()
     older = {"args": {k: v for k, v in asdict(args).items() if k != field}}
-    module.check_compatible(args, older)  # the older run held the default: the same run
-    with pytest.raises(module.UsageError, match=f"--{field.replace('_', '-')} is {value!r} here"):
-        module.check_compatible(replace(args, **{field: value}), older)
+    with pytest.raises(module.UsageError, match=f"cannot resume: the run was made by another version .*{field}"):
+        run_utils.check_compatible(args, older)
+    run_utils.check_compatible(args, {"args": asdict(args)})  # the same version and flags: the same run
 
 
 @pytest.mark.parametrize("module", [ppo, mdpo])
@@ -297,7 +300,7 @@ def test_a_fresh_start_discards_the_unfinished_runs_records(module, tmp_path):
     for name in ("config.json", "status.json", "diverged.json", "events.out.tfevents.1", "agent1/events.out.tfevents.2"):
         (run_dir / name).write_text("{}")
     (run_dir / "notes.txt").write_text("the user's")
-    module.discard_unfinished_run(str(run_dir))  # a stale diverged.json would have the sweep report "diverged" forever
+    run_utils.discard_unfinished_run(str(run_dir))  # a stale diverged.json would have the sweep report "diverged" forever
     assert sorted(p.name for p in run_dir.rglob("*") if p.is_file()) == ["notes.txt"]
 
 
@@ -332,7 +335,8 @@ def test_resume_restores_which_envs_ended_on_the_rollouts_last_step(module, monk
         module.main(module_args(module, None, 64, resume=run_dir))
     checkpoint = load(run_dir)
     ended = torch.tensor([1.0, 0.0, 1.0, 1.0])
-    checkpoint["next_done"] = ended.clone() if module is ppo else [ended.clone(), 1 - ended]
+    for state, next_done in zip(checkpoint["agents"], (ended, 1 - ended)):
+        state["next_done"] = next_done.clone()
     torch.save(checkpoint, os.path.join(run_dir, "checkpoint.pt"))
     seen = []
 

@@ -44,19 +44,21 @@ def test_policy_shift_normalises_by_the_clean_frames_spread():
     agent, shifted = ppo.Agent().eval(), ShiftedAgent().eval()
     shifted.load_state_dict(agent.state_dict())
     frames = torch.randint(0, 256, (6, 64, 64, 3), dtype=torch.uint8)
-    perturb = ppo.EpisodePerturbation("random_conv", 1.0, 6 * 3, seed=0)
+    perturb = robustness.EpisodePerturbation("random_conv", 1.0, 6 * 3, seed=0)
     plain = robustness.policy_shift(agent, frames, perturb, copies=3)
-    perturb = ppo.EpisodePerturbation("random_conv", 1.0, 6 * 3, seed=0)
+    perturb = robustness.EpisodePerturbation("random_conv", 1.0, 6 * 3, seed=0)
     with torch.no_grad():
         clean = agent.hidden(frames)
         copies = agent.hidden(perturb(frames.repeat_interleave(3, 0))).view(6, 3, -1)
         by_hand = (copies - copies.mean(1, keepdim=True)).norm(dim=-1).mean() / (clean - clean.mean(0)).norm(dim=-1).mean()
     assert plain["spread"] == pytest.approx(by_hand.item(), rel=1e-4)
-    perturb = ppo.EpisodePerturbation("random_conv", 1.0, 6 * 3, seed=0)
+    perturb = robustness.EpisodePerturbation("random_conv", 1.0, 6 * 3, seed=0)
     assert robustness.policy_shift(shifted, frames, perturb, copies=3)["spread"] == pytest.approx(plain["spread"], rel=1e-3)
     assert 0 <= plain["tv_mean"] <= plain["tv_max"] <= 1
-    still = robustness.policy_shift(agent, frames, ppo.EpisodePerturbation("hue", 0.0, 18, seed=0), copies=3)
-    assert still["tv_max"] == 0 and still["spread"] < 1e-5  # float noise of batched forwards only
+    still = robustness.policy_shift(agent, frames, robustness.EpisodePerturbation("hue", 0.0, 18, seed=0), copies=3)
+    # float noise of batched forwards only: clean and perturbed frames go through different batch shapes,
+    # whose kernels differ between CPUs
+    assert still["tv_max"] < 1e-6 and still["spread"] < 1e-5
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA_MARKS)])
@@ -89,7 +91,7 @@ def test_measure_agent_drops_are_clean_minus_perturbed_with_the_same_draws_for_e
     # distance and spread are measured another (seed + 500) than for the test episodes.
     seeds = []
 
-    class RecordedPerturbation(ppo.EpisodePerturbation):
+    class RecordedPerturbation(robustness.EpisodePerturbation):
         def __init__(self, name, strength, num_envs, seed):
             seeds.append((name, seed))
             super().__init__(name, strength, num_envs, seed)
@@ -147,7 +149,7 @@ def test_perturbation_specs(spec, expected):
 @pytest.mark.parametrize("spec, expected", [("hue:0.5", ("hue", 0.5)), ("random_conv:1", ("random_conv", 1.0)),
                                             ("brightness:1.0", ("brightness", 1.0))])
 def test_a_numeric_strength_may_equal_the_largest_one(spec, expected):
-    assert ppo.parse_perturbation(spec) == expected
+    assert robustness.parse_perturbation(spec) == expected
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -160,12 +162,12 @@ def test_bad_perturbation_specs(spec, message):
 
 
 def fake_run(path, script="ppo", game="bigfish", agents=1, mode="hard", **settings):
-    """A run directory as ppo.py / mdpo.py write it, with untrained networks (no training needed to load one)."""
+    """A run directory as ppo.py / drac.py / mdpo.py write it, with untrained networks (no training needed to load one)."""
     os.makedirs(path)
     args = {"env_id": game, "seed": 1, "exp_name": script, "distribution_mode": mode, "dropout": 0.0, **settings}
     states = [ppo.Agent().state_dict() for _ in range(agents)]
     checkpoint = {"script": script, "args": args, "global_step": 64,
-                  **({"agent": states[0]} if script == "ppo" else {"agents": states})}
+                  "agents": [{"agent": state} for state in states]}
     torch.save(checkpoint, os.path.join(path, "checkpoint.pt"))
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump({"script": script, "args": args}, f)
@@ -276,8 +278,8 @@ def test_policy_shift_reports_the_largest_and_the_mean_tv_over_all_copies():
     torch.manual_seed(0)
     agent = ppo.Agent().eval()
     frames = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8)
-    shift = robustness.policy_shift(agent, frames, ppo.EpisodePerturbation("random_conv", 1.0, 4 * 3, seed=0), copies=3)
-    perturb = ppo.EpisodePerturbation("random_conv", 1.0, 4 * 3, seed=0)  # the same draws, applied here by hand
+    shift = robustness.policy_shift(agent, frames, robustness.EpisodePerturbation("random_conv", 1.0, 4 * 3, seed=0), copies=3)
+    perturb = robustness.EpisodePerturbation("random_conv", 1.0, 4 * 3, seed=0)  # the same draws, applied here by hand
     with torch.no_grad():
         clean = agent.actor(agent.hidden(frames)).softmax(-1).repeat_interleave(3, 0)
         perturbed = agent.actor(agent.hidden(perturb(frames.repeat_interleave(3, 0)))).softmax(-1)
@@ -327,7 +329,7 @@ def test_a_tiny_run_end_to_end(tmp_path, capsys):
     agent = report["runs"][0]["agents"][0]
     conv, still = agent["perturbations"]["random_conv:1"], agent["perturbations"]["hue:0"]
     # Zero strength changes nothing: the same levels and action seeds give the clean return exactly.
-    assert still["return"] == agent["clean_return"] and still["drop"] == 0 and still["tv_max"] == 0
+    assert still["return"] == agent["clean_return"] and still["drop"] == 0 and still["tv_max"] < 1e-6  # batch-shape noise
     assert conv["tv_mean"] > 0 and conv["drop"] == pytest.approx(agent["clean_return"] - conv["return"])
     assert 0 < agent["entropy"] <= math.log(15) + 1e-6
     with open(os.path.join(out, "robustness_starpilot.json")) as f:

@@ -141,8 +141,8 @@ def test_method_flags_are_the_contracts():
     ("mdpo", {"exp_name": "mdpo_alpha0", "alpha": 0.0}, "mdpo_alpha0"),
     # the args decide, not the name
     ("ppo", {"exp_name": "ppo_l2", "l2_coef": 0.0, "augment": "none", "drac_coef": 0.0}, "ppo"),
-    ("ppo", {"exp_name": "my_run", "augment": "crop", "drac_coef": 0.1}, "ppo_drac_crop"),
-    ("ppo", {"exp_name": "x", "augment": "ucb", "drac_coef": 0.1}, "ppo_ucb_drac"),
+    ("drac", {"exp_name": "my_run", "augment": "crop", "drac_coef": 0.1}, "ppo_drac_crop"),
+    ("drac", {"exp_name": "x", "augment": "ucb", "drac_coef": 0.1}, "ppo_ucb_drac"),
     ("mdpo", {"exp_name": "mdpo", "alpha": 0, "num_agents": 2}, "mdpo_alpha0"),
     # plain PPO with a doubled budget: only the sweep's name can tell, and only for plain PPO args
     ("ppo", {"exp_name": "ppo_2x", "num_envs": 128}, "ppo_2x"),
@@ -150,7 +150,8 @@ def test_method_flags_are_the_contracts():
     # no method: named by what differs
     ("ppo", {"exp_name": "ppo_l2", "l2_coef": 0.001}, "ppo (l2_coef=0.001)"),
     ("ppo", {"l2_coef": 1e-4, "dropout": 0.1}, "ppo (l2_coef=0.0001, dropout=0.1)"),
-    ("ppo", {"augment": "crop", "drac_coef": 0.2}, "ppo (augment=crop, drac_coef=0.2)"),
+    ("drac", {"augment": "flip", "drac_coef": 0.2}, "drac (augment=flip, drac_coef=0.2)"),
+    ("mdpo", {"dropout": 0.1}, "mdpo (dropout=0.1)"),
     ("mdpo", {"exp_name": "mdpo", "num_agents": 3}, "mdpo (num_agents=3)"),
     ("mdpo", {"alpha": 0.5, "detach_peer": True}, "mdpo (alpha=0.5, detach_peer=True)"),
 ])
@@ -180,7 +181,7 @@ def test_each_jobs_command_line_runs_the_args_the_sweep_expects(tmp_path):
     jobs = sweep.make_jobs(sweep_args(tmp_path, methods=[*sweep.METHODS], seeds=[1, 2]))
     assert len(jobs) == 2 * len(sweep.METHODS)
     for job in jobs:
-        module = mdpo if job.script == "mdpo" else ppo
+        module = sweep.SCRIPTS[job.script]
         ran = asdict(module.validate_args(tyro.cli(module.Args, args=job.flags)))
         assert ran == job.expected, job.name
         assert (ran["env_id"], ran["exp_name"], ran["seed"]) == (job.game, job.method, job.seed)
@@ -342,26 +343,18 @@ def test_a_finished_run_made_with_other_flags_is_reported_not_overwritten(tmp_pa
     assert sweep.main(args) == 1
 
 
-def test_a_run_that_predates_the_new_fields_matches_at_their_defaults(tmp_path):
+def test_a_run_of_another_version_of_the_script_is_a_mismatch(tmp_path):
     ppo_job, mdpo_job = sweep.make_jobs(sweep_args(tmp_path, methods=["ppo", "mdpo"]))
-    old_ppo = {k: v for k, v in ppo_job.expected.items() if k not in ("augment", "drac_coef", "eval_perturbation")}
-    write_run(ppo_job, config_args=old_ppo)
+    write_run(ppo_job, config_args={**ppo_job.expected, "augment": "none"})  # a flag this ppo.py does not have
+    assert ppo_job.state().kind == "mismatch" and "another version of ppo.py (its flags differ: augment)" in ppo_job.state().detail
     write_run(mdpo_job, config_args={k: v for k, v in mdpo_job.expected.items() if k != "num_agents"})
-    assert ppo_job.state().kind == mdpo_job.state().kind == "done"
-    write_run(ppo_job, config_args={**old_ppo, "augment": "crop"})
-    assert "--augment is 'crop' there, 'none' here" in ppo_job.state().detail
-    # config.json holds --eval-perturbation as a list: the same perturbations match, others do not.
-    write_run(ppo_job, config_args={**old_ppo, "eval_perturbation": []})
+    assert mdpo_job.state().kind == "mismatch" and "(its flags differ: num_agents)" in mdpo_job.state().detail
+    write_run(ppo_job, config_args=ppo_job.expected)
     assert ppo_job.state().kind == "done"
-    write_run(ppo_job, config_args={**old_ppo, "eval_perturbation": ["hue"]})
-    assert "--eval-perturbation is ('hue',) there, () here" in ppo_job.state().detail
 
 
-def test_a_missing_field_counts_at_its_default_and_another_script_never_matches(tmp_path):
+def test_another_script_never_matches(tmp_path):
     l2_job, mdpo_job = sweep.make_jobs(sweep_args(tmp_path, methods=["ppo_l2", "mdpo"]))
-    # a run that predates --l2-coef trained without it (0.0): not the PPO + L2 run this job asks for
-    write_run(l2_job, config_args={k: v for k, v in l2_job.expected.items() if k != "l2_coef"})
-    assert l2_job.state().kind == "mismatch" and "--l2-coef is 0.0 there, 0.0001 here" in l2_job.state().detail
     config = {"script": "ppo", "args": mdpo_job.expected}
     assert sweep.config_difference(config, mdpo_job.expected, "mdpo") == "it was made by ppo.py, not mdpo.py"
 

@@ -29,7 +29,7 @@ def write_checkpoint(path, script, game="bigfish", uniform_policy=False, num_age
     if script == "mdpo":
         args["num_agents"] = num_agents
     checkpoint = {"script": script, "args": args}
-    checkpoint.update({"agent": states[0]} if script == "ppo" else {"agents": states})
+    checkpoint["agents"] = [{"agent": state} for state in states]
     os.makedirs(path)
     torch.save(checkpoint, os.path.join(path, "checkpoint.pt"))
     return str(path)

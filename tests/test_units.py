@@ -118,6 +118,19 @@ def reference_ppo_losses(new_lp, old_lp, adv, new_v, old_v, ret, clip, norm_adv)
     return pg, vl
 
 
+def clipped_losses(module, new_lp, old_lp, adv, new_v, old_v, ret, clip, norm_adv):
+    """module.ppo_loss's policy and value losses, approx KL and clip fraction, given the taken actions'
+    new log-probabilities: logits whose action 0 has probability exp(new_lp) and action 1 the rest."""
+    n = len(new_lp)
+    logits = torch.full((n, 15), -math.inf, dtype=new_lp.dtype)
+    logits[:, 0], logits[:, 1] = new_lp, torch.log1p(-new_lp.exp())
+    batch = {"actions": torch.zeros(n, dtype=torch.long), "logprobs": old_lp, "advantages": adv, "values": old_v,
+             "returns": ret}
+    args = module.Args(clip_coef=clip, norm_adv=norm_adv)
+    _, stats = module.ppo_loss(logits, new_v, batch, torch.arange(n), args)
+    return stats["policy_loss"], stats["value_loss"], stats["approx_kl"], stats["clipfrac"]
+
+
 @pytest.mark.parametrize("norm_adv", [True, False])
 def test_clipped_policy_and_value_losses_match_reference(norm_adv):
     rng = np.random.default_rng(3)
@@ -129,7 +142,8 @@ def test_clipped_policy_and_value_losses_match_reference(norm_adv):
     t = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
     expected_pg, expected_v = reference_ppo_losses(new_lp, old_lp, adv, new_v, old_v, ret, clip, norm_adv)
     for module in (ppo, mdpo):
-        pg, vl, approx_kl, clipfrac = module.ppo_losses(t(new_lp), t(old_lp), t(adv), t(new_v), t(old_v), t(ret), clip, norm_adv)
+        pg, vl, approx_kl, clipfrac = clipped_losses(module, t(new_lp), t(old_lp), t(adv), t(new_v), t(old_v), t(ret), clip,
+                                                     norm_adv)
         assert pg.item() == pytest.approx(expected_pg, rel=1e-10, abs=1e-12)
         assert vl.item() == pytest.approx(expected_v, rel=1e-10, abs=1e-12)
         ratio = np.exp(new_lp - old_lp)
@@ -236,9 +250,9 @@ def test_training_rewards_are_clipped_to_plus_minus_ten(module):
 @pytest.mark.parametrize("module", [ppo, mdpo])
 def test_advantage_normalisation_needs_two_samples_per_minibatch(module):
     # The std of one sample is NaN: the policy loss of a one-sample minibatch would be NaN, silently.
-    one = torch.ones(1)
+    one, zero = torch.ones(1), torch.zeros(1)  # zero: the log-probability of a certain action
     with pytest.warns(UserWarning, match="degrees of freedom"):
-        policy_loss = module.ppo_losses(one, one, one, one, one, one, 0.2, norm_adv=True)[0]
+        policy_loss = clipped_losses(module, zero, zero, one, one, one, one, 0.2, norm_adv=True)[0]
     assert torch.isnan(policy_loss)
     with pytest.raises(module.UsageError, match="at least 2 samples"):
         module.validate_args(module.Args(num_envs=1, num_steps=8, num_minibatches=8, total_timesteps=8))

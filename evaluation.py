@@ -1,0 +1,97 @@
+"""The evaluation protocol of ppo.py, drac.py and mdpo.py, and of the tools that test their checkpoints.
+
+A return is the mean raw score of the first complete episode of each evaluation env (SPEC section 3);
+agreement between two agents is linear CKA between their 256-d features and the total variation between
+their policies on the same frames.
+"""
+
+import itertools
+import os
+
+import numpy as np
+import torch
+
+import run_utils
+
+
+@torch.inference_mode()
+def evaluate(agent, env, device, seed, bf16=False, capture_video=False, perturb=None):
+    """Mean raw return of the first complete episode of every env (no bias towards short episodes, as
+    stopping "once N episodes have finished" would have), and env 0's frames if asked. Actions come from a
+    generator of their own: the training's random stream is untouched. `perturb(frames, envs)`, if given
+    (robustness.py's), changes the frames the network sees."""
+    was_training = agent.training
+    agent.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    obs, _ = env.reset()
+    logits_of = eval_network(agent, obs, bf16, device, perturb)
+    returns = np.zeros(env.num_envs)
+    finished = np.zeros(env.num_envs, dtype=bool)
+    frames = [obs[0]] if capture_video else []
+    action = np.zeros(env.num_envs, dtype=np.int64)
+    while not finished.all():  # every Procgen game has a time limit, so this ends
+        # Envs past their first episode repeat their last action; only the running ones' rewards count.
+        running = np.flatnonzero(~finished)
+        logits = logits_of(obs, running)
+        action[running] = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1).cpu().numpy()
+        obs, reward, terminated, truncated, _ = env.step(action)
+        returns[~finished] += reward[~finished]
+        if capture_video and not finished[0]:
+            frames.append(obs[0])
+        finished |= terminated | truncated
+    agent.train(was_training)
+    return float(returns.mean()), frames
+
+
+def eval_network(agent, first_obs, bf16, device, perturb=None):
+    """logits_of(obs, running): the policy's logits for the running envs' frames. On a GPU the network
+    runs on every env from a CUDA graph (launch-bound: a smaller batch would save nothing); on the CPU
+    on the running envs alone, where batch is time."""
+    def logits(obs):
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16, cache_enabled=False):
+            return agent(obs)[0]
+
+    if perturb is not None:  # eager, as perturbed frames may be float (random convolution)
+        return lambda obs, running: logits(perturb(torch.as_tensor(obs[running], device=device), running))
+    if device.type == "cuda":
+        graphed = run_utils.CudaGraphed(logits, torch.as_tensor(first_obs, device=device))
+        return lambda obs, running: graphed(torch.as_tensor(obs, device=device))[torch.as_tensor(running, device=device)]
+    return lambda obs, running: logits(torch.as_tensor(obs[running], device=device))
+
+
+def log_video(writer, tag, frames, step, path):
+    """Save frames as a GIF and show the same GIF in TensorBoard."""
+    from PIL import Image
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    images = [Image.fromarray(frame).resize((256, 256), Image.NEAREST) for frame in frames[:-1] or frames]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=40, loop=0)
+    with open(path, "rb") as f:
+        image = Summary.Image(height=256, width=256, colorspace=3, encoded_image_string=f.read())
+    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA (Kornblith et al. 2019) of two representations of the same n inputs (n x d1, n x d2):
+    ||Y'X||_F^2 / (||X'X||_F ||Y'Y||_F) on column-centred features; 1 for representations that differ
+    by an orthogonal transform and an isotropic scaling, in float64."""
+    x = x.double() - x.double().mean(0)
+    y = y.double() - y.double().mean(0)
+    return float((y.T @ x).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm()))
+
+
+@torch.inference_mode()
+def agreement(agents, frames, bf16=False):
+    """({(i, j): linear CKA}, {(i, j): mean total variation between policies}) for every pair i < j of the
+    agents on the frames, each agent as evaluated (eval mode: without dropout), then back in training mode."""
+    features, probs = [], []
+    for agent in agents:
+        with torch.autocast(frames.device.type, torch.bfloat16, enabled=bf16):
+            hidden = agent.eval().hidden(frames)
+            probs.append(agent.actor(hidden).float().softmax(-1))
+        features.append(hidden.float())
+        agent.train()
+    pairs = list(itertools.combinations(range(len(agents)), 2))
+    return ({(i, j): linear_cka(features[i], features[j]) for i, j in pairs},
+            {(i, j): float(0.5 * (probs[i] - probs[j]).abs().sum(-1).mean()) for i, j in pairs})
