@@ -204,11 +204,11 @@ def perturbation_strengths(args: dict, run_dir: str) -> Dict[str, float]:
     """name -> strength of the run's --eval-perturbation (a resume must keep them, so they hold for the whole run)."""
     if not args.get("eval_perturbation"):
         return {}
-    import ppo  # its parser: robustness.py's strength names
+    import robustness  # its parser: the strength names the perturbation tools share
 
     try:
-        return dict(ppo.parse_perturbation(spec) for spec in args["eval_perturbation"])
-    except (ValueError, TypeError) as error:
+        return dict(robustness.parse_perturbation(spec) for spec in args["eval_perturbation"])
+    except (robustness.UsageError, ValueError, TypeError) as error:
         raise UsageError(f"{run_dir}: its config's --eval-perturbation is not one ({error})") from None
 
 
