@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import sys
+import textwrap
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Optional, Tuple
@@ -36,6 +37,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import tyro  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
@@ -454,10 +456,23 @@ def save(fig, out: str, name: str) -> None:
 def panels(count: int):
     cols = min(4, count)
     rows = -(-count // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows + 0.6), squeeze=False)
+    size = (5.5, 4.2) if count == 1 else (4 * cols, 3.2 * rows + 0.6)  # one game: a panel large enough to read
+    fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False)
     for ax in axes.flat[count:]:
         ax.set_visible(False)
     return fig, axes.flat
+
+
+def millions_axis(ax, label: str) -> None:
+    """Steps in millions: raw step counts as tick labels (1000012000) run into each other."""
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1e6:g}"))
+    ax.set_xlabel(f"{label} (millions)")
+
+
+def wrapped(text: str, fig, chars_per_inch: float) -> str:
+    """`text` broken into lines no wider than the figure (one game's figure is one panel wide)."""
+    width = max(40, int(fig.get_size_inches()[0] * chars_per_inch))
+    return "\n".join(textwrap.fill(line, width) for line in text.split("\n"))
 
 
 def draw_band(ax, curves, colour, label):
@@ -480,10 +495,10 @@ def finish_curve_figure(fig, suptitle, notes, out, name):
         for handle, label in zip(*ax.get_legend_handles_labels()):
             by_label.setdefault(label, handle)
     handles, labels = list(by_label.values()), list(by_label)
-    fig.suptitle(suptitle)
+    fig.suptitle(wrapped(suptitle, fig, 9))
     fig.tight_layout()
     fig.legend(handles, labels, loc="center left", frameon=False, bbox_to_anchor=(1.0, 0.5))
-    fig.text(0.5, -0.01, "\n".join(notes), ha="center", va="top", fontsize=8)
+    fig.text(0.5, -0.01, wrapped("\n".join(notes), fig, 15), ha="center", va="top", fontsize=8)
     save(fig, out, name)
 
 
@@ -501,7 +516,7 @@ def plot_curves(grouped, methods, step, title, x_axis, out) -> None:
                 draw_agent_band(ax, [c for run in runs for c in run["agent_curves"][TEST]], colour)
         ax.axvline(step, color="black", linestyle="--", linewidth=0.8)
         ax.set_title(game)
-        ax.set_xlabel(unit(x_axis).capitalize())
+        millions_axis(ax, unit(x_axis).capitalize())
         ax.set_ylabel("Average test return")
         style(ax)
     notes = [f"{STD_NOTE}; dashed: the step every number is compared at", AGENT_NOTE]
@@ -526,7 +541,7 @@ def plot_cka(grouped, x_axis, label, out) -> bool:
             if method in logged[game]:
                 draw_band(ax, [run["curves"][CKA] for run in logged[game][method]], colour_of(method, methods), method)
         ax.set_title(game)
-        ax.set_xlabel(unit(x_axis).capitalize())
+        millions_axis(ax, unit(x_axis).capitalize())
         ax.set_ylabel("Linear CKA between agents")
         style(ax)
     runs = all_runs(logged)
@@ -586,7 +601,7 @@ def plot_perturbed(found, methods, step, title, x_axis, out) -> None:
             ax.plot(steps, clean, color=colour, linestyle="--", linewidth=1)
         ax.axvline(step, color="black", linestyle=":", linewidth=0.8)
         ax.set_title(perturbation_title(key))
-        ax.set_xlabel(unit(x_axis).capitalize())
+        millions_axis(ax, unit(x_axis).capitalize())
         ax.set_ylabel("Average test return")
         style(ax)
     notes = [f"{STD_NOTE}; dashed: the same runs' clean test return (mean); dotted: the compared step",
@@ -921,7 +936,7 @@ def plot_reference(grouped, methods, reference, label, x_axis, notes, out) -> No
         step = game_step(grouped, game)
         ax.axvline(step, color="black", linestyle=":", linewidth=0.8)
         ax.set_title(f"{game} (compared at {step:,})")
-        ax.set_xlabel(unit(x_axis).capitalize())
+        millions_axis(ax, unit(x_axis).capitalize())
         ax.set_ylabel("Average test return")
         style(ax)
     notes = [f"{STD_NOTE}; dotted: the last step all of the game's runs reached"] + REFERENCE_NOTES + notes

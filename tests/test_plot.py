@@ -1111,3 +1111,22 @@ def test_methods_selects_a_control_by_its_name_and_a_method_without_its_controls
     assert set(summary["welch"]["coinrun"]) == {"PPO (num_envs=256)"}
     summary = plot.main(plot_args(tmp_path, methods=["ppo", "mdpo"]))
     assert set(summary["welch"]["coinrun"]) == {"PPO"}
+
+
+def test_step_axes_are_in_millions_and_one_game_figures_one_panel_wide(tmp_path, monkeypatch):
+    write_run(tmp_path / "runs", "ppo", "bigfish", 1, [1.0, 2.0], step=1_500_000)
+    drawn = drawn_figure(monkeypatch)
+    grouped = loaded(tmp_path / "runs")
+    plot.plot_curves(grouped, ["PPO"], 3_000_000, "title", "agent", str(tmp_path))
+    ax = drawn["fig"].axes[0]
+    assert ax.get_xlabel() == "Steps per agent (millions)"
+    assert ax.xaxis.get_major_formatter()(1_500_000, 0) == "1.5"
+    assert drawn["fig"].get_size_inches()[0] < 6  # not four panels' width for one game
+    plot.plt.close(drawn["fig"])
+
+
+def test_long_titles_and_notes_are_wrapped_to_the_figure(tmp_path):
+    fig, _ = plot.panels(1)
+    text = plot.wrapped("word " * 100, fig, 9)
+    assert max(len(line) for line in text.split("\n")) <= int(fig.get_size_inches()[0] * 9)
+    plot.plt.close(fig)
