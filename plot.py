@@ -22,6 +22,15 @@ and, with --reference results/reference/openai_ppo_hard500.csv (OpenAI's publish
                             and how many evaluations of each method and seed lie below/within/above it
 Every number is taken at one step that every included run reached (the title says which), a run's
 score is the mean of its agents (any K), and each figure names its budget, seeds, games and --label.
+
+    python plot.py --runs results --x-axis updates --out Fig/updates \
+        --updates-reference results/reference/openai_ppo_hard500_updates.csv --label "H100"
+
+writes instead, per update (one update = num_envs x num_steps samples per agent, from each run's config.json):
+  updates_GAME.png/.pdf     one figure per game: value loss, entropy, approx KL, clip fraction, explained variance,
+                            episode length and return on the training levels of every run and agent, beside OpenAI's
+                            training logs (its update: 4 workers x 16,384 samples), each run's stall marked
+  stall.md                  each run's (each agent's) stall update, or "none by N", and OpenAI's runs' (stall_update)
 """
 
 import contextlib
@@ -74,8 +83,9 @@ class PlotArgs:
     """where the figures and the table go"""
     label: str = ""
     """what ran them, e.g. "CPU, 2 cores" or "H100"; added to every title with steps and seeds"""
-    x_axis: Literal["agent", "total"] = "agent"
-    """"agent": steps per agent (the paper's axis); "total": environment steps of all of a run's agents"""
+    x_axis: Literal["agent", "total", "updates"] = "agent"
+    """"agent": steps per agent (the paper's axis); "total": environment steps of all of a run's agents;
+    "updates": the training scalars per update, beside --updates-reference, and the stall table"""
     finished_only: bool = False
     """leave out runs whose status.json does not say finished"""
     methods: Optional[List[str]] = None
@@ -89,6 +99,9 @@ class PlotArgs:
     """draw the figures (else write only the table and plot_summary.json)"""
     reference: Optional[str] = None
     """a CSV of published test curves (results/reference/openai_ppo_hard500.csv): draw our runs over its band"""
+    updates_reference: Optional[str] = None
+    """with --x-axis updates: a CSV of published training scalars per update
+    (results/reference/openai_ppo_hard500_updates.csv), drawn beside ours and given stall updates too"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,15 +152,29 @@ def display_name(method: str) -> str:
 def read_scalars(event_dir: str, tags, prefix: Optional[str] = None) -> Dict[str, tuple]:
     """tag -> (steps, values) of these tags and of every tag starting with `prefix`, one value per step:
     a step logged twice (a resumed run re-logging an evaluation after its checkpoint) keeps the later value."""
+    events = read_events(event_dir, lambda tag: tag in tags or (prefix is not None and tag.startswith(prefix)))
+    return {tag: last_per_step(steps, values) for tag, (steps, values) in events.items()}
+
+
+def read_events(event_dir: str, wanted) -> Dict[str, tuple]:
+    """tag -> (steps, values) of every event of the tags `wanted(tag)` accepts, in the order written
+    (a per-episode tag holds many events at one step)."""
     accumulator = EventAccumulator(event_dir, size_guidance={"scalars": 0})
     accumulator.Reload()
-    series = {}
+    events = {}
     for tag in accumulator.Tags()["scalars"]:
-        if tag in tags or (prefix is not None and tag.startswith(prefix)):
-            by_step = {event.step: event.value for event in accumulator.Scalars(tag)}
-            steps = np.array(sorted(by_step))
-            series[tag] = (steps, np.array([by_step[s] for s in steps], dtype=np.float64))
-    return series
+        if wanted(tag):
+            scalars = accumulator.Scalars(tag)
+            events[tag] = (np.array([e.step for e in scalars], dtype=np.int64),
+                           np.array([e.value for e in scalars], dtype=np.float64))
+    return events
+
+
+def last_per_step(steps, values) -> tuple:
+    """(steps, values) with one value per step, the one written last, in step order."""
+    by_step = dict(zip(steps.tolist(), values.tolist()))
+    ordered = np.array(sorted(by_step), dtype=np.int64)
+    return ordered, np.array([by_step[s] for s in ordered.tolist()], dtype=np.float64)
 
 
 def agents_mean(per_agent: List[tuple]) -> tuple:
@@ -976,6 +1003,308 @@ def compare_with_reference(grouped, methods, checked: tuple, args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Per update: our training scalars beside OpenAI's training logs, and the stall
+# ---------------------------------------------------------------------------------------------
+
+# key -> (our TensorBoard tag, the column of OpenAI's progress files, panel title)
+UPDATE_SCALARS = {
+    "value_loss": ("losses/value_loss", "loss/value_loss", "Value loss"),
+    "entropy": ("losses/entropy", "loss/policy_entropy", "Policy entropy"),
+    "approx_kl": ("losses/approx_kl", "loss/approxkl", "Approx. KL"),
+    "clipfrac": ("losses/clipfrac", "loss/clipfrac", "Clip fraction"),
+    "explained_variance": ("losses/explained_variance", "misc/explained_variance", "Explained variance"),
+    "episode_length": ("charts/episodic_length", "eplenmean", "Episode length, training levels"),
+    "episode_return": ("charts/episodic_return", "eprewmean", "Return, training levels"),
+}
+EPISODE_SCALARS = ("episode_length", "episode_return")  # logged once per episode, not once per update
+LAST_EPISODES = 100  # OpenAI's eplenmean and eprewmean average each worker's last 100 episodes
+# The stall of issue 30: the value loss falls while the policy's entropy climbs back, both as 8-update means.
+STALL_WINDOW, STALL_VALUE_LOSS, STALL_ENTROPY = 8, 0.5, 2.45
+OPENAI = "OpenAI PPO"
+OPENAI_SAMPLES_PER_UPDATE = 4 * 64 * 256  # its 4 training workers (results/reference/README.md says why 4)
+STALL_RULE = (f"stall: the first update at which the {STALL_WINDOW}-update means (that update and the "
+              f"{STALL_WINDOW - 1} before it) of the value loss and of the policy's entropy are below "
+              f"{STALL_VALUE_LOSS} and above {STALL_ENTROPY}, after the entropy's mean has been below {STALL_ENTROPY} "
+              f"at an earlier update (a fresh policy starts near ln 15 = 2.708)")
+
+
+def trailing_means(updates, values, window: int) -> Dict[int, float]:
+    """update -> mean of the values at that update and the `window` - 1 updates before it, for each update
+    whose whole window was logged: a missing update leaves out the windows holding it, it does not shorten them."""
+    by_update = dict(zip(np.asarray(updates).tolist(), np.asarray(values, dtype=np.float64).tolist()))
+    means = {}
+    for update in sorted(by_update):
+        window_updates = range(update - window + 1, update + 1)
+        if all(u in by_update for u in window_updates):
+            means[update] = float(np.mean([by_update[u] for u in window_updates]))
+    return means
+
+
+def stall_update(updates, value_loss, entropy, window: int = STALL_WINDOW, value_loss_below: float = STALL_VALUE_LOSS,
+                 entropy_above: float = STALL_ENTROPY) -> Optional[int]:
+    """The update at which a run stalls: the first at which the `window`-update means (that update and the
+    window - 1 before it) of the value loss and of the policy's entropy are below `value_loss_below` and
+    above `entropy_above`, after the entropy's mean has been below `entropy_above` at an earlier update.
+    That earlier fall is required because a fresh policy's entropy starts near ln 15 = 2.708, above 2.45:
+    without it, a run would 'stall' at its first window where the value loss is low, untrained or not.
+    None if no update qualifies (among them a series shorter than one window). `updates` number both series."""
+    loss_means = trailing_means(updates, value_loss, window)
+    entropy_means = trailing_means(updates, entropy, window)
+    fell = False
+    for update in sorted(entropy_means):
+        if fell and loss_means[update] < value_loss_below and entropy_means[update] > entropy_above:
+            return update
+        fell = fell or entropy_means[update] < entropy_above
+    return None
+
+
+def read_updates_reference(path: str) -> Dict[str, List[dict]]:
+    """game -> a curve (as update_curves makes them) per published run, from a CSV with the columns game,
+    run, misc/nupdates and OpenAI's columns of UPDATE_SCALARS; lines starting with # are its header."""
+    import csv
+
+    columns = {"game", "run", "misc/nupdates"} | {column for _, column, _ in UPDATE_SCALARS.values()}
+    try:
+        with open(path) as f:
+            rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
+    except OSError as error:
+        raise UsageError(f"cannot read the updates reference {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not an updates reference CSV: it is not UTF-8 text") from None
+    if not rows or not columns <= set(rows[0]):
+        raise UsageError(f"{path} is not an updates reference CSV: it needs the columns {', '.join(sorted(columns))}")
+    runs = defaultdict(dict)  # (game, run) -> update -> key -> value
+    for row in rows:
+        try:
+            update = int(row["misc/nupdates"])
+            values = {key: float(row[column]) for key, (_, column, _) in UPDATE_SCALARS.items()}
+        except (ValueError, TypeError) as error:  # TypeError: a short row, whose missing fields are None
+            raise UsageError(f"{path}: a row with a field that is not a number ({error})") from None
+        where = f"{path}: {row['game']} run {row['run']} update {update}"
+        if not all(np.isfinite(value) for value in values.values()):
+            raise UsageError(f"{where} holds a value that is not finite")
+        if update in runs[(row["game"], row["run"])]:
+            raise UsageError(f"{where} appears twice")
+        runs[(row["game"], row["run"])][update] = values
+    reference = defaultdict(list)
+    for (game, run), by_update in sorted(runs.items()):
+        updates = np.array(sorted(by_update))
+        series = {key: (updates, np.array([by_update[u][key] for u in updates.tolist()])) for key in UPDATE_SCALARS}
+        reference[game].append({"game": game, "method": OPENAI, "name": f"hard-500-run{run}",
+                                "samples": OPENAI_SAMPLES_PER_UPDATE, "series": series, "train_return": None})
+    return dict(reference)
+
+
+def samples_per_update(run: dict) -> int:
+    """The samples one agent takes per update (iteration): num_envs x num_steps of its config."""
+    try:
+        return int(run["args"]["num_envs"]) * int(run["args"]["num_steps"])
+    except (KeyError, TypeError, ValueError):
+        raise UsageError(f"{run['dir']}: its config.json lacks num_envs or num_steps, which number its updates") from None
+
+
+def per_update(steps, values, samples: int, where: str) -> tuple:
+    """(updates, values) of a scalar logged once per update, at the update's last step (update u at u x samples)."""
+    if np.any(steps % samples):
+        raise UsageError(f"{where} is logged at steps that are not multiples of {samples:,}, its config's "
+                         f"num_envs x num_steps: its updates cannot be numbered")
+    return steps // samples, values
+
+
+def last_episodes_mean(steps, values, updates, samples: int, count: int = LAST_EPISODES) -> np.ndarray:
+    """At each update, the mean of the last `count` episodes ended by its last step (all of them while fewer
+    have ended; nan before the first), as OpenAI's eplenmean and eprewmean average each worker's last 100.
+    A resumed run's episodes re-logged after its checkpoint would be counted twice."""
+    order = np.argsort(steps, kind="stable")
+    steps, values = steps[order], values[order]
+    ends = np.searchsorted(steps, np.asarray(updates) * samples, side="right")
+    return np.array([values[max(0, end - count):end].mean() if end else np.nan for end in ends])
+
+
+def agent_event_dirs(run: dict) -> List[Tuple[str, str]]:
+    """(name, event directory) of each agent of the run: the run directory itself, or agentK/ for K agents."""
+    name = os.path.basename(os.path.normpath(run["dir"]))
+    if run["num_agents"] == 1:
+        return [(name, run["dir"])]
+    return [(f"{name} agent {i}", os.path.join(run["dir"], f"agent{i}")) for i in range(1, run["num_agents"] + 1)]
+
+
+def update_curves(run: dict) -> List[dict]:
+    """A curve per agent of the run: {"game", "method", "name", "samples" per update, "series": key ->
+    (updates, values) of the UPDATE_SCALARS it logged, "train_return": (updates, eval/train_return) or None}.
+    Episode length and return are the mean of the last 100 episodes by each update (see last_episodes_mean)."""
+    samples = samples_per_update(run)
+    tags = {tag for tag, _, _ in UPDATE_SCALARS.values()} | {TRAIN}
+    curves = []
+    for name, event_dir in agent_event_dirs(run):
+        events = read_events(event_dir, tags.__contains__) if os.path.isdir(event_dir) else {}
+        missing = [UPDATE_SCALARS[key][0] for key in ("value_loss", "entropy")
+                   if UPDATE_SCALARS[key][0] not in events or not len(events[UPDATE_SCALARS[key][0]][0])]
+        if missing:  # the stall needs both
+            print(f"skipping {event_dir}: no {' or '.join(missing)} logged", file=sys.stderr)
+            continue
+        series = {}
+        for key, (tag, _, _) in UPDATE_SCALARS.items():
+            if tag in events and key not in EPISODE_SCALARS:
+                series[key] = per_update(*last_per_step(*events[tag]), samples, f"{event_dir}: {tag}")
+        updates = series["value_loss"][0]
+        for key in EPISODE_SCALARS:
+            tag = UPDATE_SCALARS[key][0]
+            if tag in events and len(events[tag][0]):
+                series[key] = (updates, last_episodes_mean(*events[tag], updates, samples))
+        train = per_update(*last_per_step(*events[TRAIN]), samples, f"{event_dir}: {TRAIN}") if TRAIN in events else None
+        curves.append({"game": run["game"], "method": run["method"], "name": name, "samples": samples,
+                       "series": series, "train_return": train})
+    return curves
+
+
+def stall_row(curve: dict) -> dict:
+    """The curve's stall update (None: none by its last update), the samples per agent by then and the
+    8-update means there."""
+    (updates, loss), (_, entropy) = curve["series"]["value_loss"], curve["series"]["entropy"]
+    stall = stall_update(updates, loss, entropy)
+    row = {"game": curve["game"], "name": curve["name"], "method": curve["method"], "stall": stall,
+           "last": int(updates[-1])}
+    if stall is not None:
+        row.update(samples=stall * curve["samples"],
+                   value_loss=trailing_means(updates, loss, STALL_WINDOW)[stall],
+                   entropy=trailing_means(updates, entropy, STALL_WINDOW)[stall])
+    return row
+
+
+def stall_table(rows: List[dict], label: str) -> str:
+    lines = [f"Stall updates, {label}", "", STALL_RULE + "; samples by then: per agent for ours, all 4 workers' for "
+             "OpenAI's (65,536 per update); none by N: no stall up to the run's last logged update N", "",
+             "| game | run | method | stall update | samples by then | value loss / entropy there (8-update means) |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        if row["stall"] is None:
+            lines.append(f"| {row['game']} | {row['name']} | {row['method']} | none by {row['last']} | | |")
+        else:
+            lines.append(f"| {row['game']} | {row['name']} | {row['method']} | {row['stall']} | {row['samples']:,} | "
+                         f"{row['value_loss']:.3f} / {row['entropy']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def smoothed(series: tuple) -> tuple:
+    """(updates, STALL_WINDOW-update trailing means) of (updates, values): what the stall rule reads."""
+    means = trailing_means(*series, STALL_WINDOW)
+    updates = np.array(sorted(means), dtype=np.int64)
+    return updates, np.array([means[u] for u in updates.tolist()])
+
+
+def draw_reference_updates(ax, curves: List[dict], key: str) -> None:
+    """OpenAI's runs as a band: min-max (shaded) and mean of their smoothed series, over the updates all share."""
+    series = [smoothed(curve["series"][key]) for curve in curves]
+    shared = series[0][0]
+    for updates, _ in series[1:]:
+        shared = np.intersect1d(shared, updates)
+    values = np.array([v[np.searchsorted(u, shared)] for u, v in series])
+    ax.fill_between(shared, values.min(0), values.max(0), color="#bbbbbb", alpha=0.6, linewidth=0,
+                    label=f"{OPENAI} (min-max of {len(curves)} runs)")
+    ax.plot(shared, values.mean(0), color="#555555", linewidth=1, label=f"{OPENAI} (mean)")
+
+
+def draw_update_panel(ax, key: str, curves: List[dict], reference: List[dict], stalls: Dict[tuple, Optional[int]],
+                      methods: List[str]) -> None:
+    """One scalar: OpenAI's band, our curves, every run's stall update and, where there is one, the rule's threshold."""
+    if reference:
+        draw_reference_updates(ax, reference, key)
+    for curve in curves:
+        colour = colour_of(curve["method"], methods)
+        if key in curve["series"]:
+            ax.plot(*smoothed(curve["series"][key]), color=colour, linewidth=1, label=curve["method"])
+        elif key == "episode_return" and curve["train_return"] is not None:
+            ax.plot(*curve["train_return"], color=colour, linewidth=1, linestyle=":", marker=".",
+                    label=f"{curve['method']}: {TRAIN} (evaluations)")
+    for curve in reference + curves:
+        stall = stalls[(curve["game"], curve["name"])]
+        if stall is not None:
+            colour = "#555555" if curve["method"] == OPENAI else colour_of(curve["method"], methods)
+            ax.axvline(stall, color=colour, linestyle="--", linewidth=0.8)
+    threshold = {"value_loss": STALL_VALUE_LOSS, "entropy": STALL_ENTROPY}.get(key)
+    if threshold is not None:
+        ax.axhline(threshold, color="black", linestyle=":", linewidth=0.8)
+    ax.set_title(UPDATE_SCALARS[key][2])
+    ax.set_xlabel("Update")
+    style(ax)
+
+
+def updates_notes(curves: List[dict], reference: List[dict], mismatches: List[str]) -> List[str]:
+    """What the per-update figure draws, how an update differs between us and OpenAI, and what is missing."""
+    samples = sorted({(curve["method"], curve["samples"]) for curve in curves})
+    notes = [f"every solid line: {STALL_WINDOW}-update trailing means (what the stall rule reads), ours one per run and "
+             f"agent; dashed verticals: each run's stall, dotted horizontals: the rule's thresholds",
+             STALL_RULE,
+             "samples per update: " + ", ".join(f"{method} {count:,} per agent" for method, count in samples)
+             + (f"; {OPENAI} {OPENAI_SAMPLES_PER_UPDATE:,} (4 workers x 64 envs x 256 steps, gradients averaged over "
+                "the workers)" if reference else ""),
+             "approx KL: ours mean((r - 1) - log r), OpenAI's 0.5 mean((log r)^2), r the probability ratio; episode "
+             "length and return: ours the last 100 episodes ended by each update, OpenAI's each worker's last 100, "
+             "averaged over its workers"]
+    without = sorted({curve["method"] for curve in curves if "episode_return" not in curve["series"]})
+    if without:
+        notes.append(f"{', '.join(without)}: no per-episode records kept in these runs (export.py --keep-episodes "
+                     f"keeps them), so no episode length; their return panel shows {TRAIN}, dotted: one episode "
+                     f"per evaluation env on the training levels")
+    if reference:
+        last = min(int(curve["series"]["value_loss"][0][-1]) for curve in reference)
+        notes.append(f"{OPENAI}: train-procgen's hard-500 runs, training workers' logs, copied up to update {last}")
+    if mismatches:
+        notes.append("our runs differ from its hyperparameters: " + ", ".join(mismatches))
+    return notes
+
+
+def plot_updates(game: str, curves: List[dict], reference: List[dict], stalls: Dict[tuple, Optional[int]],
+                 methods: List[str], title: str, notes: List[str], out: str) -> None:
+    fig, axes = panels(len(UPDATE_SCALARS))
+    for ax, key in zip(axes, UPDATE_SCALARS):
+        draw_update_panel(ax, key, curves, reference, stalls, methods)
+    finish_curve_figure(fig, title, notes, out, f"updates_{game}")
+
+
+def check_updates_args(args: PlotArgs) -> None:
+    if args.updates_reference and args.x_axis != "updates":
+        raise UsageError("--updates-reference is drawn per update: give --x-axis updates with it")
+    if args.x_axis == "updates" and args.reference:
+        raise UsageError("--reference is the band per step; per update (--x-axis updates) give --updates-reference")
+
+
+def main_updates(args: PlotArgs) -> dict:
+    """--x-axis updates: per game, our runs' training scalars per update beside the published ones
+    (updates_GAME.png/.pdf), and every run's stall update (stall.md)."""
+    grouped = group(select_runs(named_runs([load_run(d) for d in find_runs(args.runs)]), args))
+    if not grouped:
+        raise UsageError(f"no evaluated runs under {', '.join(args.runs)}"
+                         + (" (only finished runs were asked for)" if args.finished_only else ""))
+    reference = read_updates_reference(args.updates_reference) if args.updates_reference else {}
+    mismatches = reference_mismatches(all_runs(grouped)) if reference else []
+    methods = ordered_methods(grouped)
+    label = args.label or "hardware not stated (--label)"
+    curves = {game: [curve for method in methods for run in grouped[game].get(method, []) for curve in update_curves(run)]
+              for game in sorted(grouped)}
+    rows = [stall_row(curve) for game in curves for curve in curves[game] + reference.get(game, [])]
+    table = stall_table(rows, label)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "stall.md"), "w") as f:
+        f.write(table)
+    print(table)
+    missing = [game for game in curves if game not in reference]
+    if reference and missing:
+        print(f"note: {args.updates_reference} has no updates for {', '.join(missing)}", file=sys.stderr)
+    if args.figures:
+        stalls = {(row["game"], row["name"]): row["stall"] for row in rows}
+        for game, game_curves in curves.items():
+            seeds = seeds_text(len(runs) for runs in grouped[game].values())
+            title = f"{game}: training scalars per update" + (f", ours beside {OPENAI}" if game in reference else "") \
+                + f"; {seeds}, {label}"
+            notes = updates_notes(game_curves, reference.get(game, []), mismatches)
+            plot_updates(game, game_curves, reference.get(game, []), stalls, methods, title, notes, args.out)
+    print(f"{sum(len(c) for c in curves.values())} agents' curves; written to {args.out}/")
+    return {"stalls": rows}
+
+
+# ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
 
@@ -983,6 +1312,7 @@ def compare_with_reference(grouped, methods, checked: tuple, args) -> dict:
 def check(args: PlotArgs) -> None:
     if args.bootstrap_reps < 1:
         raise UsageError(f"--bootstrap-reps must be positive, got {args.bootstrap_reps}")
+    check_updates_args(args)
 
 
 def rliable_statistics(grouped, methods, step, args) -> dict:
@@ -1026,6 +1356,8 @@ def draw_rliable(stats, methods, title, out) -> None:
 
 def main(args: PlotArgs) -> dict:
     check(args)
+    if args.x_axis == "updates":
+        return main_updates(args)
     # --methods picks among the names a control's settings give it, so select after naming
     runs = select_runs(named_runs([load_run(d, args.x_axis) for d in find_runs(args.runs)]), args)
     grouped = group(runs)
