@@ -239,7 +239,7 @@ def test_the_updates_figure_draws_every_scalar_with_the_reference_and_the_stalls
                      episodes=[(8 * u, float(u), 10 * u) for u in range(1, 21)])
     path = write_reference(tmp_path / "ref.csv", stalling_rows("coinrun", 0))
     drawn = {}
-    monkeypatch.setattr(plot, "finish_curve_figure", lambda fig, title, notes, out, name: drawn.update(
+    monkeypatch.setattr(plot, "finish_curve_figure", lambda fig, title, notes, out, name, dpi: drawn.update(
         fig=fig, title=title, notes=notes, name=name))
     plot.main(updates_args(tmp_path, updates_reference=path, figures=True))
     assert drawn["name"] == "updates_coinrun"
