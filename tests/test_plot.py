@@ -409,7 +409,7 @@ def test_the_profile_thresholds_run_from_0_to_1_and_further_to_take_in_every_sco
 
 def test_gap_bars_are_the_mean_over_seeds(tmp_path, monkeypatch):
     drawn = {}
-    monkeypatch.setattr(plot, "save", lambda fig, out, name: drawn.update(fig=fig))
+    monkeypatch.setattr(plot, "save", lambda fig, out, name, *dpi: drawn.update(fig=fig))
     plot.plot_gap({"bigfish": {"PPO": [0.0, 0.0, 3.0]}}, ["PPO"], "t", str(tmp_path))
     [bar] = drawn["fig"].axes[0].patches
     assert bar.get_height() == pytest.approx(1.0)
@@ -480,7 +480,7 @@ def test_perturbed_figure_has_a_panel_per_game_and_perturbation_and_every_method
     grouped = loaded(runs)
     found = plot.perturbed_runs(grouped)
     saved = {}
-    monkeypatch.setattr(plot, "save", lambda fig, out, name: saved.update(fig=fig, name=name))
+    monkeypatch.setattr(plot, "save", lambda fig, out, name, *dpi: saved.update(fig=fig, name=name))
     plot.plot_perturbed(found, ["PPO", "MDPO"], 2 * STEP, "synthetic", "agent", str(tmp_path / "fig"))
     fig = saved["fig"]
     assert saved["name"] == "perturbed_test_return"
@@ -510,7 +510,7 @@ def test_perturbed_figure_draws_the_perturbed_mean_solid_and_the_clean_mean_dash
     write_run(runs, "ppo", "bigfish", 2, [3.0, 7.0], perturbed={"hue": [1.5, 4.0]}, eval_perturbation=["hue"])
     found = plot.perturbed_runs(loaded(runs))
     saved = {}
-    monkeypatch.setattr(plot, "save", lambda fig, out, name: saved.update(fig=fig))
+    monkeypatch.setattr(plot, "save", lambda fig, out, name, *dpi: saved.update(fig=fig))
     plot.plot_perturbed(found, ["PPO"], 2 * STEP, "synthetic", "agent", str(tmp_path / "fig"))
     lines = {line.get_linestyle(): list(line.get_ydata()) for line in saved["fig"].axes[0].get_lines()
              if line.get_linestyle() in ("-", "--")}
@@ -916,7 +916,7 @@ def test_cka_figure_leaves_out_the_seeds_that_did_not_log_it(tmp_path, monkeypat
 
 def test_gap_error_bars_are_the_sample_std(tmp_path, monkeypatch):
     drawn = {}
-    monkeypatch.setattr(plot, "save", lambda fig, out, name: drawn.update(fig=fig))
+    monkeypatch.setattr(plot, "save", lambda fig, out, name, *dpi: drawn.update(fig=fig))
     plot.plot_gap({"bigfish": {"PPO": [0.0, 0.0, 3.0]}}, ["PPO"], "t", str(tmp_path))
     from matplotlib.container import ErrorbarContainer
 
