@@ -107,6 +107,7 @@ def validate_args(args: Args) -> Args:
         if not condition:
             raise UsageError(message)
 
+    flag = lambda name: name.replace("_", "-")  # noqa: E731
     for name, value in asdict(args).items():
         refuse_unless(not isinstance(value, float) or np.isfinite(value), f"--{flag(name)} must be a finite number, got {value}")
     refuse_unless(args.env_id in PROCGEN_GAMES, f"unknown game {args.env_id!r}; choose one of: {', '.join(PROCGEN_GAMES)}")
@@ -139,13 +140,7 @@ def validate_args(args: Args) -> Args:
                    num_iterations=num_iterations)
 
 
-def flag(name: str) -> str:
-    return name.replace("_", "-")
-
-
 # ---- Environments ------------------------------------------------------------------------------
-
-
 class ProcgenVecEnv(gym.vector.VectorEnv):
     """Procgen's native vectorised env (gym3 interface) as a gymnasium VectorEnv. Procgen resets a finished
     episode inside the step that ended it, so the observation returned with `terminated=True` is already the
@@ -174,6 +169,9 @@ class ProcgenVecEnv(gym.vector.VectorEnv):
         reward, obs, first = self.procgen.observe()
         return obs["rgb"], reward, first.copy(), np.zeros_like(first), {}
 
+    def close_extras(self, **kwargs):
+        self.procgen.close()  # now, not whenever the garbage collector runs (inside cffi, that can deadlock)
+
 
 def make_envs(args: Args, seed: int) -> gym.vector.VectorEnv:
     """Training envs: raw Procgen, episode statistics of the raw score, then reward normalisation."""
@@ -190,42 +188,34 @@ def make_eval_env(args: Args, num_levels: int, seed: int) -> ProcgenVecEnv:
                          args.distribution_mode, seed)
 
 
-def env_state(envs) -> dict:
-    """Everything needed to continue these training envs exactly (public state only): games, episode
-    statistics, the reward normaliser's running return. With same-step autoreset the normaliser keeps
-    nothing else across steps."""
-    norm, stats = envs.env, envs.env.env
-    return {"procgen": stats.env.procgen.get_state(), "episode_returns": stats.episode_returns.copy(),
-            "episode_lengths": stats.episode_lengths.copy(), "prev_dones": stats.prev_dones.copy(),
-            "return_rms": (norm.return_rms.mean, norm.return_rms.var, norm.return_rms.count),
-            "accumulated_reward": norm.accumulated_reward.copy()}
-
-
 def agent_state(agent, envs, rollout) -> dict:
-    """One agent's part of a checkpoint: its weights, its envs and the frames its rollout continues from."""
-    return {"agent": agent.state_dict(), "envs": env_state(envs), "next_obs": rollout.next_obs,
-            "next_done": rollout.next_done}
+    """One agent's part of a checkpoint, all its run needs to continue exactly: weights, games, episode statistics,
+    the reward normaliser's running return (public state; with same-step autoreset it keeps no other) and the
+    frames its rollout continues from."""
+    norm, stats = envs.env, envs.env.env
+    return {"agent": agent.state_dict(), "procgen": stats.env.procgen.get_state(),
+            "return_rms": (norm.return_rms.mean, norm.return_rms.var, norm.return_rms.count),
+            **{name: getattr(owner, name).copy() for owner, name in env_arrays(envs)},
+            "next_obs": rollout.next_obs, "next_done": rollout.next_done}
 
 
 def restore_agent_state(agent, envs, rollout, state: dict) -> None:
     agent.load_state_dict(state["agent"])
-    restore_env_state(envs, state["envs"])
+    envs.env.env.env.procgen.set_state(state["procgen"])
+    envs.env.return_rms.mean, envs.env.return_rms.var, envs.env.return_rms.count = state["return_rms"]
+    for owner, name in env_arrays(envs):
+        getattr(owner, name)[:] = state[name]
     rollout.next_obs.copy_(state["next_obs"])
     rollout.next_done.copy_(state["next_done"])
 
 
-def restore_env_state(envs, state: dict) -> None:
+def env_arrays(envs):
+    """(wrapper, attribute) of the arrays the episode statistics and the reward normaliser carry across steps."""
     norm, stats = envs.env, envs.env.env
-    stats.env.procgen.set_state(state["procgen"])
-    stats.episode_returns[:], stats.episode_lengths[:] = state["episode_returns"], state["episode_lengths"]
-    stats.prev_dones[:] = state["prev_dones"]
-    norm.return_rms.mean, norm.return_rms.var, norm.return_rms.count = state["return_rms"]
-    norm.accumulated_reward[:] = state["accumulated_reward"]
+    return [(stats, "episode_returns"), (stats, "episode_lengths"), (stats, "prev_dones"), (norm, "accumulated_reward")]
 
 
 # ---- Network: IMPALA-CNN actor-critic ----------------------------------------------------------
-
-
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     nn.init.orthogonal_(layer.weight, std)
     nn.init.constant_(layer.bias, bias_const)
@@ -233,10 +223,9 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
 
 
 class SharedDropout(nn.Module):
-    """Dropout as Cobbe et al. (2019) define it in openai/coinrun: one mask per layer, of the layer's
-    feature shape, shared by every sample in the batch. The mask is a buffer, so it is the same in the
-    rollout and in the update (PPO's ratio compares one network) and changes only when `redraw()` is
-    called, once after each update phase. In eval mode (our evaluation) the layer is the identity."""
+    """Dropout as Cobbe et al. (2019) define it in openai/coinrun: one mask per layer, shared by every sample,
+    a buffer that is the same in the rollout and the update (PPO's ratio compares one network) until `redraw()`,
+    once after each update phase. In eval mode the layer is the identity: our evaluation's choice."""
 
     def __init__(self, p, shape):
         super().__init__()
@@ -323,12 +312,9 @@ def make_agent(args: Args, device):
 
 
 # ---- Acting: the rollout and the evaluation ----------------------------------------------------
-
-
 def sample_action(logits):
-    """One draw per row from Categorical(logits) by the Gumbel-max trick: argmax(logits + Gumbel noise).
-    The same distribution as torch.multinomial, but made of plain kernels, so it can run inside a CUDA
-    graph. Clamping the uniforms away from 0 keeps every noise value finite."""
+    """One draw per row from Categorical(logits) by the Gumbel-max trick: torch.multinomial's distribution from
+    plain kernels, which a CUDA graph can hold. Clamping the uniforms away from 0 keeps the noise finite."""
     uniform = torch.rand_like(logits).clamp_(min=torch.finfo(logits.dtype).tiny)
     return (logits - torch.log(-torch.log(uniform))).argmax(-1)
 
@@ -351,8 +337,8 @@ def make_policy(agent, args: Args, device):
 
 
 class Rollout:
-    """One agent's rollout buffer, plus the env frames to continue from. Frames stay uint8. What the
-    network reads lives on the device; rewards and done flags, read by GAE alone, stay on the host."""
+    """One agent's rollout buffer and the frames to continue from (uint8). What the network reads lives on the
+    device; rewards and done flags, read by GAE alone, stay on the host."""
 
     def __init__(self, args: Args, device):
         shape = (args.num_steps, args.num_envs)
@@ -363,9 +349,14 @@ class Rollout:
         self.rewards = torch.zeros(shape)
         self.dones = torch.zeros(shape)
         self.next_obs = torch.zeros((args.num_envs, 64, 64, 3), dtype=torch.uint8, device=device)
-        self.next_done = torch.ones(args.num_envs)  # every env starts an episode
+        self.next_done = torch.zeros(args.num_envs)
         # New frames reach the device through pinned host memory, which copies without a host stall.
         self.staging = torch.zeros((args.num_envs, 64, 64, 3), dtype=torch.uint8, pin_memory=device.type == "cuda")
+
+    def start(self, envs) -> None:
+        """Continue from the envs' current frames, each env at the start of an episode."""
+        self.next_obs.copy_(torch.from_numpy(envs.reset()[0]))
+        self.next_done.fill_(1)
 
     def flat(self, advantages, returns) -> dict:
         """The rollout as [batch] tensors for the update."""
@@ -432,9 +423,10 @@ def collect_rollouts(policies, envs, rollouts, args: Args, device, global_step: 
 def log_evaluation(writer, agent, args: Args, device, iteration, global_step, run_dir, name):
     """Evaluate on test levels (full distribution) and on training levels; log the three scalars."""
     eval_seed = args.seed + 1_000_000 + iteration  # differs from the training seed and between evals
-    test_return, frames = evaluation.evaluate(agent, make_eval_env(args, 0, eval_seed), device, eval_seed, args.bf16,
-                                   args.capture_video)
-    train_return, _ = evaluation.evaluate(agent, make_eval_env(args, args.num_levels, eval_seed), device, eval_seed, args.bf16)
+    with contextlib.closing(make_eval_env(args, 0, eval_seed)) as env:
+        test_return, frames = evaluation.evaluate(agent, env, device, eval_seed, args.bf16, args.capture_video)
+    with contextlib.closing(make_eval_env(args, args.num_levels, eval_seed)) as env:
+        train_return, _ = evaluation.evaluate(agent, env, device, eval_seed, args.bf16)
     writer.add_scalar("eval/test_return", test_return, global_step)
     writer.add_scalar("eval/train_return", train_return, global_step)
     writer.add_scalar("eval/generalization_gap", train_return - test_return, global_step)
@@ -444,8 +436,6 @@ def log_evaluation(writer, agent, args: Args, device, iteration, global_step, ru
 
 
 # ---- Learning: GAE, the loss, the update -------------------------------------------------------
-
-
 def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda):
     """Generalised advantage estimates and returns of one rollout ([num_steps, num_envs] tensors).
     dones[t] is 1 where obs[t] is the first frame of an episode, i.e. the step before it ended one."""
@@ -462,8 +452,7 @@ def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda
 
 
 def ppo_loss(logits, new_value, batch: dict, mb_inds, args: Args):
-    """PPO's loss on one agent's minibatch, clipped surrogate + vf_coef * clipped value loss - ent_coef *
-    entropy, and the diagnostics PPO logs."""
+    """PPO's loss on one agent's minibatch (clipped surrogate + clipped value loss - entropy bonus), and its stats."""
     # No argument validation: non-finite logits must reach the divergence check, not raise here.
     probs = Categorical(logits=logits, validate_args=False)
     logratio = probs.log_prob(batch["actions"][mb_inds]) - batch["logprobs"][mb_inds]
@@ -491,8 +480,7 @@ def mutual_kl(peer_logits, own_logits):
 
 
 def l2_penalty(agent):
-    """sum over weight tensors of sum(w**2) / 2, as tf.nn.l2_loss in Cobbe et al.'s coinrun (biases are not
-    regularised), so that --l2-coef 1e-4 means what their l2_weight 1e-4 means."""
+    """sum(w**2) / 2 over weights, not biases: tf.nn.l2_loss as in Cobbe et al.'s coinrun (their l2_weight 1e-4)."""
     return sum(p.pow(2).sum() for p in agent.parameters() if p.dim() > 1) / 2
 
 
@@ -560,8 +548,6 @@ def log_iteration(writer, stats: dict, batch: dict, episodes: list, global_step:
 
 
 # ---- Agreement between the agents: representation similarity and policy distance ---------------
-
-
 def probe_frames(args: Args, num_envs: int = 16, steps: int = 16) -> torch.Tensor:
     """A fixed set of test-level frames (full level distribution), drawn once from the run's seed with
     random actions: where the agents' representations and policies are compared at every evaluation."""
@@ -584,8 +570,6 @@ def log_agreement(writer, agents, frames, global_step, bf16) -> None:
 
 
 # ---- Training loop -----------------------------------------------------------------------------
-
-
 def main(args: Args) -> str:
     args, run_dir, lock = run_utils.open_run_dir(validate_args(args), SCRIPT)
     with lock, run_utils.interrupt_reported(run_dir, SCRIPT, args.checkpoint_interval):
@@ -611,7 +595,7 @@ def train(args: Args, run_dir: str) -> None:
     envs = [make_envs(args, seed=args.seed) for _ in agents]  # each agent its own envs, same level seed
     rollouts = [Rollout(args, device) for _ in agents]
     for agent_envs, rollout in zip(envs, rollouts):
-        rollout.next_obs.copy_(torch.from_numpy(agent_envs.reset()[0]))
+        rollout.start(agent_envs)
     probes = probe_frames(args).to(device)
     iteration, global_step = 0, 0
     if checkpoint:

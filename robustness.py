@@ -23,6 +23,7 @@ A strength is a number or weak / medium / strong (PERTURBATION_STRENGTHS).
 Writes Fig/robustness_{game}.md, .json, .png and .pdf; one line per run on the terminal.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -34,6 +35,7 @@ import torch
 import tyro
 from torch.distributions import Categorical
 
+import evaluation
 import ppo
 import run_utils
 from drac import adjust_colour, convolve, random_conv_weights, uniform
@@ -231,8 +233,8 @@ def measure_agent(agent, game, mode, frames, perturbations, args: RobustnessArgs
     eval_seed = args.seed + 1_000_000  # the training's evaluations use seed + 1_000_000 + iteration
 
     def test_return(perturb=None):
-        env = ppo.ProcgenVecEnv(game, args.episodes, 0, 0, mode, eval_seed)
-        return ppo.evaluate(agent, env, device, eval_seed, perturb=perturb)[0]
+        with contextlib.closing(ppo.ProcgenVecEnv(game, args.episodes, 0, 0, mode, eval_seed)) as env:
+            return evaluation.evaluate(agent, env, device, eval_seed, perturb=perturb)[0]
 
     clean = test_return()
     result = {"clean_return": clean, "entropy": entropy(agent, frames), "perturbations": {}}

@@ -39,6 +39,7 @@ import torch  # noqa: E402
 import tyro  # noqa: E402
 
 import drac  # noqa: E402
+import evaluation  # noqa: E402
 import mdpo  # noqa: E402
 import ppo  # noqa: E402
 import run_utils  # noqa: E402
@@ -208,7 +209,7 @@ def measure(encoders, game: str, mode: str, args: TsneArgs):
             for key in numbers[k]:
                 numbers[k][key] += result[key] if isinstance(result[key], list) else [result[key]]
         for i, j in ckas:
-            ckas[(i, j)].append(mdpo.linear_cka(results[i]["clean_features"], results[j]["clean_features"]))
+            ckas[(i, j)].append(evaluation.linear_cka(results[i]["clean_features"], results[j]["clean_features"]))
         if figure is None:
             figure = (frames[0], perturbed[0].numpy(), [{"features": r["features"][0], "spread": r["spread"][0],
                                                          "tv_distance": r["tv_distance"][0], "entropy": r["entropy"]}

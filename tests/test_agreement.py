@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import evaluation
 import mdpo
 
 
@@ -14,7 +15,7 @@ def test_linear_cka_of_a_hand_computed_case():
     # Centred x = (-1, 0, 1), y = (-1, 1, 0): |y'x|^2 = 1, |x'x| = |y'y| = 2, so CKA = 1 / 4 (the squared correlation).
     x = torch.tensor([[1.0], [2.0], [3.0]])
     y = torch.tensor([[1.0], [3.0], [2.0]])
-    assert mdpo.linear_cka(x, y) == pytest.approx(0.25, abs=1e-12)
+    assert evaluation.linear_cka(x, y) == pytest.approx(0.25, abs=1e-12)
 
 
 def test_linear_cka_is_one_on_itself_and_invariant_to_rotation_and_isotropic_scaling():
@@ -22,14 +23,14 @@ def test_linear_cka_is_one_on_itself_and_invariant_to_rotation_and_isotropic_sca
     x = torch.randn(200, 16, generator=g, dtype=torch.float64)
     y = torch.randn(200, 8, generator=g, dtype=torch.float64) + x[:, :8]  # related to x, but not a copy
     rotation, _ = torch.linalg.qr(torch.randn(16, 16, generator=g, dtype=torch.float64))
-    assert mdpo.linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
-    base = mdpo.linear_cka(x, y)
+    assert evaluation.linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
+    base = evaluation.linear_cka(x, y)
     assert 0.05 < base < 0.95
-    assert mdpo.linear_cka(x.double() @ rotation, y) == pytest.approx(base, abs=1e-10)
-    assert mdpo.linear_cka(3.5 * x, y) == pytest.approx(base, abs=1e-10)
-    assert mdpo.linear_cka(x, 0.01 * y) == pytest.approx(base, abs=1e-10)
+    assert evaluation.linear_cka(x.double() @ rotation, y) == pytest.approx(base, abs=1e-10)
+    assert evaluation.linear_cka(3.5 * x, y) == pytest.approx(base, abs=1e-10)
+    assert evaluation.linear_cka(x, 0.01 * y) == pytest.approx(base, abs=1e-10)
     # Not invariant to an anisotropic scaling: a CKA that ignored the features' geometry would pass the above.
-    assert mdpo.linear_cka(x * torch.linspace(0.1, 10, 16, dtype=torch.float64), y) != pytest.approx(base, abs=1e-3)
+    assert evaluation.linear_cka(x * torch.linspace(0.1, 10, 16, dtype=torch.float64), y) != pytest.approx(base, abs=1e-3)
 
 
 class Recorder:

@@ -22,6 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.distributions import Categorical, kl_divergence
 
 import drac
+import evaluation
 import mdpo
 import ppo
 import run_utils
@@ -365,7 +366,7 @@ def test_evaluation_samples_with_its_own_seeded_generator(module):
 
     def actions_of(seed):
         taken.clear()
-        module.evaluate(agent, ActionLog("bigfish", 4, 0, 0, "hard", 0), CPU, seed)
+        evaluation.evaluate(agent, ActionLog("bigfish", 4, 0, 0, "hard", 0), CPU, seed)
         return np.concatenate(taken)
 
     taken = []
@@ -407,7 +408,7 @@ def one_rollout(module, policy, args, seed):
     """(rollout, global step, episodes, batch) of one rollout of one agent on fresh envs, in either script."""
     envs = module.make_envs(args, seed=seed)
     rollout = module.Rollout(args, CPU)
-    rollout.next_obs.copy_(torch.from_numpy(envs.reset()[0]))
+    rollout.start(envs)
     if module is ppo:
         return (rollout, *ppo.collect_rollout(policy, envs, rollout, args, CPU, 0))
     global_step, (episodes,), (batch,) = mdpo.collect_rollouts([policy], [envs], [rollout], args, CPU, 0, False)
@@ -454,7 +455,7 @@ def test_rollout_advantages_are_gae_of_its_rewards_values_and_episode_ends(modul
 
 
 @pytest.mark.parametrize("module", [ppo, mdpo])
-def test_env_state_carries_the_reward_normaliser_so_a_resumed_run_scales_rewards_alike(module, scripted):
+def test_agent_state_carries_the_reward_normaliser_so_a_resumed_run_scales_rewards_alike(module, scripted):
     args = module.validate_args(module.Args(num_envs=2, num_steps=8, num_minibatches=2, total_timesteps=16))
     stay = module.make_envs(args, seed=0)
     stay.reset()
@@ -462,7 +463,8 @@ def test_env_state_carries_the_reward_normaliser_so_a_resumed_run_scales_rewards
         stay.step(np.zeros(2, dtype=np.int64))
     resumed = module.make_envs(args, seed=0)
     resumed.reset()
-    module.restore_env_state(resumed, module.env_state(stay))
+    agent, rollouts = module.make_agent(args, CPU), [module.Rollout(args, CPU) for _ in range(2)]
+    module.restore_agent_state(agent, resumed, rollouts[1], module.agent_state(agent, stay, rollouts[0]))
     for _ in range(4):
         a, b = stay.step(np.zeros(2, dtype=np.int64))[1], resumed.step(np.zeros(2, dtype=np.int64))[1]
         np.testing.assert_array_equal(a, b)

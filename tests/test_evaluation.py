@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import evaluation
 import mdpo
 import ppo
 
@@ -32,7 +33,7 @@ class ScriptedEnv:
 def test_each_env_contributes_its_first_complete_episode(module):
     lengths = [1, 3, 7, 20]  # short episodes finish many times before the long one ends once
     env = ScriptedEnv(lengths)
-    mean_return, frames = module.evaluate(module.Agent(), env, torch.device("cpu"), seed=0, capture_video=True)
+    mean_return, frames = evaluation.evaluate(module.Agent(), env, torch.device("cpu"), seed=0, capture_video=True)
     assert mean_return == pytest.approx(np.mean(lengths))
     assert env.t[0] == max(lengths)  # it ran until the slowest env finished, and no further
     assert len(frames) == lengths[0] + 1  # env 0's frames: the first one and one per step of its episode
@@ -45,6 +46,6 @@ def test_evaluation_is_reproducible_and_leaves_training_rng_alone():
     torch.manual_seed(5)
     args = ppo.validate_args(ppo.Args(env_id="bigfish", eval_episodes=3, num_envs=2, num_steps=8, num_minibatches=1,
                                       total_timesteps=16))
-    first = ppo.evaluate(agent, ppo.make_eval_env(args, 0, 7), torch.device("cpu"), seed=7)[0]
+    first = evaluation.evaluate(agent, ppo.make_eval_env(args, 0, 7), torch.device("cpu"), seed=7)[0]
     assert torch.rand(1) == before
-    assert ppo.evaluate(agent, ppo.make_eval_env(args, 0, 7), torch.device("cpu"), seed=7)[0] == first
+    assert evaluation.evaluate(agent, ppo.make_eval_env(args, 0, 7), torch.device("cpu"), seed=7)[0] == first

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.distributions import Categorical, kl_divergence
 
+import evaluation
 import mdpo
 import ppo
 from helpers import needs_cuda, random_batch, tiny_args
@@ -170,7 +171,7 @@ def test_graphed_evaluation_network_gives_the_running_envs_logits():
     device = torch.device("cuda")
     agent = ppo.make_agent(tiny_args(ppo), device).eval()
     frames = [torch.randint(0, 256, (8, 64, 64, 3), dtype=torch.uint8).numpy() for _ in range(2)]
-    logits_of = ppo.eval_network(agent, frames[0], bf16=False, device=device)
+    logits_of = evaluation.eval_network(agent, frames[0], bf16=False, device=device)
     running = np.array([1, 4, 5])
     with torch.inference_mode():
         expected = agent(torch.as_tensor(frames[1][running], device=device))[0]

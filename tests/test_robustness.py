@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import evaluation
 import mdpo
 import ppo
 import robustness
@@ -63,15 +64,14 @@ def test_policy_shift_normalises_by_the_clean_frames_spread():
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA_MARKS)])
 @pytest.mark.parametrize("name", ["random_conv", "hue"])
-@pytest.mark.parametrize("module", [ppo, mdpo])  # robustness.py's evaluation and the scripts' --eval-perturbation
-def test_evaluation_network_sees_the_perturbed_frames_of_the_running_envs(module, name, device):
+def test_evaluation_network_sees_the_perturbed_frames_of_the_running_envs(name, device):
     torch.manual_seed(1)
     device = torch.device(device)
-    agent = module.Agent().to(device).eval()
+    agent = ppo.Agent().to(device).eval()
     obs = torch.randint(0, 256, (5, 64, 64, 3), dtype=torch.uint8).numpy()
-    perturb = module.EpisodePerturbation(name, 0.5, 5, seed=3)
+    perturb = robustness.EpisodePerturbation(name, 0.5, 5, seed=3)
     running = np.array([0, 3, 4])
-    logits_of = module.eval_network(agent, obs, False, device, perturb)
+    logits_of = evaluation.eval_network(agent, obs, False, device, perturb)
     with torch.no_grad():
         expected = agent(perturb(torch.as_tensor(obs[running], device=device), running))[0]
         torch.testing.assert_close(logits_of(obs, running), expected)
@@ -97,7 +97,7 @@ def test_measure_agent_drops_are_clean_minus_perturbed_with_the_same_draws_for_e
             super().__init__(name, strength, num_envs, seed)
 
     monkeypatch.setattr(ppo, "ProcgenVecEnv", lambda *args: None)
-    monkeypatch.setattr(ppo, "evaluate", lambda agent, env, device, seed, perturb=None: (4.0 if perturb else 10.0,))
+    monkeypatch.setattr(evaluation, "evaluate", lambda agent, env, device, seed, perturb=None: (4.0 if perturb else 10.0,))
     monkeypatch.setattr(ppo, "EpisodePerturbation", RecordedPerturbation)
     args = robustness.RobustnessArgs(runs=["unused"], episodes=2, frames=2, copies=2, seed=3)
     frames = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -252,7 +252,7 @@ def test_frames_and_test_episodes_come_from_unseen_levels_with_the_evaluation_se
     monkeypatch.setattr(ppo, "ProcgenVecEnv", RecordingEnv)
     robustness.test_frames("bigfish", "hard", 3, 2, seed=7)
     assert RecordingEnv.made == [("bigfish", 3, 0, 0, "hard", 7)]  # num_levels 0: unseen levels, not the training's
-    monkeypatch.setattr(ppo, "evaluate", lambda agent, env, device, seed, perturb=None: (1.0,))
+    monkeypatch.setattr(evaluation, "evaluate", lambda agent, env, device, seed, perturb=None: (1.0,))
     args = robustness.RobustnessArgs(runs=["unused"], episodes=5, frames=2, copies=2, seed=3)
     frames = torch.zeros(2, 64, 64, 3, dtype=torch.uint8)
     robustness.measure_agent(ppo.Agent().eval(), "bigfish", "easy", frames, [("hue", 0.5)], args)

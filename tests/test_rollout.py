@@ -28,7 +28,7 @@ def small_args(module, **kw):
 
 def start(module, args, rollout):
     envs = module.make_envs(args, seed=args.seed)
-    rollout.next_obs.copy_(torch.from_numpy(envs.reset()[0]))
+    rollout.start(envs)
     return envs
 
 
