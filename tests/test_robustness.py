@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -96,9 +97,9 @@ def test_measure_agent_drops_are_clean_minus_perturbed_with_the_same_draws_for_e
             seeds.append((name, seed))
             super().__init__(name, strength, num_envs, seed)
 
-    monkeypatch.setattr(ppo, "ProcgenVecEnv", lambda *args: None)
+    monkeypatch.setattr(ppo, "ProcgenVecEnv", lambda *args: types.SimpleNamespace(close=lambda: None))
     monkeypatch.setattr(evaluation, "evaluate", lambda agent, env, device, seed, perturb=None: (4.0 if perturb else 10.0,))
-    monkeypatch.setattr(ppo, "EpisodePerturbation", RecordedPerturbation)
+    monkeypatch.setattr(robustness, "EpisodePerturbation", RecordedPerturbation)
     args = robustness.RobustnessArgs(runs=["unused"], episodes=2, frames=2, copies=2, seed=3)
     frames = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     perturbations = [("hue", 0.5), ("random_conv", 1.0)]

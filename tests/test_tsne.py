@@ -122,7 +122,7 @@ def test_mdpo_agent_picks_the_agent_asked_for_from_k_agents(tmp_path):
     for number in (1, 2, 3):
         agent, config, picked = tsne.load_encoder(path, number)
         assert picked == number and config["args"]["num_agents"] == 3
-        assert torch.equal(agent.actor.bias, saved[number - 1]["actor.bias"])
+        assert torch.equal(agent.actor.bias, saved[number - 1]["agent"]["actor.bias"])
         assert torch.equal(agent.actor.bias, torch.full((15,), float(number)))
         assert not agent.training
     with pytest.raises(tsne.UsageError, match=r"--mdpo-agent 4: .* has agents 1 to 3"):
