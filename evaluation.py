@@ -5,6 +5,7 @@ agreement between two agents is linear CKA between their 256-d features and the 
 their policies on the same frames.
 """
 
+import contextlib
 import itertools
 import os
 
@@ -12,6 +13,24 @@ import numpy as np
 import torch
 
 import run_utils
+
+
+def log_evaluation(writer, agent, env_class, args, device, iteration, global_step, run_dir, name):
+    """Evaluate on test levels (the full distribution) and on the training levels, each in fresh envs of
+    env_class (the script's ProcgenVecEnv) that all start an episode at once; log the three scalars and
+    return the test return."""
+    eval_seed = args.seed + 1_000_000 + iteration  # differs from the training seed and between evals
+    returns = {}
+    for levels, num_levels, start_level in (("test", 0, 0), ("train", args.num_levels, args.start_level)):
+        env = env_class(args.env_id, args.eval_episodes, num_levels, start_level, args.distribution_mode, eval_seed)
+        with contextlib.closing(env):
+            returns[levels], frames = evaluate(agent, env, device, eval_seed, args.bf16, args.capture_video and levels == "test")
+        if frames:
+            log_video(writer, "eval/video", frames, global_step, os.path.join(run_dir, "videos", f"{name}_{global_step}.gif"))
+    writer.add_scalar("eval/test_return", returns["test"], global_step)
+    writer.add_scalar("eval/train_return", returns["train"], global_step)
+    writer.add_scalar("eval/generalization_gap", returns["train"] - returns["test"], global_step)
+    return returns["test"]
 
 
 @torch.inference_mode()

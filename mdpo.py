@@ -26,16 +26,14 @@ from torch.distributions.categorical import Categorical
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from run_utils import Diverged, Preempted, StopSignals, StorageError, UsageError  # noqa: F401 (tests and tools)
+from run_utils import StopSignals, UsageError
 
 with contextlib.redirect_stderr(io.StringIO()):  # procgen imports the old `gym`, which prints a notice
     from procgen import ProcgenGym3Env
 
 SCRIPT = "mdpo"
-PROCGEN_GAMES = (
-    "bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
-    "heist", "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot",
-)
+PROCGEN_GAMES = ("bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
+                 "heist", "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot")
 # Procgen's "exploration" mode is left out: it fixes one level, so there are no unseen test levels.
 DISTRIBUTION_MODES = ("easy", "hard", "extreme", "memory")
 # Modes that only some games have; Procgen aborts in C++ on the others.
@@ -68,9 +66,9 @@ class Args:
     distribution_mode: str = "hard"  # Procgen distribution mode: easy, hard, extreme or memory (the last two for some games only)
 
     # Algorithm
-    total_timesteps: int = 50_000_000  # environment steps of each agent
+    total_timesteps: int = 50_000_000  # environment steps per agent
     learning_rate: float = 5e-4  # Adam's learning rate (constant)
-    num_envs: int = 64  # parallel environments of each agent
+    num_envs: int = 64  # parallel environments per agent
     num_steps: int = 256  # steps per environment per rollout
     gamma: float = 0.999  # discount factor
     gae_lambda: float = 0.95  # lambda of generalised advantage estimation
@@ -94,8 +92,6 @@ class Args:
     # Speed (numerics stay float32 unless asked)
     bf16: bool = False  # run the network under bfloat16 autocast (faster, slightly different numerics)
     compile: bool = False  # torch.compile the network
-
-    # Filled in from the above at run time
     batch_size: int = 0  # the rollout size (computed)
     minibatch_size: int = 0  # the minibatch size (computed)
     num_iterations: int = 0  # the number of iterations (computed)
@@ -120,12 +116,13 @@ def validate_args(args: Args) -> Args:
     for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs",
                  "eval_interval", "eval_episodes", "checkpoint_interval", "learning_rate"):
         refuse_unless(getattr(args, name) > 0, f"--{flag(name)} must be positive, got {getattr(args, name)}")
-    for name in ("num_levels", "start_level", "ent_coef", "vf_coef", "clip_coef", "max_grad_norm", "l2_coef", "alpha"):
+    for name in ("num_levels", "start_level", "ent_coef", "vf_coef", "clip_coef", "max_grad_norm", "l2_coef"):
         refuse_unless(getattr(args, name) >= 0, f"--{flag(name)} must not be negative, got {getattr(args, name)}")
     for name in ("num_levels", "start_level", "num_envs", "eval_episodes"):
         refuse_unless(getattr(args, name) <= INT32_MAX, f"--{flag(name)} must be at most {INT32_MAX}, got {getattr(args, name)}")
     refuse_unless(0 <= args.gamma <= 1 and 0 <= args.gae_lambda <= 1, "--gamma and --gae-lambda must lie in [0, 1]")
     refuse_unless(0 <= args.dropout < 1, f"--dropout must lie in [0, 1), got {args.dropout}")
+    refuse_unless(args.alpha >= 0, f"--alpha must not be negative, got {args.alpha}")
     refuse_unless(args.num_agents >= 2, f"--num-agents must be at least 2 (mutual distillation needs peers), got {args.num_agents}")
     batch_size = args.num_envs * args.num_steps
     refuse_unless(batch_size % args.num_minibatches == 0, f"the batch (num-envs x num-steps = {batch_size}) does not "
@@ -180,12 +177,6 @@ def make_envs(args: Args, seed: int) -> gym.vector.VectorEnv:
     envs = gym.wrappers.vector.NormalizeReward(envs, gamma=args.gamma)
     # One np.clip over the whole vector: gymnasium's vector ClipReward clips env by env, which is slow.
     return gym.wrappers.vector.TransformReward(envs, lambda rewards: np.clip(rewards, -10, 10))
-
-
-def make_eval_env(args: Args, num_levels: int, seed: int) -> ProcgenVecEnv:
-    """Fresh evaluation envs, so every env starts an episode at once (no partial episodes)."""
-    return ProcgenVecEnv(args.env_id, args.eval_episodes, num_levels, args.start_level if num_levels else 0,
-                         args.distribution_mode, seed)
 
 
 def agent_state(agent, envs, rollout) -> dict:
@@ -297,8 +288,7 @@ class Agent(nn.Module):
                 module.redraw()
 
     def hidden(self, x):
-        """The 256-d representation of uint8 NHWC frames."""
-        # Permuting NHWC to NCHW gives a channels-last tensor without a copy.
+        """The 256-d representation of uint8 NHWC frames (permuted to NCHW: channels-last, without a copy)."""
         return self.network(x.permute(0, 3, 1, 2).float() / 255.0)
 
     def forward(self, x):
@@ -358,11 +348,6 @@ class Rollout:
         self.next_obs.copy_(torch.from_numpy(envs.reset()[0]))
         self.next_done.fill_(1)
 
-    def flat(self, advantages, returns) -> dict:
-        """The rollout as [batch] tensors for the update."""
-        return {"obs": self.obs.flatten(0, 1), "actions": self.actions.flatten(), "logprobs": self.logprobs.flatten(),
-                "values": self.values.flatten(), "advantages": advantages.flatten(), "returns": returns.flatten()}
-
 
 def act(policy, rollout: Rollout, step: int):
     """Record the step's observations and choose the envs' actions; returns the actions on the host."""
@@ -387,12 +372,14 @@ def store_step(result, rollout: Rollout, step: int, global_step: int, episodes: 
 
 
 def finish_rollout(policy, rollout: Rollout, args: Args, device) -> dict:
-    """Bootstrap from the last observations, compute GAE and return the batch for the update."""
+    """Bootstrap from the last observations, compute GAE and return the batch for the update ([batch] tensors)."""
     next_value = policy(rollout.next_obs)[2]
     # GAE is a loop of num_steps tiny steps: faster on the host than as GPU launches.
     advantages, returns = compute_gae(rollout.rewards, rollout.values.cpu(), rollout.dones, next_value.cpu(),
                                       rollout.next_done, args.gamma, args.gae_lambda)
-    return rollout.flat(advantages.to(device), returns.to(device))
+    return {"obs": rollout.obs.flatten(0, 1), "actions": rollout.actions.flatten(), "logprobs": rollout.logprobs.flatten(),
+            "values": rollout.values.flatten(), "advantages": advantages.flatten().to(device),
+            "returns": returns.flatten().to(device)}
 
 
 def collect_rollouts(policies, envs, rollouts, args: Args, device, global_step: int, overlap: bool):
@@ -418,21 +405,6 @@ def collect_rollouts(policies, envs, rollouts, args: Args, device, global_step: 
             store(i, args.num_steps - 1)
     batches = [finish_rollout(policy, rollout, args, device) for policy, rollout in zip(policies, rollouts)]
     return global_step + args.num_steps * args.num_envs, episodes, batches
-
-
-def log_evaluation(writer, agent, args: Args, device, iteration, global_step, run_dir, name):
-    """Evaluate on test levels (full distribution) and on training levels; log the three scalars."""
-    eval_seed = args.seed + 1_000_000 + iteration  # differs from the training seed and between evals
-    with contextlib.closing(make_eval_env(args, 0, eval_seed)) as env:
-        test_return, frames = evaluation.evaluate(agent, env, device, eval_seed, args.bf16, args.capture_video)
-    with contextlib.closing(make_eval_env(args, args.num_levels, eval_seed)) as env:
-        train_return, _ = evaluation.evaluate(agent, env, device, eval_seed, args.bf16)
-    writer.add_scalar("eval/test_return", test_return, global_step)
-    writer.add_scalar("eval/train_return", train_return, global_step)
-    writer.add_scalar("eval/generalization_gap", train_return - test_return, global_step)
-    if args.capture_video:
-        evaluation.log_video(writer, "eval/video", frames, global_step, os.path.join(run_dir, "videos", f"{name}_{global_step}.gif"))
-    return test_return
 
 
 # ---- Learning: GAE, the loss, the update -------------------------------------------------------
@@ -468,8 +440,7 @@ def ppo_loss(logits, new_value, batch: dict, mb_inds, args: Args):
     with torch.no_grad():
         approx_kl = ((ratio - 1) - logratio).mean()
         clipfrac = ((ratio - 1).abs() > args.clip_coef).float().mean()
-    stats = {"policy_loss": pg_loss, "value_loss": v_loss, "entropy": entropy, "approx_kl": approx_kl,
-             "clipfrac": clipfrac}
+    stats = {"policy_loss": pg_loss, "value_loss": v_loss, "entropy": entropy, "approx_kl": approx_kl, "clipfrac": clipfrac}
     return pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss, stats
 
 
@@ -580,13 +551,10 @@ def main(args: Args) -> str:
 def train(args: Args, run_dir: str) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     checkpoint = run_utils.load_checkpoint(args, SCRIPT, device) if args.resume else None
-    if checkpoint:  # "finished" is against this run's --total-timesteps, before config.json takes it
-        run_utils.write_status(run_dir, checkpoint, args.num_iterations)
-    run_utils.write_config(args, run_dir, SCRIPT)
+    run_utils.start_run(args, run_dir, SCRIPT, checkpoint)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    run_utils.keep_freed_memory()
 
     agents = [make_agent(args, device) for _ in range(args.num_agents)]
     # One optimiser over every agent's parameters: L = mean_i L_i is minimised jointly.
@@ -640,8 +608,8 @@ def train(args: Args, run_dir: str) -> None:
             if iteration % args.eval_interval == 0 or iteration == args.num_iterations:
                 timer.lap()
                 for i, agent_writer in enumerate(writers):
-                    test_return[i] = log_evaluation(agent_writer, agents[i], args, device, iteration, global_step, run_dir,
-                                                    f"agent{i + 1}")
+                    test_return[i] = evaluation.log_evaluation(agent_writer, agents[i], ProcgenVecEnv, args, device, iteration,
+                                                               global_step, run_dir, f"agent{i + 1}")
                 timer.lap("eval")
                 log_agreement(writer, agents, probes, global_step, args.bf16)
                 timer.lap("agreement")
@@ -655,9 +623,7 @@ def train(args: Args, run_dir: str) -> None:
                 timer.log(agent_writer, global_step, sps)
             progress.update(args.batch_size)
             progress.set_postfix(sps=sps, test_return=f"{np.mean(test_return):.2f}")
-            if stop.received and iteration < args.num_iterations:
-                raise Preempted(f"stopped by {stop.received} after iteration {iteration}, checkpoint written; "
-                                f"continue with: python {SCRIPT}.py --resume {run_dir}")
+            stop.stop_if_received(iteration, args.num_iterations, SCRIPT, run_dir)
     finally:
         stop.restore()
         progress.close()

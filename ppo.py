@@ -25,16 +25,14 @@ from torch.distributions.categorical import Categorical
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from run_utils import Diverged, Preempted, StopSignals, StorageError, UsageError  # noqa: F401 (tests and tools)
+from run_utils import StopSignals, UsageError
 
 with contextlib.redirect_stderr(io.StringIO()):  # procgen imports the old `gym`, which prints a notice
     from procgen import ProcgenGym3Env
 
 SCRIPT = "ppo"
-PROCGEN_GAMES = (
-    "bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
-    "heist", "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot",
-)
+PROCGEN_GAMES = ("bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
+                 "heist", "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot")
 # Procgen's "exploration" mode is left out: it fixes one level, so there are no unseen test levels.
 DISTRIBUTION_MODES = ("easy", "hard", "extreme", "memory")
 # Modes that only some games have; Procgen aborts in C++ on the others.
@@ -67,9 +65,9 @@ class Args:
     distribution_mode: str = "hard"  # Procgen distribution mode: easy, hard, extreme or memory (the last two for some games only)
 
     # Algorithm
-    total_timesteps: int = 50_000_000  # environment steps of the agent
+    total_timesteps: int = 50_000_000  # environment steps per agent
     learning_rate: float = 5e-4  # Adam's learning rate (constant)
-    num_envs: int = 64  # parallel environments of the agent
+    num_envs: int = 64  # parallel environments per agent
     num_steps: int = 256  # steps per environment per rollout
     gamma: float = 0.999  # discount factor
     gae_lambda: float = 0.95  # lambda of generalised advantage estimation
@@ -90,8 +88,6 @@ class Args:
     # Speed (numerics stay float32 unless asked)
     bf16: bool = False  # run the network under bfloat16 autocast (faster, slightly different numerics)
     compile: bool = False  # torch.compile the network
-
-    # Filled in from the above at run time
     batch_size: int = 0  # the rollout size (computed)
     minibatch_size: int = 0  # the minibatch size (computed)
     num_iterations: int = 0  # the number of iterations (computed)
@@ -175,12 +171,6 @@ def make_envs(args: Args, seed: int) -> gym.vector.VectorEnv:
     envs = gym.wrappers.vector.NormalizeReward(envs, gamma=args.gamma)
     # One np.clip over the whole vector: gymnasium's vector ClipReward clips env by env, which is slow.
     return gym.wrappers.vector.TransformReward(envs, lambda rewards: np.clip(rewards, -10, 10))
-
-
-def make_eval_env(args: Args, num_levels: int, seed: int) -> ProcgenVecEnv:
-    """Fresh evaluation envs, so every env starts an episode at once (no partial episodes)."""
-    return ProcgenVecEnv(args.env_id, args.eval_episodes, num_levels, args.start_level if num_levels else 0,
-                         args.distribution_mode, seed)
 
 
 def agent_state(agent, envs, rollout) -> dict:
@@ -292,8 +282,7 @@ class Agent(nn.Module):
                 module.redraw()
 
     def hidden(self, x):
-        """The 256-d representation of uint8 NHWC frames."""
-        # Permuting NHWC to NCHW gives a channels-last tensor without a copy.
+        """The 256-d representation of uint8 NHWC frames (permuted to NCHW: channels-last, without a copy)."""
         return self.network(x.permute(0, 3, 1, 2).float() / 255.0)
 
     def forward(self, x):
@@ -353,11 +342,6 @@ class Rollout:
         self.next_obs.copy_(torch.from_numpy(envs.reset()[0]))
         self.next_done.fill_(1)
 
-    def flat(self, advantages, returns) -> dict:
-        """The rollout as [batch] tensors for the update."""
-        return {"obs": self.obs.flatten(0, 1), "actions": self.actions.flatten(), "logprobs": self.logprobs.flatten(),
-                "values": self.values.flatten(), "advantages": advantages.flatten(), "returns": returns.flatten()}
-
 
 def act(policy, rollout: Rollout, step: int):
     """Record the step's observations and choose the envs' actions; returns the actions on the host."""
@@ -382,12 +366,14 @@ def store_step(result, rollout: Rollout, step: int, global_step: int, episodes: 
 
 
 def finish_rollout(policy, rollout: Rollout, args: Args, device) -> dict:
-    """Bootstrap from the last observations, compute GAE and return the batch for the update."""
+    """Bootstrap from the last observations, compute GAE and return the batch for the update ([batch] tensors)."""
     next_value = policy(rollout.next_obs)[2]
     # GAE is a loop of num_steps tiny steps: faster on the host than as GPU launches.
     advantages, returns = compute_gae(rollout.rewards, rollout.values.cpu(), rollout.dones, next_value.cpu(),
                                       rollout.next_done, args.gamma, args.gae_lambda)
-    return rollout.flat(advantages.to(device), returns.to(device))
+    return {"obs": rollout.obs.flatten(0, 1), "actions": rollout.actions.flatten(), "logprobs": rollout.logprobs.flatten(),
+            "values": rollout.values.flatten(), "advantages": advantages.flatten().to(device),
+            "returns": returns.flatten().to(device)}
 
 
 def collect_rollout(policy, envs, rollout: Rollout, args: Args, device, global_step: int):
@@ -397,21 +383,6 @@ def collect_rollout(policy, envs, rollout: Rollout, args: Args, device, global_s
         global_step += args.num_envs
         store_step(envs.step(act(policy, rollout, step)), rollout, step, global_step, episodes)
     return global_step, episodes, finish_rollout(policy, rollout, args, device)
-
-
-def log_evaluation(writer, agent, args: Args, device, iteration, global_step, run_dir, name):
-    """Evaluate on test levels (full distribution) and on training levels; log the three scalars."""
-    eval_seed = args.seed + 1_000_000 + iteration  # differs from the training seed and between evals
-    with contextlib.closing(make_eval_env(args, 0, eval_seed)) as env:
-        test_return, frames = evaluation.evaluate(agent, env, device, eval_seed, args.bf16, args.capture_video)
-    with contextlib.closing(make_eval_env(args, args.num_levels, eval_seed)) as env:
-        train_return, _ = evaluation.evaluate(agent, env, device, eval_seed, args.bf16)
-    writer.add_scalar("eval/test_return", test_return, global_step)
-    writer.add_scalar("eval/train_return", train_return, global_step)
-    writer.add_scalar("eval/generalization_gap", train_return - test_return, global_step)
-    if args.capture_video:
-        evaluation.log_video(writer, "eval/video", frames, global_step, os.path.join(run_dir, "videos", f"{name}_{global_step}.gif"))
-    return test_return
 
 
 # ---- Learning: GAE, the loss, the update -------------------------------------------------------
@@ -447,8 +418,7 @@ def ppo_loss(logits, new_value, batch: dict, mb_inds, args: Args):
     with torch.no_grad():
         approx_kl = ((ratio - 1) - logratio).mean()
         clipfrac = ((ratio - 1).abs() > args.clip_coef).float().mean()
-    stats = {"policy_loss": pg_loss, "value_loss": v_loss, "entropy": entropy, "approx_kl": approx_kl,
-             "clipfrac": clipfrac}
+    stats = {"policy_loss": pg_loss, "value_loss": v_loss, "entropy": entropy, "approx_kl": approx_kl, "clipfrac": clipfrac}
     return pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss, stats
 
 
@@ -512,16 +482,12 @@ def main(args: Args) -> str:
 def train(args: Args, run_dir: str) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     checkpoint = run_utils.load_checkpoint(args, SCRIPT, device) if args.resume else None
-    if checkpoint:  # "finished" is against this run's --total-timesteps, before config.json takes it
-        run_utils.write_status(run_dir, checkpoint, args.num_iterations)
-    run_utils.write_config(args, run_dir, SCRIPT)
+    run_utils.start_run(args, run_dir, SCRIPT, checkpoint)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    run_utils.keep_freed_memory()
 
     agent = make_agent(args, device)
-    # Fused Adam updates every parameter in one pass.
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     envs = make_envs(args, seed=args.seed)
     rollout = Rollout(args, device)
@@ -560,7 +526,8 @@ def train(args: Args, run_dir: str) -> None:
 
             if iteration % args.eval_interval == 0 or iteration == args.num_iterations:
                 timer.lap()
-                test_return = log_evaluation(writer, agent, args, device, iteration, global_step, run_dir, SCRIPT)
+                test_return = evaluation.log_evaluation(writer, agent, ProcgenVecEnv, args, device, iteration, global_step,
+                                                         run_dir, SCRIPT)
                 timer.lap("eval")
             sps = int((global_step - start_step) / (time.time() - start_time))  # steps per second of each agent
             if iteration % args.checkpoint_interval == 0 or iteration == args.num_iterations or stop.received:
@@ -571,9 +538,7 @@ def train(args: Args, run_dir: str) -> None:
             timer.log(writer, global_step, sps)
             progress.update(args.batch_size)
             progress.set_postfix(sps=sps, test_return=f"{test_return:.2f}")
-            if stop.received and iteration < args.num_iterations:
-                raise Preempted(f"stopped by {stop.received} after iteration {iteration}, checkpoint written; "
-                                f"continue with: python {SCRIPT}.py --resume {run_dir}")
+            stop.stop_if_received(iteration, args.num_iterations, SCRIPT, run_dir)
     finally:
         stop.restore()
         progress.close()

@@ -1,8 +1,7 @@
 """Run machinery of ppo.py, drac.py and mdpo.py: what keeps a run alive, never what it learns.
 
 Durable checkpoints and exact resume, the stop signals of Slurm and submitit, the divergence stop, the
-run-directory lock and status.json, which sweep.py reads. The training scripts call these plain
-functions at a handful of visible places in their loops.
+run-directory lock and the status.json sweep.py reads: plain functions the training loops call.
 """
 
 import contextlib
@@ -12,7 +11,6 @@ import fcntl
 import json
 import math
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -32,7 +30,7 @@ import tyro
 
 
 class UsageError(Exception):
-    """Bad input from the user: reported as one line, exit code 2."""
+    """Bad input from the user: one line, exit code 2."""
 
 
 class Diverged(Exception):
@@ -50,21 +48,18 @@ class Preempted(Exception):
 # The exit codes sweep.py reads; Ctrl-C exits with 130.
 EXIT_CODES = ((UsageError, 2), (Diverged, 3), (Preempted, 4), (StorageError, 1))
 # Fields that may change when a run is resumed; every other field must match the checkpoint.
-RESUMABLE_FIELDS = {
-    "cuda", "track", "wandb_project_name", "wandb_entity", "capture_video", "run_dir", "resume",
-    "checkpoint_interval", "total_timesteps", "eval_interval", "eval_episodes", "bf16", "compile",
-    "num_iterations",
-}
+RESUMABLE_FIELDS = {"cuda", "track", "wandb_project_name", "wandb_entity", "capture_video", "run_dir", "resume",
+                    "checkpoint_interval", "total_timesteps", "eval_interval", "eval_episodes", "bf16", "compile",
+                    "num_iterations"}
 
 
 def cli(Args, main, script: str) -> None:
     """Parse the flags with tyro and run main(args); errors become one line and their exit code.
     With --resume DIR the saved run's flags are the defaults, so DIR alone continues it."""
     args = tyro.cli(Args)
-    if args.resume and os.path.isfile(os.path.join(args.resume, "config.json")):
-        with contextlib.suppress(UsageError):  # main() reports what is wrong with the run
-            saved = {**saved_config(args.resume, script)["args"], "resume": args.resume}
-            args = tyro.cli(Args, default=Args(**saved))
+    if args.resume:
+        with contextlib.suppress(UsageError, TypeError):  # main() reports what is wrong with the run
+            args = tyro.cli(Args, default=Args(**{**saved_config(args.resume, script)["args"], "resume": args.resume}))
     try:
         main(args)
     except tuple(error_type for error_type, _ in EXIT_CODES) as error:
@@ -78,9 +73,7 @@ def cli(Args, main, script: str) -> None:
         sys.exit(1)
 
 
-# Run directory and lock
-
-
+# ---- The run directory ----------------------------------------------------------------------------------
 def open_run_dir(args, script: str):
     """The run directory, locked, and the args to run with: running the command of a run that holds a
     checkpoint again continues it (as --resume does); a run stopped before its first checkpoint starts afresh."""
@@ -98,8 +91,8 @@ def open_run_dir(args, script: str):
 
 
 def lock_run_dir(run_dir: str):
-    """Hold an exclusive lock on run_dir/lock while this process trains there (the kernel drops it
-    when the process dies, even by SIGKILL): two processes never train one run directory."""
+    """Hold an exclusive lock on run_dir/lock while this process trains there (the kernel drops it when the
+    process dies, even by SIGKILL): two processes never train one run directory."""
     try:
         os.makedirs(run_dir, exist_ok=True)
         lock = open(os.path.join(run_dir, "lock"), "a+")
@@ -114,8 +107,7 @@ def lock_run_dir(run_dir: str):
         raise UsageError(f"{run_dir} is in use by {owner}") from None
     lock.seek(0)
     lock.truncate()
-    lock.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                           "slurm_job_id": os.environ.get("SLURM_JOB_ID")}))
+    lock.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}))
     lock.flush()
     return lock
 
@@ -131,53 +123,14 @@ def discard_unfinished_run(run_dir: str) -> None:
                 os.remove(os.path.join(directory, name))
 
 
-def write_config(args, run_dir: str, script: str) -> None:
-    # Rewritten on resume too, so that a run extended with more --total-timesteps resumes as extended.
-    config = {"script": script, "args": asdict(args)}
-    write_durably(os.path.join(run_dir, "config.json"), lambda f: f.write(json.dumps(config, indent=2).encode()))
-
-
-# Checkpoints
-
-
-def write_durably(path: str, write) -> None:
-    """write(file) into path + ".tmp", flushed and fsynced, then renamed over path, and the rename fsynced:
-    a kill or a machine crash at any moment leaves either the old file or the new one, never a torn one."""
-    try:
-        with open(path + ".tmp", "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(path + ".tmp")
-        raise
-    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
-def save_checkpoint(run_dir: str, checkpoint: dict) -> None:
-    """Write the checkpoint, then status.json (which tells sweep.py how far the run got without loading
-    it). Each write is atomic and Ctrl-C waits for both; a kill between the two leaves status.json one
-    checkpoint behind, which the next resume rewrites from the checkpoint."""
-    try:
-        with interrupts_deferred():
-            write_durably(os.path.join(run_dir, "checkpoint.pt"), lambda f: torch.save(checkpoint, f))
-            write_status(run_dir, checkpoint, checkpoint["args"]["num_iterations"])
-    except OSError as error:
-        raise StorageError(f"could not write the checkpoint in {run_dir} ({error.strerror}); the previous "
-                           f"checkpoint is intact: make room and continue with: python {checkpoint.get('script')}.py "
-                           f"--resume {run_dir}") from None
-
-
-def write_status(run_dir: str, checkpoint: dict, num_iterations: int) -> None:
-    status = {"global_step": checkpoint["global_step"], "iteration": checkpoint["iteration"],
-              "finished": checkpoint["iteration"] >= num_iterations}
-    write_durably(os.path.join(run_dir, "status.json"), lambda f: f.write(json.dumps(status).encode()))
+def start_run(args, run_dir: str, script: str, checkpoint) -> None:
+    """Write config.json, afresh on a resume too (a run extended with more --total-timesteps resumes as extended),
+    after rewriting status.json from the checkpoint (a kill may have left it one behind; "finished" is against
+    this run's --total-timesteps, before config.json takes it); keep freed memory for the next batch."""
+    if checkpoint:
+        write_status(run_dir, checkpoint, args.num_iterations)
+    write_json(os.path.join(run_dir, "config.json"), {"script": script, "args": asdict(args)})
+    keep_freed_memory()
 
 
 def saved_config(run_dir: str, script: str) -> dict:
@@ -202,15 +155,57 @@ def saved_config(run_dir: str, script: str) -> dict:
 
 def check_compatible(args, config: dict) -> None:
     """Refuse to resume a run of another version of the script, or with flags that change what it computes."""
-    fields = set(asdict(args))
-    if set(config["args"]) != fields:
-        raise UsageError(f"cannot resume: the run was made by another version of this script (its flags differ: "
-                         f"{', '.join(sorted(fields ^ set(config['args'])))})")
-    for key, value in asdict(args).items():
-        saved = config["args"][key]
-        saved = tuple(saved) if isinstance(saved, list) else saved  # JSON turns tuples into lists
-        if key not in RESUMABLE_FIELDS and saved != value:
-            raise UsageError(f"cannot resume: --{key.replace('_', '-')} is {value!r} here but {saved!r} in the checkpoint")
+    fields = asdict(args)
+    if set(config["args"]) != set(fields):
+        raise UsageError("cannot resume: the run was made by another version of this script (its flags differ: "
+                         f"{', '.join(sorted(set(fields) ^ set(config['args'])))})")
+    for key, value in fields.items():
+        if key not in RESUMABLE_FIELDS and config["args"][key] != value:
+            raise UsageError(f"cannot resume: --{key.replace('_', '-')} is {value!r} here but {config['args'][key]!r} "
+                             "in the checkpoint")
+
+
+# ---- Checkpoints ----------------------------------------------------------------------------------------
+def write_durably(path: str, write) -> None:
+    """write(file) into path + ".tmp", flushed and fsynced, then renamed over path, and the rename fsynced:
+    a kill or a machine crash at any moment leaves either the old file or the new one, never a torn one."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        raise
+    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def write_json(path: str, content) -> None:
+    write_durably(path, lambda f: f.write(json.dumps(content, indent=2).encode()))
+
+
+def save_checkpoint(run_dir: str, checkpoint: dict) -> None:
+    """Write the checkpoint, then status.json (which tells sweep.py how far the run got without loading it).
+    Each write is atomic and Ctrl-C waits for both; a kill between the two leaves status.json one checkpoint
+    behind, which the next resume rewrites from the checkpoint."""
+    try:
+        with interrupts_deferred():
+            write_durably(os.path.join(run_dir, "checkpoint.pt"), lambda f: torch.save(checkpoint, f))
+            write_status(run_dir, checkpoint, checkpoint["args"]["num_iterations"])
+    except OSError as error:
+        raise StorageError(f"could not write the checkpoint in {run_dir} ({error.strerror}); the previous checkpoint "
+                           f"is intact: make room and continue with: python {checkpoint['script']}.py --resume {run_dir}") from None
+
+
+def write_status(run_dir: str, checkpoint: dict, num_iterations: int) -> None:
+    write_json(os.path.join(run_dir, "status.json"), {"global_step": checkpoint["global_step"], "iteration":
+               checkpoint["iteration"], "finished": checkpoint["iteration"] >= num_iterations})
 
 
 def load_checkpoint(args, script: str, device) -> dict:
@@ -236,28 +231,22 @@ def agent_weights(checkpoint: dict) -> list:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        # The current device's state only, so the run can resume on a machine with another number of GPUs.
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+    # The current GPU's state only, so the run can resume on a machine with another number of GPUs.
+    return {"numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
 
 
 def restore_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    # The checkpoint is loaded onto the training device, but RNG states must be CPU byte tensors.
-    torch.set_rng_state(state["torch"].cpu())
+    torch.set_rng_state(state["torch"].cpu())  # loaded onto the training device, but RNG states are CPU tensors
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"].cpu())
 
 
-# Stopping: signals, Ctrl-C, divergence
-
-
+# ---- Stopping: signals, Ctrl-C, divergence --------------------------------------------------------------
 class StopSignals:
-    """SIGTERM and SIGUSR2 (what Slurm and submitit send before they kill a job) ask the run to stop
-    at the end of the current iteration, after a checkpoint. The handlers only set a flag."""
+    """SIGTERM and SIGUSR2 (what Slurm and submitit send before they kill a job) ask the run to stop at the
+    end of the current iteration, after a checkpoint. The handlers only set a flag."""
 
     def __init__(self):
         self.received = None
@@ -269,6 +258,12 @@ class StopSignals:
     def restore(self):
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
+
+    def stop_if_received(self, iteration: int, num_iterations: int, script: str, run_dir: str) -> None:
+        """After the iteration's checkpoint: Preempted (exit code 4) if a signal came, unless the run is done."""
+        if self.received and iteration < num_iterations:
+            raise Preempted(f"stopped by {self.received} after iteration {iteration}, checkpoint written; "
+                            f"continue with: python {script}.py --resume {run_dir}")
 
 
 @contextlib.contextmanager
@@ -301,28 +296,22 @@ def interrupt_reported(run_dir: str, script: str, checkpoint_interval: int):
 def stop_if_diverged(run_dir: str, iteration: int, global_step: int, stats: list, agents: list) -> None:
     """Stop with Diverged (exit code 3), keeping the last good checkpoint and writing diverged.json, when an
     iteration's losses or gradient norms (already on the host) or the updated weights are non-finite."""
-    what = None
     for i, (agent_stats, agent) in enumerate(zip(stats, agents)):
         whose = f"agent {i + 1}'s " if len(agents) > 1 else ""
         what = next((f"{whose}{key} is {value}" for key, value in agent_stats.items() if not math.isfinite(value)), None)
         if what is None and not bool(torch.isfinite(torch.cat([p.detach().flatten() for p in agent.parameters()])).all()):
             what = f"{whose}weights are non-finite after the update"
         if what:
-            break
-    if what is None:
-        return
-    record = {"iteration": iteration, "global_step": global_step, "what": what}
-    write_durably(os.path.join(run_dir, "diverged.json"), lambda f: f.write(json.dumps(record).encode()))
-    raise Diverged(f"diverged at iteration {iteration} (step {global_step}): {what}; "
-                   f"the last good checkpoint in {run_dir} is kept")
+            write_json(os.path.join(run_dir, "diverged.json"), {"iteration": iteration, "global_step": global_step,
+                                                                "what": what})
+            raise Diverged(f"diverged at iteration {iteration} (step {global_step}): {what}; "
+                           f"the last good checkpoint in {run_dir} is kept")
 
 
-# Speed and what a run logs about itself
-
-
+# ---- Speed, and what a run logs about itself ------------------------------------------------------------
 class CudaGraphed:
-    """fn(x) replayed from a CUDA graph, for inputs shaped like `example`: one launch, not one per kernel.
-    At the rollout's batch the network is launch-bound. The graph reads the parameters where they live,
+    """fn(x) replayed from a CUDA graph, for inputs shaped like `example`: one launch, not one per kernel
+    (at the rollout's batch the network is launch-bound). The graph reads the parameters where they live,
     so optimiser steps (in place) reach it; its outputs are overwritten by the next call."""
 
     def __init__(self, fn, example):
@@ -347,10 +336,17 @@ class CudaGraphed:
         return self.output
 
 
+def keep_freed_memory() -> None:
+    """Stop glibc from handing large freed blocks back to the OS after every batch: each activation tensor of
+    a minibatch would otherwise be a fresh mmap whose pages fault in again on the next one."""
+    with contextlib.suppress(OSError):  # not Linux's glibc: nothing to tune
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)  # M_MMAP_MAX: no mmap'd blocks, so large blocks are reused from the heap
+        libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap
+
 
 class Timer:
-    """Wall-clock seconds of the parts of one iteration, logged as perf/* scalars (bench.py reads them), and the
-    run's steps per second."""
+    """Wall-clock seconds of the parts of one iteration as perf/* scalars (bench.py reads them), and the SPS."""
 
     def __init__(self):
         self.start = self.last = time.perf_counter()
@@ -380,14 +376,13 @@ def machine_description(device) -> str:
 
 
 def source_commit() -> str:
-    """The git commit of the scripts, with "+changes" when tracked files differ from it; "unknown"
-    outside a git checkout."""
-    try:
+    """The scripts' git commit, with "+changes" when tracked files differ from it; "unknown" outside git."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
         described = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "describe", "--always",
                                     "--abbrev=7", "--dirty=+changes", "--exclude=*"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return described.stdout.strip() if described.returncode == 0 else "unknown"
+        if described.returncode == 0:
+            return described.stdout.strip()
+    return "unknown"
 
 
 def start_tracking(args, run_dir: str) -> None:
@@ -397,19 +392,6 @@ def start_tracking(args, run_dir: str) -> None:
     except ImportError:
         raise UsageError("--track needs Weights & Biases: pip install wandb") from None
     wandb.tensorboard.patch(root_logdir=run_dir)
-    wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
-               name=os.path.basename(run_dir.rstrip("/")), id=os.path.basename(run_dir.rstrip("/")),
+    name = os.path.basename(run_dir.rstrip("/"))
+    wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=name, id=name,
                resume="allow", dir=run_dir, save_code=True)
-
-
-def keep_freed_memory() -> None:
-    """Stop glibc from handing large freed blocks back to the OS after every batch: each activation
-    tensor of a minibatch would otherwise be a fresh mmap whose pages fault in again on the next one."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return
-    libc.mallopt(-4, 0)  # M_MMAP_MAX: no mmap'd blocks, so large blocks are reused from the heap
-    libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap

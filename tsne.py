@@ -40,7 +40,6 @@ import tyro  # noqa: E402
 
 import drac  # noqa: E402
 import evaluation  # noqa: E402
-import mdpo  # noqa: E402
 import ppo  # noqa: E402
 import run_utils  # noqa: E402
 import sweep  # noqa: E402

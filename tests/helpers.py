@@ -5,6 +5,8 @@ import os
 import pytest
 import torch
 
+import evaluation
+
 # The repository root, where the scripts live: the working directory of the tests' subprocesses.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,4 +38,4 @@ def tiny_args(module, **kw):
 
 def without_evaluation(module, monkeypatch):
     """The evaluation at a tiny run's last iteration is most of its time: for tests of something else."""
-    monkeypatch.setattr(module, "log_evaluation", lambda *a, **k: float("nan"))
+    monkeypatch.setattr(evaluation, "log_evaluation", lambda *a, **k: float("nan"))

@@ -280,8 +280,8 @@ def test_dropout_is_on_in_rollout_and_update_off_in_evaluation_and_reaches_the_n
         return wrapped
 
     monkeypatch.setattr(ppo, "make_agent", make_agent_watched)
-    for name in ("collect_rollout", "update", "log_evaluation"):
-        monkeypatch.setattr(ppo, name, in_phase(name, getattr(ppo, name)))
+    for owner, name in ((ppo, "collect_rollout"), (ppo, "update"), (evaluation, "log_evaluation")):
+        monkeypatch.setattr(owner, name, in_phase(name, getattr(owner, name)))
     ppo.main(ppo.Args(total_timesteps=32, eval_interval=1, dropout=0.3, run_dir=str(tmp_path / "run"), **TINY))
 
     assert len(agents) == 1
@@ -328,7 +328,7 @@ def test_evaluation_tests_on_all_levels_trains_on_the_training_levels_and_logs_t
         random.seed(11)
         before = random_streams()
         log = ScalarLog()
-        module.log_evaluation(log, agent, args, CPU, iteration, 640, "unused", "agent1")
+        evaluation.log_evaluation(log, agent, module.ProcgenVecEnv, args, CPU, iteration, 640, "unused", "agent1")
         after = random_streams()
         assert after[0] == before[0] and np.array_equal(after[1], before[1]) and torch.equal(after[2], before[2])
         # Two fresh envs of eval_episodes each: the full distribution (levels from 0), then the training levels.

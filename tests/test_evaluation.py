@@ -46,6 +46,6 @@ def test_evaluation_is_reproducible_and_leaves_training_rng_alone():
     torch.manual_seed(5)
     args = ppo.validate_args(ppo.Args(env_id="bigfish", eval_episodes=3, num_envs=2, num_steps=8, num_minibatches=1,
                                       total_timesteps=16))
-    first = evaluation.evaluate(agent, ppo.make_eval_env(args, 0, 7), torch.device("cpu"), seed=7)[0]
+    first = evaluation.evaluate(agent, ppo.ProcgenVecEnv("bigfish", args.eval_episodes, 0, 0, "hard", 7), torch.device("cpu"), seed=7)[0]
     assert torch.rand(1) == before
-    assert evaluation.evaluate(agent, ppo.make_eval_env(args, 0, 7), torch.device("cpu"), seed=7)[0] == first
+    assert evaluation.evaluate(agent, ppo.ProcgenVecEnv("bigfish", args.eval_episodes, 0, 0, "hard", 7), torch.device("cpu"), seed=7)[0] == first

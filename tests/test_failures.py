@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -59,7 +59,7 @@ def test_weights_gone_non_finite_stop_the_run_and_keep_the_last_good_checkpoint(
 
     monkeypatch.setattr(module, "update", update_that_breaks_a_weight_on_its_last_step)
     run_dir = str(tmp_path / "run")
-    with pytest.raises(module.Diverged, match="iteration 2 .*weights are non-finite"):
+    with pytest.raises(run_utils.Diverged, match="iteration 2 .*weights are non-finite"):
         module.main(module.Args(total_timesteps=64 * 4, run_dir=run_dir, **TINY))
     checkpoint = load(run_dir)
     assert checkpoint["iteration"] == 1
@@ -94,7 +94,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_the_same_command_r
         real_save(obj, f)
 
     monkeypatch.setattr(torch, "save", save_on_a_full_disk)
-    with pytest.raises(ppo.StorageError, match="No space left on device.*previous checkpoint is intact"):
+    with pytest.raises(run_utils.StorageError, match="No space left on device.*previous checkpoint is intact"):
         ppo.main(args)
     assert load(run_dir)["iteration"] == 1
     assert not os.path.exists(os.path.join(run_dir, "checkpoint.pt.tmp"))
@@ -317,7 +317,7 @@ def test_a_stop_signal_between_checkpoints_writes_one_and_at_the_end_is_a_finish
     monkeypatch.setattr(module, "update", update_then_sigterm)
     run_dir, last = str(tmp_path / "run"), str(tmp_path / "last")
     with harmless(signal.SIGTERM):
-        with pytest.raises(module.Preempted, match="after iteration 1, checkpoint written"):
+        with pytest.raises(run_utils.Preempted, match="after iteration 1, checkpoint written"):
             module.main(module_args(module, run_dir, 64 * 3, checkpoint_interval=100))
         assert load(run_dir)["iteration"] == 1
         module.main(module_args(module, last, 64, checkpoint_interval=100))  # at the last iteration: simply done

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import evaluation
-import mdpo
 import ppo
 import robustness
 from helpers import CUDA_MARKS, ROOT

@@ -175,9 +175,6 @@ def test_each_jobs_command_line_runs_the_args_the_sweep_expects(tmp_path):
     # run directory with: otherwise ppo_l2 could train as plain PPO, or a resume be refused as a mismatch.
     import tyro
 
-    import mdpo
-    import ppo
-
     jobs = sweep.make_jobs(sweep_args(tmp_path, methods=[*sweep.METHODS], seeds=[1, 2]))
     assert len(jobs) == 2 * len(sweep.METHODS)
     for job in jobs:
