@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from gymnasium.vector import AutoresetMode
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.summary.writer import event_file_writer
 from torch.distributions import Categorical, kl_divergence
 
 import drac
@@ -569,6 +570,9 @@ def test_after_an_interrupted_run_resumes_its_logged_episodes_are_those_of_one_s
     run_dir = str(tmp_path / "run")
     args = module.Args(total_timesteps=4 * 16, checkpoint_interval=2, eval_interval=100, run_dir=run_dir, **TINY)
     real_write, writes = run_utils.save_checkpoint, []
+    # Both runs are in this process, often within one second: their event files then sort by tensorboard's
+    # per-process file counter, written unpadded (".10" before ".9"). Three digits throughout keep the order.
+    monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(100))
 
     def interrupted_second_write(*a):
         writes.append(1)
