@@ -100,17 +100,79 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((y.T @ x).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm()))
 
 
+def debiased_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Debiased linear CKA (Nguyen et al. 2021) of two representations of the same n >= 4 inputs (n x d1 and
+    n x d2): HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)) for the Gram matrices K = XX' and L = YY', with the
+    unbiased HSIC estimator of Song et al. (2012), in float64. About 0 for independent features at any n and d,
+    where linear_cka's estimator is biased upwards unless n is large beside d; 1 for features that differ by an
+    orthogonal transform and an isotropic scaling."""
+    x, y = x.double(), y.double()
+    gram_x, gram_y = x @ x.T, y @ y.T
+    return float(unbiased_hsic(gram_x, gram_y) / (unbiased_hsic(gram_x, gram_x) * unbiased_hsic(gram_y, gram_y)).sqrt())
+
+
+def unbiased_hsic(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """Song et al.'s (2012) unbiased HSIC estimator from two symmetric n x n Gram matrices, in O(n^2):
+    [tr(K'L') + 1'K'1 1'L'1 / ((n - 1)(n - 2)) - 2 1'K'L'1 / (n - 2)] / (n (n - 3)), K' and L' without their diagonals."""
+    n = len(k)
+    k, l = k - torch.diag_embed(k.diagonal()), l - torch.diag_embed(l.diagonal())
+    row_k, row_l = k.sum(1), l.sum(1)
+    return ((k * l).sum() + row_k.sum() * row_l.sum() / ((n - 1) * (n - 2)) - 2 * (row_k @ row_l) / (n - 2)) / (n * (n - 3))
+
+
+def probe_frames(env_class, env_id: str, distribution_mode: str, seed: int, levels: int = 256, depths: int = 8,
+                 spacing: int = 12) -> torch.Tensor:
+    """The probe set where agents are compared: levels x depths frames of test levels (the full distribution),
+    levels envs acting at random and each giving a frame every `spacing` steps, at depths 0 to 84 into its level
+    (or into the next one, once an episode ended). Made from the seed alone, so every run with that seed, of any
+    method, probes the same frames."""
+    envs = env_class(env_id, levels, 0, 0, distribution_mode, seed + 2_000_000)
+    actions = np.random.default_rng(seed).integers(0, 15, (depths * spacing, levels))
+    obs, frames = envs.reset()[0], []
+    for step, step_actions in enumerate(actions):
+        if step % spacing == 0:
+            frames.append(obs.copy())
+        obs = envs.step(step_actions)[0]
+    envs.close()
+    return torch.from_numpy(np.concatenate(frames))
+
+
 @torch.inference_mode()
-def agreement(agents, frames, bf16=False):
-    """({(i, j): linear CKA}, {(i, j): mean total variation between policies}) for every pair i < j of the
-    agents on the frames, each agent as evaluated (eval mode: without dropout), then back in training mode."""
+def features_and_policy(agent, frames, bf16=False):
+    """The agent's 256-d features and action probabilities on the frames (float32), as evaluated: in eval mode
+    (without dropout), then back in the mode it was in. In chunks, which bounds the activations' memory."""
+    was_training = agent.training
+    agent.eval()
     features, probs = [], []
-    for agent in agents:
+    for chunk in frames.split(512):
         with torch.autocast(frames.device.type, torch.bfloat16, enabled=bf16):
-            hidden = agent.eval().hidden(frames)
+            hidden = agent.hidden(chunk)
             probs.append(agent.actor(hidden).float().softmax(-1))
         features.append(hidden.float())
-        agent.train()
+    agent.train(was_training)
+    return torch.cat(features), torch.cat(probs)
+
+
+def policy_tv(p, q) -> float:
+    """Mean over rows of the total-variation distance 1/2 sum_a |p(a) - q(a)| between action distributions."""
+    return float(0.5 * (p - q).abs().sum(-1).mean())
+
+
+def agreement(agents, frames, bf16=False):
+    """({(i, j): debiased CKA}, {(i, j): policy TV}) for every pair i < j of the agents on the frames."""
+    measured = [features_and_policy(agent, frames, bf16) for agent in agents]
     pairs = list(itertools.combinations(range(len(agents)), 2))
-    return ({(i, j): linear_cka(features[i], features[j]) for i, j in pairs},
-            {(i, j): float(0.5 * (probs[i] - probs[j]).abs().sum(-1).mean()) for i, j in pairs})
+    return ({(i, j): debiased_cka(measured[i][0], measured[j][0]) for i, j in pairs},
+            {(i, j): policy_tv(measured[i][1], measured[j][1]) for i, j in pairs})
+
+
+def interval95(values):
+    """(mean, low, high): Student-t 95% interval of the mean with the sample std; no interval from one value."""
+    values = np.asarray(values, dtype=float)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, float("nan"), float("nan")
+    from scipy.stats import t
+
+    half = t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return mean, mean - half, mean + half

@@ -1,6 +1,8 @@
 """Keep the scalars of finished or stopped runs as project data: copy what plot.py reads (the
 TensorBoard event files, config.json, status.json, diverged.json; no checkpoints, videos or locks)
-into a results directory, with a README section saying how they were made.
+into a results directory, with a README section saying how they were made, and each run's final network
+weights as weights.pt: its checkpoint's agents in half precision, without optimiser or environment state
+(about 1.3 MB per agent), which agreement.py, robustness.py and tsne.py read as they read a checkpoint.
 
 The event files are copied record by record without the per-episode training returns and lengths
 (`charts/episodic_return`, `charts/episodic_length`, one record per finished episode: 95% of the bytes,
@@ -24,12 +26,14 @@ import sys
 from dataclasses import dataclass
 from typing import List, Optional
 
+import torch
 import tyro
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
 import plot
+import run_utils
 from plot import UsageError  # one class for both: plot.load_run's refusals are export's too (one line, exit 2)
 
 KEPT_FILES = ("config.json", "status.json", "diverged.json")
@@ -48,6 +52,8 @@ class ExportArgs:
     """the commit the runs were made at, for runs trained outside a git checkout (their logs say "unknown")"""
     keep_episodes: bool = False
     """keep the per-episode training returns and lengths in the event files (left out by default: 95% of the bytes)"""
+    weights: bool = True
+    """keep each run's final network weights (weights.pt, half precision)"""
 
 
 def kept(name: str) -> bool:
@@ -108,6 +114,24 @@ def copy_scalars(run_dir: str, destination: str, keep_episodes: bool = False) ->
     return left_out
 
 
+def save_weights(run_dir: str, destination: str) -> bool:
+    """weights.pt from the run's checkpoint: its script, args, step and agents' weights in half precision, in the
+    checkpoint's layout; False when the run has no checkpoint."""
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isfile(path):
+        return False
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torn or foreign: one line
+        raise UsageError(f"cannot read {path} for the run's weights ({type(error).__name__}); --no-weights leaves "
+                         "them out") from None
+    agents = [{"agent": {name: value.half() if value.is_floating_point() else value for name, value in state.items()}}
+              for state in run_utils.agent_weights(checkpoint)]
+    torch.save({key: checkpoint[key] for key in ("script", "args", "iteration", "global_step")} | {"agents": agents},
+               os.path.join(destination, "weights.pt"))
+    return True
+
+
 def event_summary(run_dir: str) -> dict:
     """Over every event file of the run: its first and last wall-clock times and its "machine" texts."""
     times, machines = [], []
@@ -138,7 +162,7 @@ def minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
 
-def readme_section(runs: List[dict], how: str, commit: Optional[str], episodes_left_out: int = 0) -> str:
+def readme_section(runs: List[dict], how: str, commit: Optional[str], episodes_left_out: int = 0, weights: int = 0) -> str:
     machines = sorted({m for run in runs for m in run["machines"]}) or ["not logged (runs older than the machine text)"]
     starts = [run["start"] for run in runs if run["start"] is not None]
     ends = [run["end"] for run in runs if run["end"] is not None]
@@ -151,7 +175,9 @@ def readme_section(runs: List[dict], how: str, commit: Optional[str], episodes_l
              *([f"- commit, as given at export: {commit}"] if commit else []),
              f"- wall time: {wall}",
              *([f"- left out: {episodes_left_out:,} per-episode records ({', '.join(PER_EPISODE_TAGS)}; "
-                "export.py --keep-episodes keeps them)"] if episodes_left_out else []), "",
+                "export.py --keep-episodes keeps them)"] if episodes_left_out else []),
+             *([f"- final weights: weights.pt of {weights} run{'s' if weights > 1 else ''} (half precision, no "
+                "optimiser state)"] if weights else []), "",
              "| run | method | seed | steps per agent | last test return (at step) | state | wall time |",
              "|---|---|---|---|---|---|---|"]
     for run in runs:
@@ -176,7 +202,8 @@ def main(args: ExportArgs) -> List[dict]:
         raise UsageError(f"{os.path.join(args.to, there[0])} exists already: results are never overwritten")
     runs = [describe_run(d) for d in run_dirs]
     left_out = sum(copy_scalars(d, os.path.join(args.to, os.path.basename(d)), args.keep_episodes) for d in run_dirs)
-    section = readme_section(runs, args.how, args.commit, left_out)
+    weights = [save_weights(d, os.path.join(args.to, os.path.basename(d))) for d in run_dirs] if args.weights else []
+    section = readme_section(runs, args.how, args.commit, left_out, sum(weights))
     readme = os.path.join(args.to, "README.md")
     with open(readme, "a") as f:
         f.write(("\n" if os.path.getsize(readme) else "") + section)

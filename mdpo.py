@@ -519,24 +519,16 @@ def log_iteration(writer, stats: dict, batch: dict, episodes: list, global_step:
 
 
 # ---- Agreement between the agents: representation similarity and policy distance ---------------
-def probe_frames(args: Args, num_envs: int = 16, steps: int = 16) -> torch.Tensor:
-    """A fixed set of test-level frames (full level distribution), drawn once from the run's seed with
-    random actions: where the agents' representations and policies are compared at every evaluation."""
-    envs = ProcgenVecEnv(args.env_id, num_envs, 0, 0, args.distribution_mode, args.seed + 2_000_000)
-    actions = np.random.default_rng(args.seed).integers(0, 15, (steps, num_envs))
-    frames = [envs.step(step_actions)[0].copy() for step_actions in actions]
-    envs.close()
-    return torch.from_numpy(np.concatenate(frames))
-
-
 def log_agreement(writer, agents, frames, global_step, bf16) -> None:
-    """Log the mean over agent pairs of linear CKA between their 256-d features and of the total-variation
-    distance between their policies, on the probe frames (each pair's CKA too when K > 2)."""
+    """Log the mean over agent pairs of the debiased linear CKA between their 256-d features and of the
+    total-variation distance between their policies on the probe frames (each pair's CKA too when K > 2).
+    Logged from step 0, before any update: untrained agents already agree on shared frames, so a value is
+    read against its run's own start."""
     ckas, tvs = evaluation.agreement(agents, frames, bf16)
     for (i, j), cka in ckas.items():
         if len(agents) > 2:
-            writer.add_scalar(f"eval/representation_cka_{i + 1}_{j + 1}", cka, global_step)
-    writer.add_scalar("eval/representation_cka", float(np.mean(list(ckas.values()))), global_step)
+            writer.add_scalar(f"eval/debiased_cka_{i + 1}_{j + 1}", cka, global_step)
+    writer.add_scalar("eval/debiased_cka", float(np.mean(list(ckas.values()))), global_step)
     writer.add_scalar("eval/policy_tv", float(np.mean(list(tvs.values()))), global_step)
 
 
@@ -564,7 +556,7 @@ def train(args: Args, run_dir: str) -> None:
     rollouts = [Rollout(args, device) for _ in agents]
     for agent_envs, rollout in zip(envs, rollouts):
         rollout.start(agent_envs)
-    probes = probe_frames(args).to(device)
+    probes = evaluation.probe_frames(ProcgenVecEnv, args.env_id, args.distribution_mode, args.seed).to(device)
     iteration, global_step = 0, 0
     if checkpoint:
         for agent, agent_envs, rollout, state in zip(agents, envs, rollouts, checkpoint["agents"]):
@@ -586,6 +578,8 @@ def train(args: Args, run_dir: str) -> None:
     for agent_writer in writers:
         agent_writer.add_text("hyperparameters", run_utils.hyperparameter_table(args))
     writer.add_text("machine", run_utils.machine_description(device), global_step)
+    if not checkpoint:
+        log_agreement(writer, agents, probes, 0, args.bf16)
     progress = tqdm(total=args.num_iterations * args.batch_size, initial=global_step, unit="step",
                     dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30)
     start_time, start_step, test_return = time.time(), global_step, [float("nan")] * len(agents)

@@ -10,7 +10,8 @@ writes under --out (default Fig/):
   improvement.png/.pdf      rliable's probability that MDPO beats each other method on a game, 95% intervals
   profiles.png/.pdf         performance profiles: the fraction of runs above each normalised score
   generalization_gap.png/.pdf  train minus test return per game and method
-  representation_cka.png/.pdf  eval/representation_cka of the runs that log it (MDPO, MDPO alpha=0), per game
+  representation_cka.png/.pdf  eval/debiased_cka of the runs that log it (MDPO, MDPO alpha=0), per game: raw,
+                            and its change from the run's own untrained level (logged at step 0)
   perturbed_test_return.png/.pdf, perturbed_test_returns.md  for runs trained with --eval-perturbation: their
                             test return under each perturbation over training, beside their clean one, and
                             the drop (clean - perturbed, paired per run) at the compared step
@@ -64,7 +65,7 @@ HARD_MODE_RANGES = {
     "heist": (2, 10), "jumper": (1, 10), "leaper": (1.5, 10), "maze": (4, 10), "miner": (1.5, 20),
     "ninja": (2, 10), "plunder": (3, 30), "starpilot": (1.5, 35),
 }
-TEST, TRAIN, CKA = "eval/test_return", "eval/train_return", "eval/representation_cka"
+TEST, TRAIN, CKA = "eval/test_return", "eval/train_return", "eval/debiased_cka"
 PERTURBED = "eval/test_return_"  # + a perturbation's name: what --eval-perturbation logs
 STD_NOTE = "bands: mean ± sample std (ddof=1) over seeds"
 AGENT_NOTE = ("multi-agent methods: each seed's score is the mean of its K agents, which narrows the band for a "
@@ -552,7 +553,8 @@ def plot_curves(grouped, methods, step, title, x_axis, out) -> None:
 
 
 def plot_cka(grouped, x_axis, label, out) -> bool:
-    """eval/representation_cka over training, one panel per game with a run that logged it."""
+    """eval/debiased_cka over training, one column per game with a run that logged it: the raw value on top,
+    below its change from the run's own value at step 0 (the untrained agents'), for the runs that logged one."""
     logged = defaultdict(dict)
     for game, by_method in grouped.items():
         for method, runs in by_method.items():
@@ -562,19 +564,28 @@ def plot_cka(grouped, x_axis, label, out) -> bool:
         return False
     methods = ordered_methods(logged)
     games = sorted(logged)
-    fig, axes = panels(len(games))
-    for ax, game in zip(axes, games):
+    fig, axes = plt.subplots(2, len(games), figsize=(5.5 if len(games) == 1 else 4 * len(games), 7.4), squeeze=False)
+    for column, game in enumerate(games):
         for method in methods:
-            if method in logged[game]:
-                draw_band(ax, [run["curves"][CKA] for run in logged[game][method]], colour_of(method, methods), method)
-        ax.set_title(game)
-        millions_axis(ax, unit(x_axis).capitalize())
-        ax.set_ylabel("Linear CKA between agents")
-        style(ax)
+            curves = [run["curves"][CKA] for run in logged[game].get(method, [])]
+            if curves:
+                draw_band(axes[0][column], curves, colour_of(method, methods), method)
+            started = [(steps, values - values[0]) for steps, values in curves if steps[0] == 0]
+            if started:
+                draw_band(axes[1][column], started, colour_of(method, methods), method)
+        axes[0][column].set_title(game)
+        for ax, what in zip(axes[:, column], ("Debiased CKA between agents", "Change from step 0 (untrained)")):
+            millions_axis(ax, unit(x_axis).capitalize())
+            ax.set_ylabel(what)
+            ax.axhline(0, color="grey", linewidth=0.8, linestyle=":")
+            style(ax)
     runs = all_runs(logged)
     end = max(run["curves"][CKA][0][-1] for run in runs)
     seeds = seeds_text(len(rs) for by_method in logged.values() for rs in by_method.values())
-    notes = [f"{STD_NOTE}; CKA on the run's fixed test-level frames, mean over agent pairs (Kornblith et al. 2019)"]
+    notes = [f"{STD_NOTE}; debiased linear CKA (Nguyen et al. 2021) of the agents' 256-d features on the run's "
+             "probe frames (2,048 test-level frames made from its seed), mean over agent pairs; untrained agents "
+             "already agree on shared frames, so read a value against its run's start (lower row, runs that "
+             "logged step 0); agreement.py compares independent PPO runs on the same frames"]
     finish_curve_figure(fig, f"Representation similarity of the agents (up to {end:,} "
                         f"{unit(x_axis)}, {seeds}, {label or 'hardware not stated (--label)'})", notes, out,
                         "representation_cka")

@@ -36,6 +36,7 @@ import tyro
 from torch.distributions import Categorical
 
 import evaluation
+from evaluation import interval95
 import ppo
 import run_utils
 from drac import adjust_colour, convolve, random_conv_weights, uniform
@@ -246,18 +247,6 @@ def measure_agent(agent, game, mode, frames, perturbations, args: RobustnessArgs
         result["perturbations"][perturbation_key(name, strength)] = {
             "return": perturbed, "drop": clean - perturbed, **shift}
     return result
-
-
-def interval95(values):
-    """(mean, low, high): Student-t 95% interval of the mean with the sample std; no interval from one value."""
-    values = np.asarray(values, dtype=float)
-    mean = float(values.mean())
-    if len(values) < 2:
-        return mean, float("nan"), float("nan")
-    from scipy.stats import t
-
-    half = t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
-    return mean, mean - half, mean + half
 
 
 def summarise(results, keys) -> dict:

@@ -36,6 +36,10 @@ def tiny_args(module, **kw):
     return module.validate_args(module.Args(num_envs=8, num_steps=16, num_minibatches=2, total_timesteps=128, **kw))
 
 
+# MDPO probes 2,048 frames (seconds per tiny run on a CPU); conftest.py gives every other test 32 of them.
+full_probe_set = pytest.mark.full_probe_set
+
+
 def without_evaluation(module, monkeypatch):
     """The evaluation at a tiny run's last iteration is most of its time: for tests of something else."""
     monkeypatch.setattr(evaluation, "log_evaluation", lambda *a, **k: float("nan"))

@@ -122,10 +122,10 @@ def test_three_agents_train_with_a_stream_each_and_log_their_agreement(tmp_path)
     accumulator = EventAccumulator(run_dir)
     accumulator.Reload()
     tags = set(accumulator.Tags()["scalars"])
-    assert {"eval/representation_cka", "eval/policy_tv", "eval/representation_cka_1_2", "eval/representation_cka_1_3",
-            "eval/representation_cka_2_3"} <= tags
-    pairs = [accumulator.Scalars(f"eval/representation_cka_{i}_{j}")[-1].value for i, j in ((1, 2), (1, 3), (2, 3))]
-    assert accumulator.Scalars("eval/representation_cka")[-1].value == pytest.approx(np.mean(pairs), rel=1e-6)
+    assert {"eval/debiased_cka", "eval/policy_tv", "eval/debiased_cka_1_2", "eval/debiased_cka_1_3",
+            "eval/debiased_cka_2_3"} <= tags
+    pairs = [accumulator.Scalars(f"eval/debiased_cka_{i}_{j}")[-1].value for i, j in ((1, 2), (1, 3), (2, 3))]
+    assert accumulator.Scalars("eval/debiased_cka")[-1].value == pytest.approx(np.mean(pairs), rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

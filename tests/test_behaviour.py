@@ -28,6 +28,7 @@ import mdpo
 import ppo
 import run_utils
 from helpers import ROOT, random_batch
+from test_agreement import cka_by_quadruples
 from test_numerics import plain_forward, plain_ppo_loss
 from test_units import reference_gae
 
@@ -535,7 +536,7 @@ def test_mdpo_agent_is_ppo_agent_weight_for_weight_with_the_spec_head_gains():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_agreement_logs_the_mean_tv_distance_and_linear_cka_computed_by_hand():
+def test_agreement_logs_the_mean_tv_distance_and_debiased_cka_computed_by_hand():
     torch.manual_seed(0)
     agents = [mdpo.Agent() for _ in range(3)]
     for agent in agents:  # policies far from uniform, and far from each other
@@ -549,12 +550,11 @@ def test_agreement_logs_the_mean_tv_distance_and_linear_cka_computed_by_hand():
     tvs, ckas = [], []
     for i, j in ((0, 1), (0, 2), (1, 2)):
         tvs.append(np.mean([0.5 * np.sum(np.abs(p - q)) for p, q in zip(probs[i], probs[j])]))
-        x, y = hidden[i] - hidden[i].mean(0), hidden[j] - hidden[j].mean(0)
-        ckas.append(np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))
-        assert log.scalars[f"eval/representation_cka_{i + 1}_{j + 1}"] == (pytest.approx(ckas[-1], rel=1e-4), 7)
+        ckas.append(cka_by_quadruples(hidden[i], hidden[j]))
+        assert log.scalars[f"eval/debiased_cka_{i + 1}_{j + 1}"] == (pytest.approx(ckas[-1], rel=1e-4, abs=1e-6), 7)
     assert 0.05 < np.mean(tvs) < 0.95  # the policies differ, but not totally: the distance can be wrong
     assert log.scalars["eval/policy_tv"] == (pytest.approx(np.mean(tvs), rel=1e-4), 7)
-    assert log.scalars["eval/representation_cka"] == (pytest.approx(np.mean(ckas), rel=1e-4), 7)
+    assert log.scalars["eval/debiased_cka"] == (pytest.approx(np.mean(ckas), rel=1e-4, abs=1e-6), 7)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
 from torch.utils.tensorboard import SummaryWriter
@@ -46,7 +47,7 @@ def test_export_copies_only_the_scalars_and_says_how_they_were_made(tmp_path):
     write_run(runs, "ppo", 1, [1.0, 2.0, 3.0], T0, 60)  # its scalars at T0 + 60 ... T0 + 180
     write_run(runs, "mdpo", 1, [1.5, 2.5], T0 + 30, 120, finished=True)  # at T0 + 150, T0 + 270
     to = tmp_path / "results" / "starpilot-h100-8min"
-    export.main(export.ExportArgs(runs=[str(runs)], to=str(to), how="python sweep.py --stop-after-min 8",
+    export.main(export.ExportArgs(weights=False, runs=[str(runs)], to=str(to), how="python sweep.py --stop-after-min 8",
                                   commit="abc1234"))
 
     copied = sorted(os.path.relpath(os.path.join(d, f), to) for d, _, files in os.walk(to) for f in files)
@@ -80,21 +81,21 @@ def test_export_never_overwrites_and_appends_its_readme(tmp_path):
     write_run(tmp_path / "a", "ppo", 1, [1.0], T0, 60)
     write_run(tmp_path / "b", "ppo", 2, [1.0], T0, 60)
     to = str(tmp_path / "results")
-    export.main(export.ExportArgs(runs=[str(tmp_path / "a")], to=to, how="first slice"))
+    export.main(export.ExportArgs(weights=False, runs=[str(tmp_path / "a")], to=to, how="first slice"))
     with pytest.raises(export.UsageError, match="exists already: results are never overwritten"):
-        export.main(export.ExportArgs(runs=[str(tmp_path / "a")], to=to, how="again"))
-    export.main(export.ExportArgs(runs=[str(tmp_path / "b")], to=to, how="second slice"))
+        export.main(export.ExportArgs(weights=False, runs=[str(tmp_path / "a")], to=to, how="again"))
+    export.main(export.ExportArgs(weights=False, runs=[str(tmp_path / "b")], to=to, how="second slice"))
     readme = open(os.path.join(to, "README.md")).read()
     assert readme.count("## Exported") == 2 and readme.index("first slice") < readme.index("second slice")
 
 
 def test_export_refuses_bad_input_in_one_line(tmp_path):
     with pytest.raises(export.UsageError, match="--how must say"):
-        export.main(export.ExportArgs(runs=[str(tmp_path)], to=str(tmp_path / "r"), how=" "))
+        export.main(export.ExportArgs(weights=False, runs=[str(tmp_path)], to=str(tmp_path / "r"), how=" "))
     write_run(tmp_path / "a", "ppo", 1, [1.0], T0, 60)
     write_run(tmp_path / "b", "ppo", 1, [1.0], T0, 60)
     with pytest.raises(export.UsageError, match="two runs share a directory name"):
-        export.main(export.ExportArgs(runs=[str(tmp_path)], to=str(tmp_path / "r"), how="x"))
+        export.main(export.ExportArgs(weights=False, runs=[str(tmp_path)], to=str(tmp_path / "r"), how="x"))
     result = subprocess.run([sys.executable, "export.py", "--runs", str(tmp_path / "none"), "--to",
                              str(tmp_path / "r"), "--how", "x"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 2
@@ -116,7 +117,7 @@ def test_export_keeps_a_diverged_runs_record_and_says_so(tmp_path):
     with open(os.path.join(run_dir, "diverged.json"), "w") as f:
         json.dump({"iteration": 1, "what": "agent 1's loss is nan"}, f)
     to = tmp_path / "r"
-    export.main(export.ExportArgs(runs=[str(tmp_path / "runs")], to=str(to), how="x"))
+    export.main(export.ExportArgs(weights=False, runs=[str(tmp_path / "runs")], to=str(to), how="x"))
     assert (to / "starpilot__ppo__1" / "diverged.json").is_file()
     assert "| diverged |" in (to / "README.md").read_text()
 
@@ -126,14 +127,14 @@ def test_export_wall_time_starts_at_the_earliest_scalar_of_any_stream(tmp_path):
     writer = SummaryWriter(run_dir)  # a run-level scalar, in the stream os.walk visits first
     writer.add_scalar("eval/representation_cka", 0.5, 2000, walltime=T0 + 120)
     writer.close()
-    run, = export.main(export.ExportArgs(runs=[str(tmp_path / "runs")], to=str(tmp_path / "r"), how="x"))
+    run, = export.main(export.ExportArgs(weights=False, runs=[str(tmp_path / "runs")], to=str(tmp_path / "r"), how="x"))
     assert (run["start"], run["end"]) == (T0 + 60, T0 + 120)
 
 
 def test_export_names_every_machine_and_the_last_not_the_best_return(tmp_path):
     write_run(tmp_path / "runs", "ppo", 1, [3.0, 1.0], T0, 60, machine="NVIDIA H100 80GB HBM3; torch 2.6.0")
     write_run(tmp_path / "runs", "ppo", 2, [1.0], T0, 60, machine="NVIDIA H200; torch 2.6.0")
-    export.main(export.ExportArgs(runs=[str(tmp_path / "runs")], to=str(tmp_path / "r"), how="x"))
+    export.main(export.ExportArgs(weights=False, runs=[str(tmp_path / "runs")], to=str(tmp_path / "r"), how="x"))
     readme = (tmp_path / "r" / "README.md").read_text()
     assert "- machine, as the runs logged it: NVIDIA H100 80GB HBM3; torch 2.6.0" in readme
     assert "- machine, as the runs logged it: NVIDIA H200; torch 2.6.0" in readme
@@ -160,7 +161,7 @@ def test_export_leaves_out_the_per_episode_records_and_keeps_every_other_one(tmp
             writer.add_scalar("losses/value_loss", episode / 100, 25 * episode, walltime=T0 + episode)
             writer.add_scalar("charts/SPS", 1000 + episode, 25 * episode, walltime=T0 + episode)  # per iteration: kept
     writer.close()
-    export.main(export.ExportArgs(runs=[str(tmp_path / "runs")], to=str(tmp_path / "r"), how="x"))
+    export.main(export.ExportArgs(weights=False, runs=[str(tmp_path / "runs")], to=str(tmp_path / "r"), how="x"))
     source, exported = scalars_and_texts(run_dir), scalars_and_texts(tmp_path / "r" / "starpilot__ppo__1")
     assert len(source["charts/episodic_return"]) == 40 and set(source) - set(exported) == {
         "charts/episodic_return", "charts/episodic_length"}
@@ -174,7 +175,7 @@ def test_export_leaves_out_the_per_episode_records_and_keeps_every_other_one(tmp
             exported_records = list(RawEventFileLoader(str(tmp_path / "r" / "starpilot__ppo__1" / name)).Load())
             assert exported_records == [r for r in source_records if b"charts/episodic_" not in r]
 
-    export.main(export.ExportArgs(runs=[str(tmp_path / "runs")], to=str(tmp_path / "k"), how="x", keep_episodes=True))
+    export.main(export.ExportArgs(weights=False, runs=[str(tmp_path / "runs")], to=str(tmp_path / "k"), how="x", keep_episodes=True))
     for name in os.listdir(run_dir):
         if name.startswith("events.out.tfevents."):  # every record, byte for byte
             with open(os.path.join(run_dir, name), "rb") as a, open(tmp_path / "k" / "starpilot__ppo__1" / name, "rb") as b:
@@ -226,8 +227,8 @@ def test_readme_names_a_shared_machine_once_and_counts_one_run_in_the_singular(t
     write_run(tmp_path / "a", "ppo", 1, [1.0], T0, 60)
     write_run(tmp_path / "a", "ppo", 2, [1.0], T0, 60)  # the same machine text
     write_run(tmp_path / "b", "ppo", 3, [1.0], T0, 60)
-    export.main(export.ExportArgs(runs=[str(tmp_path / "a")], to=str(tmp_path / "r"), how="x"))
-    export.main(export.ExportArgs(runs=[str(tmp_path / "b")], to=str(tmp_path / "r"), how="y"))
+    export.main(export.ExportArgs(weights=False, runs=[str(tmp_path / "a")], to=str(tmp_path / "r"), how="x"))
+    export.main(export.ExportArgs(weights=False, runs=[str(tmp_path / "b")], to=str(tmp_path / "r"), how="y"))
     readme = (tmp_path / "r" / "README.md").read_text()
     assert readme.count("- machine, as the runs logged it: NVIDIA H100 80GB HBM3; torch 2.6.0") == 2  # once per export
     assert ": 2 runs\n" in readme and ": 1 run\n" in readme
@@ -237,7 +238,7 @@ def test_sections_are_separated_by_a_blank_line(tmp_path):
     write_run(tmp_path / "a", "ppo", 1, [1.0], T0, 60)
     write_run(tmp_path / "b", "ppo", 2, [1.0], T0, 60)
     for source in ("a", "b"):
-        export.main(export.ExportArgs(runs=[str(tmp_path / source)], to=str(tmp_path / "r"), how=source))
+        export.main(export.ExportArgs(weights=False, runs=[str(tmp_path / source)], to=str(tmp_path / "r"), how=source))
     readme = (tmp_path / "r" / "README.md").read_text()
     assert readme.startswith("## Exported") and readme.count("|\n\n## Exported") == 1
 
@@ -246,3 +247,25 @@ def test_a_diverged_run_is_called_diverged_even_if_its_status_says_finished(tmp_
     run_dir = write_run(tmp_path / "runs", "ppo", 1, [1.0], T0, 60, finished=True)
     open(os.path.join(run_dir, "diverged.json"), "w").write("{}")
     assert export.describe_run(run_dir)["state"] == "diverged"
+
+
+def test_a_runs_final_weights_are_kept_in_half_precision_without_the_optimiser(tmp_path):
+    import ppo
+    import run_utils
+
+    run_dir = str(tmp_path / "runs" / "bigfish__ppo__1")
+    ppo.main(ppo.Args(env_id="bigfish", num_envs=4, num_steps=16, num_minibatches=2, update_epochs=1,
+                      total_timesteps=64, eval_episodes=2, cuda=False, run_dir=run_dir))
+    to = tmp_path / "results" / "x"
+    export.main(export.ExportArgs(runs=[str(tmp_path / "runs")], to=str(to), how="a tiny run"))
+    weights = torch.load(to / "bigfish__ppo__1" / "weights.pt", weights_only=False)
+    checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+    assert sorted(weights) == ["agents", "args", "global_step", "iteration", "script"]
+    assert weights["global_step"] == checkpoint["global_step"] == 64 and weights["args"] == checkpoint["args"]
+    [saved], [trained] = run_utils.agent_weights(weights), run_utils.agent_weights(checkpoint)
+    assert saved.keys() == trained.keys() and all(value.dtype == torch.float16 for value in saved.values())
+    for name, value in trained.items():
+        torch.testing.assert_close(saved[name].float(), value, rtol=1e-3, atol=1e-4)
+    assert "- final weights: weights.pt of 1 run (half precision, no optimiser state)" in (to / "README.md").read_text()
+    agent = ppo.Agent()
+    agent.load_state_dict(saved)  # a float32 network takes them as they are

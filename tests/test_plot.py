@@ -44,7 +44,7 @@ def write_run(root, script, game, seed, test, train=None, num_agents=2, cka=None
     if cka is not None:
         writer = SummaryWriter(run_dir)
         for i, value in enumerate(cka):
-            writer.add_scalar("eval/representation_cka", value, (i + 1) * STEP)
+            writer.add_scalar("eval/debiased_cka", value, (i + 1) * STEP)
         writer.close()
     if finished is not None:
         json.dump({"global_step": len(test) * step, "iteration": len(test), "finished": finished},
@@ -143,10 +143,10 @@ def test_load_run_averages_k_agents_and_scales_the_total_axis(tmp_path):
     np.testing.assert_array_equal(steps, [1000, 2000])
     np.testing.assert_allclose(values, [3.0, 6.0])
     assert len(run["agent_curves"]["eval/test_return"]) == 3
-    np.testing.assert_allclose(run["curves"]["eval/representation_cka"][1], [0.5, 0.7])
+    np.testing.assert_allclose(run["curves"]["eval/debiased_cka"][1], [0.5, 0.7])
     total = plot.load_run(run_dir, x_axis="total")
     np.testing.assert_array_equal(total["curves"]["eval/test_return"][0], [3000, 6000])  # 3 agents x 1000
-    np.testing.assert_array_equal(total["curves"]["eval/representation_cka"][0], [3000, 6000])
+    np.testing.assert_array_equal(total["curves"]["eval/debiased_cka"][0], [3000, 6000])
     ppo_dir = write_run(tmp_path, "ppo", "bigfish", 1, [1.0])
     np.testing.assert_array_equal(plot.load_run(ppo_dir, x_axis="total")["curves"]["eval/test_return"][0], [1000])
 
@@ -433,7 +433,7 @@ def test_cka_figure_from_the_runs_that_log_it_and_a_note_when_none(tmp_path):
         write_run(runs, "mdpo", "bigfish", seed, [1.0, 2.0], cka=cka)
         write_run(runs, "mdpo", "bigfish", seed, [1.0, 2.0], cka=[0.1, 0.2], name="mdpo_alpha0", alpha=0.0)
     grouped = loaded(runs)
-    curves = [run["curves"]["eval/representation_cka"] for run in grouped["bigfish"]["MDPO"]]
+    curves = [run["curves"]["eval/debiased_cka"] for run in grouped["bigfish"]["MDPO"]]
     steps, mean, std = plot.mean_std_curve(curves)
     np.testing.assert_allclose(mean, [0.3, 0.7])
     np.testing.assert_allclose(std, [statistics.stdev([0.2, 0.4]), statistics.stdev([0.6, 0.8])])
@@ -899,6 +899,26 @@ def test_reference_figure_runs_to_the_longest_run_and_shades_min_to_max(tmp_path
     assert list(lines["OpenAI PPO (mean)"].get_xdata()) == [1000, 3000, 4000]  # rows up to our last step, and it
     np.testing.assert_allclose(lines["OpenAI PPO (mean)"].get_ydata(), [2.0, 2.0, 2.0])
     np.testing.assert_allclose(band_extent(ax, 0), (0.0, 5.0))
+    plot.plt.close(drawn["fig"])
+
+
+def test_cka_figure_draws_each_run_against_its_own_start_where_it_logged_step_0(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    for seed, cka in ((1, [0.5, 0.6, 0.9]), (2, [0.7, 0.7, 0.8])):
+        run_dir = write_run(runs, "mdpo", "bigfish", seed, [1.0, 2.0])
+        writer = SummaryWriter(run_dir)
+        for i, value in enumerate(cka):  # from step 0, as mdpo.py logs it before any update
+            writer.add_scalar("eval/debiased_cka", value, i * STEP)
+        writer.close()
+    write_run(runs, "mdpo", "bigfish", 3, [1.0, 2.0], cka=[0.1, 0.2])  # no step 0: raw row only
+    drawn = drawn_figure(monkeypatch)
+    assert plot.plot_cka(loaded(runs), "agent", "x", str(tmp_path))
+    raw, change = drawn["fig"].axes[0], drawn["fig"].axes[1]
+    [line] = [line for line in change.get_lines() if line.get_label() == "MDPO"]
+    np.testing.assert_allclose(line.get_xdata(), [0, STEP, 2 * STEP])
+    np.testing.assert_allclose(line.get_ydata(), [0.0, (0.1 + 0.0) / 2, (0.4 + 0.1) / 2], atol=1e-6)  # seeds 1, 2 only
+    [line] = [line for line in raw.get_lines() if line.get_label() == "MDPO"]
+    assert line.get_ydata()[-1] == pytest.approx((0.9 + 0.8 + 0.2) / 3)
     plot.plt.close(drawn["fig"])
 
 
