@@ -193,7 +193,7 @@ def main(args: ExportArgs) -> List[dict]:
         raise UsageError("--how must say what command made the runs")
     run_dirs = plot.find_runs(args.runs)
     if not run_dirs:
-        raise UsageError(f"no runs of ppo.py or mdpo.py under {', '.join(args.runs)}")
+        raise UsageError(f"no runs of ppo.py, drac.py or mdpo.py under {', '.join(args.runs)}")
     names = [os.path.basename(d) for d in run_dirs]
     if len(set(names)) < len(names):
         raise UsageError("two runs share a directory name; export them to separate results directories")

@@ -12,9 +12,6 @@ writes under --out (default Fig/):
   generalization_gap.png/.pdf  train minus test return per game and method
   representation_cka.png/.pdf  eval/debiased_cka of the runs that log it (MDPO, MDPO alpha=0), per game: raw,
                             and its change from the run's own untrained level (logged at step 0)
-  perturbed_test_return.png/.pdf, perturbed_test_returns.md  for runs trained with --eval-perturbation: their
-                            test return under each perturbation over training, beside their clean one, and
-                            the drop (clean - perturbed, paired per run) at the compared step
   final_test_returns.md     test returns, mean +- sample std, and Welch's t-test of MDPO against each method
   plot_summary.json         every number drawn above
 and, with --reference results/reference/openai_ppo_hard500.csv (OpenAI's published PPO, hard, 500 levels):
@@ -53,7 +50,7 @@ import tyro  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 METHOD_NAMES = {"ppo": "PPO", "ppo_l2": "PPO + L2", "ppo_dropout": "PPO + dropout", "ppo_2x": "PPO 2x samples",
-                "ppo_ucb_drac": "PPO + UCB-DrAC", "mdpo_alpha0": "MDPO α=0", "mdpo": "MDPO"}
+                "ppo_ucb_drac": "PPO + UCB-DrAC", "drac": "PPO + DrAC", "mdpo_alpha0": "MDPO α=0", "mdpo": "MDPO"}
 METHOD_COLOURS = {"PPO": "#17becf", "PPO + L2": "#f5a700", "PPO + dropout": "#1565d8", "PPO 2x samples": "#2ca02c",
                   "PPO + UCB-DrAC": "#8c564b", "MDPO α=0": "#9467bd", "MDPO": "#e8323c"}
 OTHER_COLOURS = ["#bcbd22", "#e377c2", "#393b79", "#637939", "#ff7f0e"]  # no grey: OpenAI's band is grey
@@ -66,7 +63,6 @@ HARD_MODE_RANGES = {
     "ninja": (2, 10), "plunder": (3, 30), "starpilot": (1.5, 35),
 }
 TEST, TRAIN, CKA = "eval/test_return", "eval/train_return", "eval/debiased_cka"
-PERTURBED = "eval/test_return_"  # + a perturbation's name: what --eval-perturbation logs
 STD_NOTE = "bands: mean ± sample std (ddof=1) over seeds"
 AGENT_NOTE = ("multi-agent methods: each seed's score is the mean of its K agents, which narrows the band for a "
               "reason other than the method; dotted: mean ± sample std over the individual agents")
@@ -111,7 +107,7 @@ class PlotArgs:
 
 
 def find_runs(roots: List[str]) -> List[str]:
-    """Every directory below the roots whose config.json was written by ppo.py or mdpo.py."""
+    """Every directory below the roots whose config.json was written by ppo.py, drac.py or mdpo.py."""
     found = []
     for root in roots:
         for directory, _, files in os.walk(root):
@@ -131,7 +127,7 @@ def is_run(directory: str) -> bool:
     except (OSError, ValueError) as error:
         print(f"skipping {directory}: its config.json is unreadable ({type(error).__name__})", file=sys.stderr)
         return False
-    return isinstance(config, dict) and config.get("script") in ("ppo", "mdpo") and isinstance(config.get("args"), dict)
+    return isinstance(config, dict) and config.get("script") in ("ppo", "drac", "mdpo") and isinstance(config.get("args"), dict)
 
 
 def method_of(config: dict) -> str:
@@ -150,10 +146,10 @@ def display_name(method: str) -> str:
     return METHOD_NAMES.get(method, method)
 
 
-def read_scalars(event_dir: str, tags, prefix: Optional[str] = None) -> Dict[str, tuple]:
-    """tag -> (steps, values) of these tags and of every tag starting with `prefix`, one value per step:
-    a step logged twice (a resumed run re-logging an evaluation after its checkpoint) keeps the later value."""
-    events = read_events(event_dir, lambda tag: tag in tags or (prefix is not None and tag.startswith(prefix)))
+def read_scalars(event_dir: str, tags) -> Dict[str, tuple]:
+    """tag -> (steps, values) of these tags, one value per step: a step logged twice (a resumed run re-logging
+    an evaluation after its checkpoint) keeps the later value."""
+    events = read_events(event_dir, lambda tag: tag in tags)
     return {tag: last_per_step(steps, values) for tag, (steps, values) in events.items()}
 
 
@@ -208,9 +204,8 @@ def load_run(run_dir: str, x_axis: str = "agent") -> dict:
     event_dirs = [run_dir] if num_agents == 1 else [os.path.join(run_dir, f"agent{i}") for i in range(1, num_agents + 1)]
     scale, per = (num_agents, 1) if x_axis == "total" else (1, samples_scale(method))
     curves, agent_curves = {}, {}
-    streams = [read_scalars(d, (TEST, TRAIN), PERTURBED) if os.path.isdir(d) else {} for d in event_dirs]  # each once
-    perturbed = sorted({tag for stream in streams for tag in stream if tag.startswith(PERTURBED)})
-    for tag in (TEST, TRAIN, *perturbed):
+    streams = [read_scalars(d, (TEST, TRAIN)) if os.path.isdir(d) else {} for d in event_dirs]  # each once
+    for tag in (TEST, TRAIN):
         per_agent = [stream.get(tag) for stream in streams]
         if any(c is None or len(c[0]) == 0 for c in per_agent):
             continue
@@ -226,20 +221,7 @@ def load_run(run_dir: str, x_axis: str = "agent") -> dict:
     return {"game": args["env_id"], "method": display_name(method), "seed": args["seed"], "args": args,
             "mode": args.get("distribution_mode", "hard"), "num_agents": num_agents,
             "finished": bool(status.get("finished")), "steps": status.get("global_step"),
-            "perturbations": perturbation_strengths(args, run_dir),
             "curves": curves, "agent_curves": agent_curves, "dir": run_dir, "steps_per_x": per}
-
-
-def perturbation_strengths(args: dict, run_dir: str) -> Dict[str, float]:
-    """name -> strength of the run's --eval-perturbation (a resume must keep them, so they hold for the whole run)."""
-    if not args.get("eval_perturbation"):
-        return {}
-    import robustness  # its parser: the strength names the perturbation tools share
-
-    try:
-        return dict(robustness.parse_perturbation(spec) for spec in args["eval_perturbation"])
-    except (robustness.UsageError, ValueError, TypeError) as error:
-        raise UsageError(f"{run_dir}: its config's --eval-perturbation is not one ({error})") from None
 
 
 def named_runs(runs: List[dict]) -> List[dict]:
@@ -590,65 +572,6 @@ def plot_cka(grouped, x_axis, label, out) -> bool:
                         f"{unit(x_axis)}, {seeds}, {label or 'hardware not stated (--label)'})", notes, out,
                         "representation_cka")
     return True
-
-
-def perturbed_runs(grouped) -> Dict[tuple, Dict[str, List[dict]]]:
-    """(game, perturbation, strength) -> method -> the runs that logged that perturbed test return."""
-    found = defaultdict(lambda: defaultdict(list))
-    for game, by_method in grouped.items():
-        for method, runs in by_method.items():
-            for run in runs:
-                for name, strength in run["perturbations"].items():
-                    if PERTURBED + name in run["curves"]:
-                        found[(game, name, strength)][method].append(run)
-    return {key: found[key] for key in sorted(found)}
-
-
-def perturbation_title(key) -> str:
-    game, name, strength = key
-    return f"{game}: {name} {strength:g}"
-
-
-def perturbed_table(found, methods, step, title) -> Tuple[str, dict]:
-    """Markdown and numbers, at `step`, of each method's clean and perturbed test return and of the drop,
-    clean - perturbed, taken run by run (both evaluations met the same levels) before the mean over seeds."""
-    lines = [f"Test return under --eval-perturbation {title}: mean ± sample std (ddof=1) over seeds (number of "
-             "seeds); drop = clean - perturbed, per run", "",
-             "| game: perturbation strength | method | clean | perturbed | drop |", "|---|---|---|---|---|"]
-    numbers = {}
-    for key, by_method in found.items():
-        panel = numbers[perturbation_title(key)] = {}
-        for method in (m for m in methods if m in by_method):
-            clean = [value_at(run, TEST, step) for run in by_method[method]]
-            perturbed = [value_at(run, PERTURBED + key[1], step) for run in by_method[method]]
-            drops = [c - p for c, p in zip(clean, perturbed)]
-            panel[method] = {"clean": clean, "perturbed": perturbed, "drop": drops}
-            lines.append(f"| {perturbation_title(key)} | {method} | {mean_std_cell(clean)} | "
-                         f"{mean_std_cell(perturbed)} | {mean_std_cell(drops)} |")
-    return "\n".join(lines) + "\n", numbers
-
-
-def plot_perturbed(found, methods, step, title, x_axis, out) -> None:
-    """One panel per game and perturbation: each method's perturbed test return, its clean one dashed."""
-    fig, axes = panels(len(found))
-    for ax, (key, by_method) in zip(axes, found.items()):
-        for method in (m for m in methods if m in by_method):
-            colour = colour_of(method, methods)
-            draw_band(ax, [run["curves"][PERTURBED + key[1]] for run in by_method[method]], colour, method)
-            steps, clean, _ = mean_std_curve([run["curves"][TEST] for run in by_method[method]])
-            ax.plot(steps, clean, color=colour, linestyle="--", linewidth=1)
-        ax.axvline(step, color="black", linestyle=":", linewidth=0.8)
-        ax.set_title(perturbation_title(key))
-        millions_axis(ax, unit(x_axis).capitalize())
-        ax.set_ylabel("Average test return")
-        style(ax)
-    notes = [f"{STD_NOTE}; dashed: the same runs' clean test return (mean); dotted: the compared step",
-             "each perturbed evaluation replays the clean one's levels and action seed, the network seeing perturbed "
-             "frames (one random draw per episode)",
-             "a multi-agent run's curve is the mean of its K agents, which narrows its band for a reason other than "
-             "the method"]
-    finish_curve_figure(fig, f"Test return under visual perturbations; compared {title}", notes, out,
-                        "perturbed_test_return")
 
 
 def interval_rows(ax, names, estimates, intervals, colours):
@@ -1394,12 +1317,6 @@ def main(args: PlotArgs) -> dict:
     with open(os.path.join(args.out, "final_test_returns.md"), "w") as f:
         f.write(table)
     print(table)
-    found = perturbed_runs(grouped)
-    if found:
-        perturbed_markdown, summary["perturbed"] = perturbed_table(found, methods, step, title)
-        with open(os.path.join(args.out, "perturbed_test_returns.md"), "w") as f:
-            f.write(perturbed_markdown)
-        print(perturbed_markdown)
     if args.reference:
         summary["reference"] = compare_with_reference(grouped, methods, reference, args)
     with open(os.path.join(args.out, "plot_summary.json"), "w") as f:
@@ -1408,8 +1325,6 @@ def main(args: PlotArgs) -> dict:
         print(f"note: no normalisation constants for {mode} mode: aggregate, improvement and profiles skipped")
     if args.figures:
         draw_all(grouped, methods, step, title, stats, gaps, args)
-        if found:
-            plot_perturbed(found, methods, step, title, args.x_axis, args.out)
     print(f"{len(all_runs(grouped))} runs; written to {args.out}/")
     return summary
 

@@ -18,10 +18,9 @@ STEP = 1000  # evaluations at 1000, 2000, ...
 
 
 def write_run(root, script, game, seed, test, train=None, num_agents=2, cka=None, finished=None, name=None,
-              perturbed=None, step=STEP, **args):
+              step=STEP, **args):
     """A run directory as ppo.py / mdpo.py leave it. An MDPO run's agents log test +- offsets that cancel
-    (their mean is `test`); `cka` goes to the run directory's own stream, as mdpo.py logs it; `perturbed`
-    maps a perturbation's name to its eval/test_return_{name} (give the config's eval_perturbation too)."""
+    (their mean is `test`); `cka` goes to the run directory's own stream, as mdpo.py logs it."""
     method = name or args.get("exp_name", script)
     run_dir = os.path.join(root, f"{game}__{method}__{seed}")
     os.makedirs(run_dir)
@@ -38,8 +37,6 @@ def write_run(root, script, game, seed, test, train=None, num_agents=2, cka=None
             writer.add_scalar("eval/test_return", value + offset, (i + 1) * step)
             if train is not None:
                 writer.add_scalar("eval/train_return", train[i] + offset, (i + 1) * step)
-            for perturbation, values in (perturbed or {}).items():
-                writer.add_scalar(f"eval/test_return_{perturbation}", values[i] - offset, (i + 1) * step)
         writer.close()
     if cka is not None:
         writer = SummaryWriter(run_dir)
@@ -439,82 +436,6 @@ def test_cka_figure_from_the_runs_that_log_it_and_a_note_when_none(tmp_path):
     np.testing.assert_allclose(std, [statistics.stdev([0.2, 0.4]), statistics.stdev([0.6, 0.8])])
     assert plot.plot_cka(grouped, "agent", "synthetic", str(tmp_path / "fig"))
     assert (tmp_path / "fig" / "representation_cka.png").stat().st_size > 0
-
-
-def test_perturbed_returns_and_paired_drops_at_the_compared_step_per_strength(tmp_path):
-    runs = tmp_path / "runs"
-    write_run(runs, "ppo", "bigfish", 1, [1.0, 5.0], perturbed={"hue": [0.5, 2.0]}, eval_perturbation=["hue:strong"])
-    write_run(runs, "ppo", "bigfish", 2, [2.0, 9.0], perturbed={"hue": [1.0, 3.0]}, eval_perturbation=["hue:strong"])
-    write_run(runs, "ppo", "bigfish", 3, [4.0, 4.0])  # no --eval-perturbation: only in the clean comparison
-    for seed, test, hue, conv in ((1, [2.0, 6.0], [1.0, 5.0], [1.0, 4.0]), (2, [3.0, 7.0], [2.0, 6.5], [2.0, 1.0])):
-        write_run(runs, "mdpo", "bigfish", seed, test, perturbed={"hue": hue, "random_conv": conv},
-                  eval_perturbation=["hue:strong", "random_conv"])
-    # Another strength of hue is another comparison, not a third MDPO seed of this one.
-    write_run(runs, "mdpo", "bigfish", 3, [3.0, 8.0], perturbed={"hue": [3.0, 8.0]}, eval_perturbation=["hue:0.1"])
-    summary = plot.main(plot_args(tmp_path))
-    perturbed = summary["perturbed"]
-    assert list(perturbed) == ["bigfish: hue 0.1", "bigfish: hue 0.5", "bigfish: random_conv 1"]
-    assert perturbed["bigfish: hue 0.5"]["PPO"] == {"clean": [5.0, 9.0], "perturbed": [2.0, 3.0], "drop": [3.0, 6.0]}
-    assert perturbed["bigfish: hue 0.5"]["MDPO"] == {"clean": [6.0, 7.0], "perturbed": [5.0, 6.5], "drop": [1.0, 0.5]}
-    assert perturbed["bigfish: random_conv 1"] == {"MDPO": {"clean": [6.0, 7.0], "perturbed": [4.0, 1.0],
-                                                            "drop": [2.0, 6.0]}}
-    assert perturbed["bigfish: hue 0.1"] == {"MDPO": {"clean": [8.0], "perturbed": [8.0], "drop": [0.0]}}
-    table = (tmp_path / "fig" / "perturbed_test_returns.md").read_text()
-    assert f"| bigfish: hue 0.5 | PPO | 7.00 ± {statistics.stdev([5, 9]):.2f} (2) | 2.50 ± 0.71 (2) | 4.50 ± 2.12 (2) |" in table
-
-
-def test_no_perturbed_table_without_eval_perturbation_and_a_bad_spec_is_one_line(tmp_path):
-    runs = tmp_path / "runs"
-    write_run(runs, "ppo", "bigfish", 1, [1.0, 5.0])
-    assert "perturbed" not in plot.main(plot_args(tmp_path))
-    assert not (tmp_path / "fig" / "perturbed_test_returns.md").exists()
-    write_run(runs, "ppo", "bigfish", 2, [1.0, 5.0], perturbed={"blur": [1.0, 2.0]}, eval_perturbation=["blur"])
-    with pytest.raises(plot.UsageError, match="bigfish__ppo__2: its config's --eval-perturbation is not one"):
-        plot.main(plot_args(tmp_path))
-
-
-def test_perturbed_figure_has_a_panel_per_game_and_perturbation_and_every_method_in_its_legend(tmp_path, monkeypatch):
-    runs = tmp_path / "runs"
-    write_run(runs, "ppo", "bigfish", 1, [1.0, 5.0], perturbed={"hue": [0.5, 2.0]}, eval_perturbation=["hue"])
-    write_run(runs, "mdpo", "starpilot", 1, [2.0, 6.0], perturbed={"hue": [1.0, 5.0]}, eval_perturbation=["hue"])
-    grouped = loaded(runs)
-    found = plot.perturbed_runs(grouped)
-    saved = {}
-    monkeypatch.setattr(plot, "save", lambda fig, out, name, *dpi: saved.update(fig=fig, name=name))
-    plot.plot_perturbed(found, ["PPO", "MDPO"], 2 * STEP, "synthetic", "agent", str(tmp_path / "fig"))
-    fig = saved["fig"]
-    assert saved["name"] == "perturbed_test_return"
-    assert [ax.get_title() for ax in fig.axes if ax.get_visible()] == ["bigfish: hue 0.25", "starpilot: hue 0.25"]
-    # MDPO is not in the first panel; the legend still names it.
-    assert [text.get_text() for text in fig.legends[0].get_texts()] == ["PPO", "MDPO"]
-
-
-def test_perturbed_table_compares_clean_and_perturbed_at_the_compared_step_not_the_last(tmp_path):
-    runs = tmp_path / "runs"
-    write_run(runs, "ppo", "bigfish", 1, [1.0, 5.0, 50.0], perturbed={"hue": [0.5, 2.0, 40.0]}, eval_perturbation=["hue"])
-    write_run(runs, "ppo", "bigfish", 2, [2.0, 9.0], perturbed={"hue": [1.0, 3.0]}, eval_perturbation=["hue"])
-    row = plot.main(plot_args(tmp_path))["perturbed"]["bigfish: hue 0.25"]["PPO"]
-    assert row == {"clean": [5.0, 9.0], "perturbed": [2.0, 3.0], "drop": [3.0, 6.0]}
-
-
-def test_a_run_missing_one_of_its_perturbed_curves_is_left_out_of_that_comparison(tmp_path):
-    runs = tmp_path / "runs"  # e.g. stopped during its first perturbed evaluations
-    write_run(runs, "ppo", "bigfish", 1, [1.0, 5.0], perturbed={"hue": [0.5, 2.0]},
-              eval_perturbation=["hue", "random_conv"])
-    assert list(plot.main(plot_args(tmp_path))["perturbed"]) == ["bigfish: hue 0.25"]
-
-
-def test_perturbed_figure_draws_the_perturbed_mean_solid_and_the_clean_mean_dashed(tmp_path, monkeypatch):
-    runs = tmp_path / "runs"
-    write_run(runs, "ppo", "bigfish", 1, [1.0, 5.0], perturbed={"hue": [0.5, 2.0]}, eval_perturbation=["hue"])
-    write_run(runs, "ppo", "bigfish", 2, [3.0, 7.0], perturbed={"hue": [1.5, 4.0]}, eval_perturbation=["hue"])
-    found = plot.perturbed_runs(loaded(runs))
-    saved = {}
-    monkeypatch.setattr(plot, "save", lambda fig, out, name, *dpi: saved.update(fig=fig))
-    plot.plot_perturbed(found, ["PPO"], 2 * STEP, "synthetic", "agent", str(tmp_path / "fig"))
-    lines = {line.get_linestyle(): list(line.get_ydata()) for line in saved["fig"].axes[0].get_lines()
-             if line.get_linestyle() in ("-", "--")}
-    assert lines == {"-": [1.0, 3.0], "--": [2.0, 6.0]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1083,7 +1004,7 @@ def test_each_learning_setting_splits_runs_and_both_scripts_default_it_alike():
 
 
 def test_evaluation_checkpoints_the_budget_and_speed_flags_split_nothing():
-    other = {"eval_interval": 2, "eval_episodes": 256, "eval_perturbation": ["hue"], "checkpoint_interval": 1,
+    other = {"eval_interval": 2, "eval_episodes": 256, "checkpoint_interval": 1,
              "total_timesteps": 1000, "cuda": False, "torch_deterministic": False, "bf16": True, "compile": True}
     assert split_names(settings_run("PPO", 1), settings_run("PPO", 2, **other)) == ["PPO", "PPO"]
 
@@ -1104,6 +1025,7 @@ def test_every_field_of_both_scripts_is_a_learning_setting_a_method_field_or_nam
     # A field added to Args must be sorted here, so that split_by_settings cannot silently miss it.
     import dataclasses
 
+    import drac
     import mdpo
     import ppo
     import sweep
@@ -1112,10 +1034,10 @@ def test_every_field_of_both_scripts_is_a_learning_setting_a_method_field_or_nam
                "capture_video", "run_dir", "resume", "checkpoint_interval",  # the run's identity and bookkeeping
                "env_id", "distribution_mode",  # the task: plot.py groups by game and refuses mixed modes
                "total_timesteps",  # a ceiling: the learning rate is not annealed
-               "eval_interval", "eval_episodes", "eval_perturbation",  # how it is measured
+               "eval_interval", "eval_episodes",  # how it is measured
                "bf16", "compile",  # speed flags a resume may change
                "batch_size", "minibatch_size", "num_iterations"}  # computed from the settings
-    for module in (ppo, mdpo):
+    for module in (ppo, drac, mdpo):
         fields = {field.name for field in dataclasses.fields(module.Args)}
         sorted_fields = set(sweep.LEARNING_SETTINGS) | set(sweep.METHOD_FIELDS[module.__name__]) | neither
         assert fields - sorted_fields == set(), module.__name__
@@ -1150,3 +1072,11 @@ def test_long_titles_and_notes_are_wrapped_to_the_figure(tmp_path):
     text = plot.wrapped("word " * 100, fig, 9)
     assert max(len(line) for line in text.split("\n")) <= int(fig.get_size_inches()[0] * 9)
     plot.plt.close(fig)
+
+
+def test_a_drac_run_is_found_and_named_by_its_augmentation(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs, "drac", "bigfish", 1, [1.0, 2.0], augment="crop", drac_coef=0.1, exp_name="ppo_drac_crop")
+    write_run(runs, "drac", "bigfish", 2, [1.0, 2.0], augment="flip", drac_coef=0.2, exp_name="mine")
+    assert sorted(run["method"] for run in map(plot.load_run, plot.find_runs([str(runs)]))) == [
+        "PPO + DrAC (augment=flip, drac_coef=0.2)", "PPO + DrAC (crop)"]
