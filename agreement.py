@@ -68,15 +68,15 @@ def load_run(path: str) -> dict:
     try:
         checkpoint = torch.load(file, map_location="cpu", weights_only=False)
         args = dict(checkpoint["args"])
-        trained = [ppo.Agent(dropout=args.get("dropout", 0.0)) for _ in run_utils.agent_weights(checkpoint)]
+        trained = [ppo.Agent(dropout=args["dropout"]) for _ in run_utils.agent_weights(checkpoint)]
         for agent, state in zip(trained, run_utils.agent_weights(checkpoint)):
             agent.load_state_dict(state)
         torch.manual_seed(args["seed"])
-        untrained = [ppo.Agent(dropout=args.get("dropout", 0.0)) for _ in trained]
+        untrained = [ppo.Agent(dropout=args["dropout"]) for _ in trained]
     except Exception as error:  # torn, foreign or from another network: one line, not a traceback
         raise UsageError(f"{file} is not a readable checkpoint of ppo.py, drac.py or mdpo.py ({type(error).__name__})") from None
     return {"run": os.path.dirname(file), "method": method_of({"script": checkpoint["script"], "args": args}),
-            "game": args["env_id"], "mode": args.get("distribution_mode", "hard"), "seed": args["seed"],
+            "game": args["env_id"], "mode": args["distribution_mode"], "seed": args["seed"],
             "global_step": checkpoint["global_step"], "trained": trained, "untrained": untrained}
 
 
@@ -141,7 +141,8 @@ def markdown(table: dict, title: str) -> str:
         lines.append(f"| {kind} | {len(rows)} | " + " | ".join(
             cell(*summary[key]) for key in ("cka_untrained", "cka", "cka_change", "tv_untrained", "tv")) + " |")
     lines.append("\nDebiased linear CKA of the 256-d features and mean total variation between the policies on the "
-                 "probe frames; mean and Student-t 95% interval over pairs (none from one pair).")
+                 "probe frames; mean and Student-t 95% interval over pairs (none from one pair). Pairs across runs share "
+                 "runs (3 seeds make 3 pairs of 3 runs), so they are not independent: read those intervals as too narrow.")
     return "\n".join(lines) + "\n"
 
 
@@ -175,6 +176,8 @@ def draw(table: dict, title: str, path: str) -> None:
 def main(args: AgreementArgs) -> dict:
     if not args.runs:
         raise UsageError("give the run directories to compare")
+    if not 0 <= args.probe_seed <= 2**31 - 1 - 2_000_000:  # Procgen's seeds are 32-bit; the probe's lies 2,000,000 up
+        raise UsageError(f"--probe-seed must lie in [0, {2**31 - 1 - 2_000_000}], got {args.probe_seed}")
     runs = [load_run(path) for path in args.runs]
     check_runs(runs)
     if not pairs(runs):
@@ -200,4 +203,7 @@ if __name__ == "__main__":
         main(tyro.cli(AgreementArgs))
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as error:  # a file it cannot read or write, --out above all
+        print(f"error: {error.filename}: {error.strerror}", file=sys.stderr)
         sys.exit(2)

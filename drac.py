@@ -95,48 +95,6 @@ class Args:
     num_iterations: int = 0  # the number of iterations (computed)
 
 
-def validate_args(args: Args) -> Args:
-    """Check the flags and fill in the computed sizes; raise UsageError on bad input."""
-    def refuse_unless(condition, message):
-        if not condition:
-            raise UsageError(message)
-
-    flag = lambda name: name.replace("_", "-")  # noqa: E731
-    for name, value in asdict(args).items():
-        refuse_unless(not isinstance(value, float) or np.isfinite(value), f"--{flag(name)} must be a finite number, got {value}")
-    refuse_unless(args.env_id in PROCGEN_GAMES, f"unknown game {args.env_id!r}; choose one of: {', '.join(PROCGEN_GAMES)}")
-    refuse_unless(args.distribution_mode in DISTRIBUTION_MODES, f"unknown distribution mode {args.distribution_mode!r}; "
-                  f"choose one of: {', '.join(DISTRIBUTION_MODES)}")
-    games = MODE_GAMES.get(args.distribution_mode, PROCGEN_GAMES)
-    refuse_unless(args.env_id in games, f"{args.env_id} has no {args.distribution_mode} mode; the games that have it: {', '.join(games)}")
-    if args.eval_episodes is None:
-        args = replace(args, eval_episodes=args.num_envs)
-    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs",
-                 "eval_interval", "eval_episodes", "checkpoint_interval", "learning_rate"):
-        refuse_unless(getattr(args, name) > 0, f"--{flag(name)} must be positive, got {getattr(args, name)}")
-    for name in ("num_levels", "start_level", "ent_coef", "vf_coef", "clip_coef", "max_grad_norm", "l2_coef"):
-        refuse_unless(getattr(args, name) >= 0, f"--{flag(name)} must not be negative, got {getattr(args, name)}")
-    for name in ("num_levels", "start_level", "num_envs", "eval_episodes"):
-        refuse_unless(getattr(args, name) <= INT32_MAX, f"--{flag(name)} must be at most {INT32_MAX}, got {getattr(args, name)}")
-    refuse_unless(0 <= args.gamma <= 1 and 0 <= args.gae_lambda <= 1, "--gamma and --gae-lambda must lie in [0, 1]")
-    refuse_unless(0 <= args.dropout < 1, f"--dropout must lie in [0, 1), got {args.dropout}")
-    refuse_unless(args.augment in (*AUGMENTATIONS, "ucb"), f"unknown augmentation {args.augment!r}; choose one of: "
-                  f"{', '.join(AUGMENTATIONS)}, ucb")
-    refuse_unless(args.drac_coef > 0, f"--drac-coef must be positive (DrAC's paper uses 0.1; 0 is plain PPO: run ppo.py), "
-                  f"got {args.drac_coef}")
-    batch_size = args.num_envs * args.num_steps
-    refuse_unless(batch_size % args.num_minibatches == 0, f"the batch (num-envs x num-steps = {batch_size}) does not "
-                  f"divide into {args.num_minibatches} minibatches")
-    refuse_unless(not args.norm_adv or batch_size // args.num_minibatches >= 2, "--norm-adv needs minibatches of at "
-                  f"least 2 samples (their advantages' std), got {batch_size // args.num_minibatches}")
-    refuse_unless(args.total_timesteps >= batch_size, f"--total-timesteps ({args.total_timesteps}) is less than one batch ({batch_size})")
-    num_iterations = args.total_timesteps // batch_size
-    highest_seed = INT32_MAX - SEED_OFFSETS - num_iterations
-    refuse_unless(0 <= args.seed <= highest_seed, f"--seed must lie in [0, {highest_seed}], got {args.seed}")
-    return replace(args, batch_size=batch_size, minibatch_size=batch_size // args.num_minibatches,
-                   num_iterations=num_iterations)
-
-
 # ---- Environments ------------------------------------------------------------------------------
 class ProcgenVecEnv(gym.vector.VectorEnv):
     """Procgen's native vectorised env (gym3 interface) as a gymnasium VectorEnv. Procgen resets a finished
@@ -177,33 +135,6 @@ def make_envs(args: Args, seed: int) -> gym.vector.VectorEnv:
     envs = gym.wrappers.vector.NormalizeReward(envs, gamma=args.gamma)
     # One np.clip over the whole vector: gymnasium's vector ClipReward clips env by env, which is slow.
     return gym.wrappers.vector.TransformReward(envs, lambda rewards: np.clip(rewards, -10, 10))
-
-
-def agent_state(agent, envs, rollout) -> dict:
-    """One agent's part of a checkpoint, all its run needs to continue exactly: weights, games, episode statistics,
-    the reward normaliser's running return (public state; with same-step autoreset it keeps no other) and the
-    frames its rollout continues from."""
-    norm, stats = envs.env, envs.env.env
-    return {"agent": agent.state_dict(), "procgen": stats.env.procgen.get_state(),
-            "return_rms": (norm.return_rms.mean, norm.return_rms.var, norm.return_rms.count),
-            **{name: getattr(owner, name).copy() for owner, name in env_arrays(envs)},
-            "next_obs": rollout.next_obs, "next_done": rollout.next_done}
-
-
-def restore_agent_state(agent, envs, rollout, state: dict) -> None:
-    agent.load_state_dict(state["agent"])
-    envs.env.env.env.procgen.set_state(state["procgen"])
-    envs.env.return_rms.mean, envs.env.return_rms.var, envs.env.return_rms.count = state["return_rms"]
-    for owner, name in env_arrays(envs):
-        getattr(owner, name)[:] = state[name]
-    rollout.next_obs.copy_(state["next_obs"])
-    rollout.next_done.copy_(state["next_done"])
-
-
-def env_arrays(envs):
-    """(wrapper, attribute) of the arrays the episode statistics and the reward normaliser carry across steps."""
-    norm, stats = envs.env, envs.env.env
-    return [(stats, "episode_returns"), (stats, "episode_lengths"), (stats, "prev_dones"), (norm, "accumulated_reward")]
 
 
 # ---- Network: IMPALA-CNN actor-critic ----------------------------------------------------------
@@ -301,7 +232,7 @@ def make_agent(args: Args, device):
     return Agent(dropout=args.dropout).to(device).to(memory_format=torch.channels_last)
 
 
-# ---- DrAC's augmentations (and the robustness tests' perturbations) -----------------------------
+# ---- DrAC's augmentations (and the robustness tests' perturbations) ----------------------------
 # The project's one implementation: drac.py trains with them, robustness.py and tsne.py test with them.
 # Each takes uint8 NHWC frames and draws its random parameters from an explicit CPU generator, so a seed
 # fixes them on any device. Each returns frames on the pixel scale Agent.hidden reads: uint8, except random
@@ -443,7 +374,140 @@ AUGMENTATIONS = {
 }
 
 
-# ---- Acting: the rollout and the evaluation ----------------------------------------------------
+# ---- Learning: GAE, the loss, DrAC's regularisers, the update ----------------------------------
+def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda):
+    """Generalised advantage estimates and returns of one rollout ([num_steps, num_envs] tensors).
+    dones[t] is 1 where obs[t] is the first frame of an episode, i.e. the step before it ended one."""
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(next_value)
+    for t in reversed(range(rewards.shape[0])):
+        if t == rewards.shape[0] - 1:
+            next_nonterminal, next_values = 1.0 - next_done, next_value
+        else:
+            next_nonterminal, next_values = 1.0 - dones[t + 1], values[t + 1]
+        delta = rewards[t] + gamma * next_values * next_nonterminal - values[t]
+        advantages[t] = last_gae = delta + gamma * gae_lambda * next_nonterminal * last_gae
+    return advantages, advantages + values
+
+
+def ppo_loss(logits, new_value, batch: dict, mb_inds, args: Args):
+    """PPO's loss on one agent's minibatch (clipped surrogate + clipped value loss - entropy bonus), and its stats."""
+    # No argument validation: non-finite logits must reach the divergence check, not raise here.
+    probs = Categorical(logits=logits, validate_args=False)
+    logratio = probs.log_prob(batch["actions"][mb_inds]) - batch["logprobs"][mb_inds]
+    ratio = logratio.exp()
+    advantages = batch["advantages"][mb_inds]
+    if args.norm_adv:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    pg_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
+    old_value, returns = batch["values"][mb_inds], batch["returns"][mb_inds]
+    value_clipped = old_value + (new_value - old_value).clamp(-args.clip_coef, args.clip_coef)
+    v_loss = 0.5 * torch.max((new_value - returns) ** 2, (value_clipped - returns) ** 2).mean()
+    entropy = probs.entropy().mean()
+    with torch.no_grad():
+        approx_kl = ((ratio - 1) - logratio).mean()
+        clipfrac = ((ratio - 1).abs() > args.clip_coef).float().mean()
+    stats = {"policy_loss": pg_loss, "value_loss": v_loss, "entropy": entropy, "approx_kl": approx_kl, "clipfrac": clipfrac}
+    return pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss, stats
+
+
+def drac_terms(clean_logits, clean_value, aug_logits, aug_value):
+    """DrAC's regularisers from the network's outputs on clean and augmented frames: G_pi = mean KL(pi(.|s) ||
+    pi(.|f(s))) and G_V = mean (V(s) - V(f(s)))^2 / 2, the clean side a fixed target (detached): gradients reach
+    the network through the augmented frames only, as in their code. Their code estimates G_pi by -log pi(a|f(s))
+    with a ~ pi(.|s), which has this KL's gradient in expectation; the exact KL over the 15 actions has none of
+    that sampling noise. The 1/2 of G_V is their code's."""
+    clean_logp, aug_logp = F.log_softmax(clean_logits.detach(), -1), F.log_softmax(aug_logits, -1)
+    g_pi = (clean_logp.exp() * (clean_logp - aug_logp)).sum(-1).mean()
+    g_v = 0.5 * (clean_value.detach() - aug_value).pow(2).mean()
+    return g_pi, g_v
+
+
+def drac_loss(agent, obs, logits, value, augment: str, bf16: bool):
+    """G_pi + G_V on a minibatch's frames `obs`, given the network's logits and values on them, and its stats."""
+    # The augmentation's parameters come from the global stream, which checkpoints save: resumes stay exact.
+    generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+    augmented = AUGMENTATIONS[augment](obs, generator)  # in float32: only the network runs under --bf16
+    with torch.autocast(obs.device.type, torch.bfloat16, enabled=bf16):
+        aug_logits, aug_value = agent(augmented)
+    g_pi, g_v = drac_terms(logits, value, aug_logits, aug_value)
+    return g_pi + g_v, {"drac_pi": g_pi, "drac_v": g_v}
+
+
+class UCBAugmentation:
+    """UCB-DrAC's bandit over DrAC's augmentations (their code's defaults): before each update, the one with the
+    highest Q + c * sqrt(log(N) / n), where Q is the mean of the last `window` mean returns of the rollouts that
+    followed its updates (0 before any), n its count (from 1) and N the total (from 1); after the next rollout,
+    that rollout's mean return estimate credits it."""
+
+    def __init__(self, names=tuple(AUGMENTATIONS), exploration=0.1, window=10):
+        self.names, self.exploration, self.window = list(names), exploration, window
+        self.counts, self.total = [1] * len(self.names), 1
+        self.returns = [[] for _ in self.names]
+        self.current = None  # the augmentation of the last update, waiting for its credit
+
+    def step(self, rollout_returns) -> str:
+        """Credit the last update's augmentation with this rollout's returns; choose the next update's."""
+        if self.current is not None:
+            self.total += 1
+            self.counts[self.current] += 1
+            self.returns[self.current] = (self.returns[self.current] + [float(rollout_returns.mean())])[-self.window:]
+        scores = [(np.mean(r) if r else 0.0) + self.exploration * np.sqrt(np.log(self.total) / n)
+                  for r, n in zip(self.returns, self.counts)]
+        self.current = int(np.argmax(scores))
+        return self.names[self.current]
+
+    def state_dict(self) -> dict:
+        return {"counts": list(self.counts), "total": self.total, "returns": [list(r) for r in self.returns],
+                "current": self.current}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.counts, self.total, self.current = list(state["counts"]), state["total"], state["current"]
+        self.returns = [list(r) for r in state["returns"]]
+
+
+def l2_penalty(agent):
+    """sum(w**2) / 2 over weights, not biases: tf.nn.l2_loss as in Cobbe et al.'s coinrun (their l2_weight 1e-4)."""
+    return sum(p.pow(2).sum() for p in agent.parameters() if p.dim() > 1) / 2
+
+
+def minibatch_loss(agent, batch: dict, mb_inds, args: Args):
+    """The PPO loss on a minibatch, plus drac_coef x DrAC's regularisers (the PPO terms stay on the clean
+    frames; the regularisers see augmented ones) and the L2 penalty of --l2-coef."""
+    with torch.autocast(batch["obs"].device.type, torch.bfloat16, enabled=args.bf16):
+        logits, new_value = agent(batch["obs"][mb_inds])
+    loss, stats = ppo_loss(logits, new_value, batch, mb_inds, args)
+    drac, drac_stats = drac_loss(agent, batch["obs"][mb_inds], logits, new_value, args.augment, args.bf16)
+    loss, stats = loss + args.drac_coef * drac, {**stats, **drac_stats}
+    if args.l2_coef > 0:
+        loss = loss + args.l2_coef * l2_penalty(agent)
+    return loss, {key: value.detach() for key, value in stats.items()}
+
+
+def update(agent, optimizer, batch: dict, args: Args) -> dict:
+    """update_epochs passes of minibatch gradient steps over one rollout; returns mean losses."""
+    totals = {}
+    for _ in range(args.update_epochs):
+        permutation = torch.randperm(args.batch_size, device=batch["obs"].device)
+        for start in range(0, args.batch_size, args.minibatch_size):
+            mb_inds = permutation[start:start + args.minibatch_size]
+            loss, stats = minibatch_loss(agent, batch, mb_inds, args)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            stats["grad_norm"] = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)  # before clipping
+            optimizer.step()
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + value
+    # One host sync per iteration, not one per minibatch.
+    return {key: float(value) / (args.update_epochs * args.num_minibatches) for key, value in totals.items()}
+
+
+def explained_variance(values, returns) -> float:
+    var_returns = returns.var()
+    return float("nan") if var_returns == 0 else float(1 - (returns - values).var() / var_returns)
+
+
+# ---- Acting: the rollout -----------------------------------------------------------------------
 def sample_action(logits):
     """One draw per row from Categorical(logits) by the Gumbel-max trick: torch.multinomial's distribution from
     plain kernels, which a CUDA graph can hold. Clamping the uniforms away from 0 keeps the noise finite."""
@@ -533,136 +597,74 @@ def collect_rollout(policy, envs, rollout: Rollout, args: Args, device, global_s
     return global_step, episodes, finish_rollout(policy, rollout, args, device)
 
 
-# ---- Learning: GAE, the loss, the update -------------------------------------------------------
-def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda):
-    """Generalised advantage estimates and returns of one rollout ([num_steps, num_envs] tensors).
-    dones[t] is 1 where obs[t] is the first frame of an episode, i.e. the step before it ended one."""
-    advantages = torch.zeros_like(rewards)
-    last_gae = torch.zeros_like(next_value)
-    for t in reversed(range(rewards.shape[0])):
-        if t == rewards.shape[0] - 1:
-            next_nonterminal, next_values = 1.0 - next_done, next_value
-        else:
-            next_nonterminal, next_values = 1.0 - dones[t + 1], values[t + 1]
-        delta = rewards[t] + gamma * next_values * next_nonterminal - values[t]
-        advantages[t] = last_gae = delta + gamma * gae_lambda * next_nonterminal * last_gae
-    return advantages, advantages + values
+# ---- The run: its flags, checkpointed state and logs, and the training loop --------------------
+def validate_args(args: Args) -> Args:
+    """Check the flags and fill in the computed sizes; raise UsageError on bad input."""
+    def refuse_unless(condition, message):
+        if not condition:
+            raise UsageError(message)
+
+    flag = lambda name: name.replace("_", "-")  # noqa: E731
+    for name, value in asdict(args).items():
+        refuse_unless(not isinstance(value, float) or np.isfinite(value), f"--{flag(name)} must be a finite number, got {value}")
+    refuse_unless(args.env_id in PROCGEN_GAMES, f"unknown game {args.env_id!r}; choose one of: {', '.join(PROCGEN_GAMES)}")
+    refuse_unless(args.distribution_mode in DISTRIBUTION_MODES, f"unknown distribution mode {args.distribution_mode!r}; "
+                  f"choose one of: {', '.join(DISTRIBUTION_MODES)}")
+    games = MODE_GAMES.get(args.distribution_mode, PROCGEN_GAMES)
+    refuse_unless(args.env_id in games, f"{args.env_id} has no {args.distribution_mode} mode; the games that have it: {', '.join(games)}")
+    if args.eval_episodes is None:
+        args = replace(args, eval_episodes=args.num_envs)
+    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs",
+                 "eval_interval", "eval_episodes", "checkpoint_interval", "learning_rate"):
+        refuse_unless(getattr(args, name) > 0, f"--{flag(name)} must be positive, got {getattr(args, name)}")
+    for name in ("num_levels", "start_level", "ent_coef", "vf_coef", "clip_coef", "max_grad_norm", "l2_coef"):
+        refuse_unless(getattr(args, name) >= 0, f"--{flag(name)} must not be negative, got {getattr(args, name)}")
+    for name in ("num_levels", "start_level", "num_envs", "eval_episodes"):
+        refuse_unless(getattr(args, name) <= INT32_MAX, f"--{flag(name)} must be at most {INT32_MAX}, got {getattr(args, name)}")
+    refuse_unless(0 <= args.gamma <= 1 and 0 <= args.gae_lambda <= 1, "--gamma and --gae-lambda must lie in [0, 1]")
+    refuse_unless(0 <= args.dropout < 1, f"--dropout must lie in [0, 1), got {args.dropout}")
+    refuse_unless(args.augment in (*AUGMENTATIONS, "ucb"), f"unknown augmentation {args.augment!r}; choose one of: "
+                  f"{', '.join(AUGMENTATIONS)}, ucb")
+    refuse_unless(args.drac_coef > 0, f"--drac-coef must be positive (DrAC's paper uses 0.1; 0 is plain PPO: run ppo.py), "
+                  f"got {args.drac_coef}")
+    batch_size = args.num_envs * args.num_steps
+    refuse_unless(batch_size % args.num_minibatches == 0, f"the batch (num-envs x num-steps = {batch_size}) does not "
+                  f"divide into {args.num_minibatches} minibatches")
+    refuse_unless(not args.norm_adv or batch_size // args.num_minibatches >= 2, "--norm-adv needs minibatches of at "
+                  f"least 2 samples (their advantages' std), got {batch_size // args.num_minibatches}")
+    refuse_unless(args.total_timesteps >= batch_size, f"--total-timesteps ({args.total_timesteps}) is less than one batch ({batch_size})")
+    num_iterations = args.total_timesteps // batch_size
+    highest_seed = INT32_MAX - SEED_OFFSETS - num_iterations
+    refuse_unless(0 <= args.seed <= highest_seed, f"--seed must lie in [0, {highest_seed}], got {args.seed}")
+    return replace(args, batch_size=batch_size, minibatch_size=batch_size // args.num_minibatches,
+                   num_iterations=num_iterations)
 
 
-def ppo_loss(logits, new_value, batch: dict, mb_inds, args: Args):
-    """PPO's loss on one agent's minibatch (clipped surrogate + clipped value loss - entropy bonus), and its stats."""
-    # No argument validation: non-finite logits must reach the divergence check, not raise here.
-    probs = Categorical(logits=logits, validate_args=False)
-    logratio = probs.log_prob(batch["actions"][mb_inds]) - batch["logprobs"][mb_inds]
-    ratio = logratio.exp()
-    advantages = batch["advantages"][mb_inds]
-    if args.norm_adv:
-        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-    pg_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
-    old_value, returns = batch["values"][mb_inds], batch["returns"][mb_inds]
-    value_clipped = old_value + (new_value - old_value).clamp(-args.clip_coef, args.clip_coef)
-    v_loss = 0.5 * torch.max((new_value - returns) ** 2, (value_clipped - returns) ** 2).mean()
-    entropy = probs.entropy().mean()
-    with torch.no_grad():
-        approx_kl = ((ratio - 1) - logratio).mean()
-        clipfrac = ((ratio - 1).abs() > args.clip_coef).float().mean()
-    stats = {"policy_loss": pg_loss, "value_loss": v_loss, "entropy": entropy, "approx_kl": approx_kl, "clipfrac": clipfrac}
-    return pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss, stats
+def agent_state(agent, envs, rollout) -> dict:
+    """One agent's part of a checkpoint, all its run needs to continue exactly: weights, games, episode statistics,
+    the reward normaliser's running return (public state; with same-step autoreset it keeps no other) and the
+    frames its rollout continues from."""
+    norm, stats = envs.env, envs.env.env
+    return {"agent": agent.state_dict(), "procgen": stats.env.procgen.get_state(),
+            "return_rms": (norm.return_rms.mean, norm.return_rms.var, norm.return_rms.count),
+            **{name: getattr(owner, name).copy() for owner, name in env_arrays(envs)},
+            "next_obs": rollout.next_obs, "next_done": rollout.next_done}
 
 
-def drac_terms(clean_logits, clean_value, aug_logits, aug_value):
-    """DrAC's regularisers from the network's outputs on clean and augmented frames: G_pi = mean KL(pi(.|s) ||
-    pi(.|f(s))) and G_V = mean (V(s) - V(f(s)))^2 / 2, the clean side a fixed target (detached): gradients reach
-    the network through the augmented frames only, as in their code. Their code estimates G_pi by -log pi(a|f(s))
-    with a ~ pi(.|s), which has this KL's gradient in expectation; the exact KL over the 15 actions has none of
-    that sampling noise. The 1/2 of G_V is their code's."""
-    clean_logp, aug_logp = F.log_softmax(clean_logits.detach(), -1), F.log_softmax(aug_logits, -1)
-    g_pi = (clean_logp.exp() * (clean_logp - aug_logp)).sum(-1).mean()
-    g_v = 0.5 * (clean_value.detach() - aug_value).pow(2).mean()
-    return g_pi, g_v
+def restore_agent_state(agent, envs, rollout, state: dict) -> None:
+    agent.load_state_dict(state["agent"])
+    envs.env.env.env.procgen.set_state(state["procgen"])
+    envs.env.return_rms.mean, envs.env.return_rms.var, envs.env.return_rms.count = state["return_rms"]
+    for owner, name in env_arrays(envs):
+        getattr(owner, name)[:] = state[name]
+    rollout.next_obs.copy_(state["next_obs"])
+    rollout.next_done.copy_(state["next_done"])
 
 
-def drac_loss(agent, obs, logits, value, augment: str, bf16: bool):
-    """G_pi + G_V on a minibatch's frames `obs`, given the network's logits and values on them, and its stats."""
-    # The augmentation's parameters come from the global stream, which checkpoints save: resumes stay exact.
-    generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
-    with torch.autocast(obs.device.type, torch.bfloat16, enabled=bf16):
-        aug_logits, aug_value = agent(AUGMENTATIONS[augment](obs, generator))
-    g_pi, g_v = drac_terms(logits, value, aug_logits, aug_value)
-    return g_pi + g_v, {"drac_pi": g_pi, "drac_v": g_v}
-
-
-class UCBAugmentation:
-    """UCB-DrAC's bandit over DrAC's augmentations (their code's defaults): before each update, the one with the
-    highest Q + c * sqrt(log(N) / n), where Q is the mean of the last `window` mean returns of the rollouts that
-    followed its updates (0 before any), n its count (from 1) and N the total (from 1); after the next rollout,
-    that rollout's mean return estimate credits it."""
-
-    def __init__(self, names=tuple(AUGMENTATIONS), exploration=0.1, window=10):
-        self.names, self.exploration, self.window = list(names), exploration, window
-        self.counts, self.total = [1] * len(self.names), 1
-        self.returns = [[] for _ in self.names]
-        self.current = None  # the augmentation of the last update, waiting for its credit
-
-    def step(self, rollout_returns) -> str:
-        """Credit the last update's augmentation with this rollout's returns; choose the next update's."""
-        if self.current is not None:
-            self.total += 1
-            self.counts[self.current] += 1
-            self.returns[self.current] = (self.returns[self.current] + [float(rollout_returns.mean())])[-self.window:]
-        scores = [(np.mean(r) if r else 0.0) + self.exploration * np.sqrt(np.log(self.total) / n)
-                  for r, n in zip(self.returns, self.counts)]
-        self.current = int(np.argmax(scores))
-        return self.names[self.current]
-
-    def state_dict(self) -> dict:
-        return {"counts": list(self.counts), "total": self.total, "returns": [list(r) for r in self.returns],
-                "current": self.current}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.counts, self.total, self.current = list(state["counts"]), state["total"], state["current"]
-        self.returns = [list(r) for r in state["returns"]]
-
-
-def l2_penalty(agent):
-    """sum(w**2) / 2 over weights, not biases: tf.nn.l2_loss as in Cobbe et al.'s coinrun (their l2_weight 1e-4)."""
-    return sum(p.pow(2).sum() for p in agent.parameters() if p.dim() > 1) / 2
-
-
-def minibatch_loss(agent, batch: dict, mb_inds, args: Args):
-    """The PPO loss on a minibatch, plus drac_coef x DrAC's regularisers (the PPO terms stay on the clean
-    frames; the regularisers see augmented ones) and the L2 penalty of --l2-coef."""
-    with torch.autocast(batch["obs"].device.type, torch.bfloat16, enabled=args.bf16):
-        logits, new_value = agent(batch["obs"][mb_inds])
-    loss, stats = ppo_loss(logits, new_value, batch, mb_inds, args)
-    drac, drac_stats = drac_loss(agent, batch["obs"][mb_inds], logits, new_value, args.augment, args.bf16)
-    loss, stats = loss + args.drac_coef * drac, {**stats, **drac_stats}
-    if args.l2_coef > 0:
-        loss = loss + args.l2_coef * l2_penalty(agent)
-    return loss, {key: value.detach() for key, value in stats.items()}
-
-
-def update(agent, optimizer, batch: dict, args: Args) -> dict:
-    """update_epochs passes of minibatch gradient steps over one rollout; returns mean losses."""
-    totals = {}
-    for _ in range(args.update_epochs):
-        permutation = torch.randperm(args.batch_size, device=batch["obs"].device)
-        for start in range(0, args.batch_size, args.minibatch_size):
-            mb_inds = permutation[start:start + args.minibatch_size]
-            loss, stats = minibatch_loss(agent, batch, mb_inds, args)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            stats["grad_norm"] = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)  # before clipping
-            optimizer.step()
-            for key, value in stats.items():
-                totals[key] = totals.get(key, 0.0) + value
-    # One host sync per iteration, not one per minibatch.
-    return {key: float(value) / (args.update_epochs * args.num_minibatches) for key, value in totals.items()}
-
-
-def explained_variance(values, returns) -> float:
-    var_returns = returns.var()
-    return float("nan") if var_returns == 0 else float(1 - (returns - values).var() / var_returns)
+def env_arrays(envs):
+    """(wrapper, attribute) of the arrays the episode statistics and the reward normaliser carry across steps."""
+    norm, stats = envs.env, envs.env.env
+    return [(stats, "episode_returns"), (stats, "episode_lengths"), (stats, "prev_dones"), (norm, "accumulated_reward")]
 
 
 def log_iteration(writer, stats: dict, batch: dict, episodes: list, global_step: int, learning_rate: float) -> None:
@@ -676,7 +678,6 @@ def log_iteration(writer, stats: dict, batch: dict, episodes: list, global_step:
     writer.add_scalar("charts/learning_rate", learning_rate, global_step)
 
 
-# ---- Training loop -----------------------------------------------------------------------------
 def main(args: Args) -> str:
     args, run_dir, lock = run_utils.open_run_dir(validate_args(args), SCRIPT)
     with lock, run_utils.interrupt_reported(run_dir, SCRIPT, args.checkpoint_interval):

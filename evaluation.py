@@ -91,20 +91,11 @@ def log_video(writer, tag, frames, step, path):
     writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
 
-def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Linear CKA (Kornblith et al. 2019) of two representations of the same n inputs (n x d1, n x d2):
-    ||Y'X||_F^2 / (||X'X||_F ||Y'Y||_F) on column-centred features; 1 for representations that differ
-    by an orthogonal transform and an isotropic scaling, in float64."""
-    x = x.double() - x.double().mean(0)
-    y = y.double() - y.double().mean(0)
-    return float((y.T @ x).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm()))
-
-
 def debiased_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     """Debiased linear CKA (Nguyen et al. 2021) of two representations of the same n >= 4 inputs (n x d1 and
     n x d2): HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)) for the Gram matrices K = XX' and L = YY', with the
     unbiased HSIC estimator of Song et al. (2012), in float64. About 0 for independent features at any n and d,
-    where linear_cka's estimator is biased upwards unless n is large beside d; 1 for features that differ by an
+    where the biased HSIC estimator's CKA (Kornblith et al. 2019) is pulled upwards unless n is large beside d; 1 for features that differ by an
     orthogonal transform and an isotropic scaling."""
     x, y = x.double(), y.double()
     gram_x, gram_y = x @ x.T, y @ y.T

@@ -97,46 +97,6 @@ class Args:
     num_iterations: int = 0  # the number of iterations (computed)
 
 
-def validate_args(args: Args) -> Args:
-    """Check the flags and fill in the computed sizes; raise UsageError on bad input."""
-    def refuse_unless(condition, message):
-        if not condition:
-            raise UsageError(message)
-
-    flag = lambda name: name.replace("_", "-")  # noqa: E731
-    for name, value in asdict(args).items():
-        refuse_unless(not isinstance(value, float) or np.isfinite(value), f"--{flag(name)} must be a finite number, got {value}")
-    refuse_unless(args.env_id in PROCGEN_GAMES, f"unknown game {args.env_id!r}; choose one of: {', '.join(PROCGEN_GAMES)}")
-    refuse_unless(args.distribution_mode in DISTRIBUTION_MODES, f"unknown distribution mode {args.distribution_mode!r}; "
-                  f"choose one of: {', '.join(DISTRIBUTION_MODES)}")
-    games = MODE_GAMES.get(args.distribution_mode, PROCGEN_GAMES)
-    refuse_unless(args.env_id in games, f"{args.env_id} has no {args.distribution_mode} mode; the games that have it: {', '.join(games)}")
-    if args.eval_episodes is None:
-        args = replace(args, eval_episodes=args.num_envs)
-    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs",
-                 "eval_interval", "eval_episodes", "checkpoint_interval", "learning_rate"):
-        refuse_unless(getattr(args, name) > 0, f"--{flag(name)} must be positive, got {getattr(args, name)}")
-    for name in ("num_levels", "start_level", "ent_coef", "vf_coef", "clip_coef", "max_grad_norm", "l2_coef"):
-        refuse_unless(getattr(args, name) >= 0, f"--{flag(name)} must not be negative, got {getattr(args, name)}")
-    for name in ("num_levels", "start_level", "num_envs", "eval_episodes"):
-        refuse_unless(getattr(args, name) <= INT32_MAX, f"--{flag(name)} must be at most {INT32_MAX}, got {getattr(args, name)}")
-    refuse_unless(0 <= args.gamma <= 1 and 0 <= args.gae_lambda <= 1, "--gamma and --gae-lambda must lie in [0, 1]")
-    refuse_unless(0 <= args.dropout < 1, f"--dropout must lie in [0, 1), got {args.dropout}")
-    refuse_unless(args.alpha >= 0, f"--alpha must not be negative, got {args.alpha}")
-    refuse_unless(args.num_agents >= 2, f"--num-agents must be at least 2 (mutual distillation needs peers), got {args.num_agents}")
-    batch_size = args.num_envs * args.num_steps
-    refuse_unless(batch_size % args.num_minibatches == 0, f"the batch (num-envs x num-steps = {batch_size}) does not "
-                  f"divide into {args.num_minibatches} minibatches")
-    refuse_unless(not args.norm_adv or batch_size // args.num_minibatches >= 2, "--norm-adv needs minibatches of at "
-                  f"least 2 samples (their advantages' std), got {batch_size // args.num_minibatches}")
-    refuse_unless(args.total_timesteps >= batch_size, f"--total-timesteps ({args.total_timesteps}) is less than one batch ({batch_size})")
-    num_iterations = args.total_timesteps // batch_size
-    highest_seed = INT32_MAX - SEED_OFFSETS - num_iterations
-    refuse_unless(0 <= args.seed <= highest_seed, f"--seed must lie in [0, {highest_seed}], got {args.seed}")
-    return replace(args, batch_size=batch_size, minibatch_size=batch_size // args.num_minibatches,
-                   num_iterations=num_iterations)
-
-
 # ---- Environments ------------------------------------------------------------------------------
 class ProcgenVecEnv(gym.vector.VectorEnv):
     """Procgen's native vectorised env (gym3 interface) as a gymnasium VectorEnv. Procgen resets a finished
@@ -177,33 +137,6 @@ def make_envs(args: Args, seed: int) -> gym.vector.VectorEnv:
     envs = gym.wrappers.vector.NormalizeReward(envs, gamma=args.gamma)
     # One np.clip over the whole vector: gymnasium's vector ClipReward clips env by env, which is slow.
     return gym.wrappers.vector.TransformReward(envs, lambda rewards: np.clip(rewards, -10, 10))
-
-
-def agent_state(agent, envs, rollout) -> dict:
-    """One agent's part of a checkpoint, all its run needs to continue exactly: weights, games, episode statistics,
-    the reward normaliser's running return (public state; with same-step autoreset it keeps no other) and the
-    frames its rollout continues from."""
-    norm, stats = envs.env, envs.env.env
-    return {"agent": agent.state_dict(), "procgen": stats.env.procgen.get_state(),
-            "return_rms": (norm.return_rms.mean, norm.return_rms.var, norm.return_rms.count),
-            **{name: getattr(owner, name).copy() for owner, name in env_arrays(envs)},
-            "next_obs": rollout.next_obs, "next_done": rollout.next_done}
-
-
-def restore_agent_state(agent, envs, rollout, state: dict) -> None:
-    agent.load_state_dict(state["agent"])
-    envs.env.env.env.procgen.set_state(state["procgen"])
-    envs.env.return_rms.mean, envs.env.return_rms.var, envs.env.return_rms.count = state["return_rms"]
-    for owner, name in env_arrays(envs):
-        getattr(owner, name)[:] = state[name]
-    rollout.next_obs.copy_(state["next_obs"])
-    rollout.next_done.copy_(state["next_done"])
-
-
-def env_arrays(envs):
-    """(wrapper, attribute) of the arrays the episode statistics and the reward normaliser carry across steps."""
-    norm, stats = envs.env, envs.env.env
-    return [(stats, "episode_returns"), (stats, "episode_lengths"), (stats, "prev_dones"), (norm, "accumulated_reward")]
 
 
 # ---- Network: IMPALA-CNN actor-critic ----------------------------------------------------------
@@ -301,7 +234,107 @@ def make_agent(args: Args, device):
     return Agent(dropout=args.dropout).to(device).to(memory_format=torch.channels_last)
 
 
-# ---- Acting: the rollout and the evaluation ----------------------------------------------------
+# ---- Learning: GAE, the loss, the update -------------------------------------------------------
+def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda):
+    """Generalised advantage estimates and returns of one rollout ([num_steps, num_envs] tensors).
+    dones[t] is 1 where obs[t] is the first frame of an episode, i.e. the step before it ended one."""
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(next_value)
+    for t in reversed(range(rewards.shape[0])):
+        if t == rewards.shape[0] - 1:
+            next_nonterminal, next_values = 1.0 - next_done, next_value
+        else:
+            next_nonterminal, next_values = 1.0 - dones[t + 1], values[t + 1]
+        delta = rewards[t] + gamma * next_values * next_nonterminal - values[t]
+        advantages[t] = last_gae = delta + gamma * gae_lambda * next_nonterminal * last_gae
+    return advantages, advantages + values
+
+
+def ppo_loss(logits, new_value, batch: dict, mb_inds, args: Args):
+    """PPO's loss on one agent's minibatch (clipped surrogate + clipped value loss - entropy bonus), and its stats."""
+    # No argument validation: non-finite logits must reach the divergence check, not raise here.
+    probs = Categorical(logits=logits, validate_args=False)
+    logratio = probs.log_prob(batch["actions"][mb_inds]) - batch["logprobs"][mb_inds]
+    ratio = logratio.exp()
+    advantages = batch["advantages"][mb_inds]
+    if args.norm_adv:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    pg_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
+    old_value, returns = batch["values"][mb_inds], batch["returns"][mb_inds]
+    value_clipped = old_value + (new_value - old_value).clamp(-args.clip_coef, args.clip_coef)
+    v_loss = 0.5 * torch.max((new_value - returns) ** 2, (value_clipped - returns) ** 2).mean()
+    entropy = probs.entropy().mean()
+    with torch.no_grad():
+        approx_kl = ((ratio - 1) - logratio).mean()
+        clipfrac = ((ratio - 1).abs() > args.clip_coef).float().mean()
+    stats = {"policy_loss": pg_loss, "value_loss": v_loss, "entropy": entropy, "approx_kl": approx_kl, "clipfrac": clipfrac}
+    return pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss, stats
+
+
+def mutual_kl(peer_logits, own_logits):
+    """mean over states of KL(peer || own), from logits through log-softmax (no epsilon needed)."""
+    peer_logp, own_logp = F.log_softmax(peer_logits, dim=-1), F.log_softmax(own_logits, dim=-1)
+    return (peer_logp.exp() * (peer_logp - own_logp)).sum(-1).mean()
+
+
+def l2_penalty(agent):
+    """sum(w**2) / 2 over weights, not biases: tf.nn.l2_loss as in Cobbe et al.'s coinrun (their l2_weight 1e-4)."""
+    return sum(p.pow(2).sum() for p in agent.parameters() if p.dim() > 1) / 2
+
+
+def minibatch_loss(agents, batches, mb_inds, args: Args):
+    """Each agent's loss L_i = PPO loss + alpha * mean over peers j of KL(pi_j || pi_i) on its own minibatch B_i,
+    plus the L2 penalty of --l2-coef."""
+    obs = torch.cat([batch["obs"][mb_inds] for batch in batches])  # every agent's states, agent by agent
+    on_states, own_values = [], []  # on_states[j][i]: agent j's logits on agent i's states
+    for j, agent in enumerate(agents):
+        with torch.autocast(obs.device.type, torch.bfloat16, enabled=args.bf16):
+            logits, values = agent(obs)
+        on_states.append(logits.split(len(mb_inds)))
+        own_values.append(values.split(len(mb_inds))[j])
+    losses, stats = [], []
+    for i, agent in enumerate(agents):
+        loss, agent_stats = ppo_loss(on_states[i][i], own_values[i], batches[i], mb_inds, args)
+        peer_logits = [on_states[j][i] for j in range(len(agents)) if j != i]  # the peers' policies on i's states
+        if args.detach_peer:
+            peer_logits = [logits.detach() for logits in peer_logits]
+        kl = torch.stack([mutual_kl(logits, on_states[i][i]) for logits in peer_logits]).mean()
+        if args.alpha > 0:  # alpha = 0 leaves the agents independent: no gradient crosses
+            loss = loss + args.alpha * kl
+        if args.l2_coef > 0:
+            loss = loss + args.l2_coef * l2_penalty(agent)
+        losses.append(loss)
+        stats.append({key: value.detach() for key, value in {**agent_stats, "mutual_kl": kl}.items()})
+    return losses, stats
+
+
+def update(agents, optimizer, batches, args: Args) -> list:
+    """update_epochs passes of minibatch steps on L = mean_i L_i; returns each agent's mean losses."""
+    totals = [{} for _ in agents]
+    for _ in range(args.update_epochs):
+        permutation = torch.randperm(args.batch_size, device=batches[0]["obs"].device)
+        for start in range(0, args.batch_size, args.minibatch_size):
+            mb_inds = permutation[start:start + args.minibatch_size]  # the same indices for every agent's buffer
+            losses, stats = minibatch_loss(agents, batches, mb_inds, args)
+            optimizer.zero_grad(set_to_none=True)
+            (sum(losses) / len(agents)).backward()
+            for agent, agent_stats in zip(agents, stats):  # each agent's gradient clipped on its own
+                agent_stats["grad_norm"] = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+            optimizer.step()
+            for agent_stats, agent_totals in zip(stats, totals):
+                for key, value in agent_stats.items():
+                    agent_totals[key] = agent_totals.get(key, 0.0) + value
+    # One host sync per iteration, not one per minibatch.
+    return [{key: float(value) / (args.update_epochs * args.num_minibatches) for key, value in agent_totals.items()}
+            for agent_totals in totals]
+
+
+def explained_variance(values, returns) -> float:
+    var_returns = returns.var()
+    return float("nan") if var_returns == 0 else float(1 - (returns - values).var() / var_returns)
+
+
+# ---- Acting: the rollout -----------------------------------------------------------------------
 def sample_action(logits):
     """One draw per row from Categorical(logits) by the Gumbel-max trick: torch.multinomial's distribution from
     plain kernels, which a CUDA graph can hold. Clamping the uniforms away from 0 keeps the noise finite."""
@@ -407,117 +440,6 @@ def collect_rollouts(policies, envs, rollouts, args: Args, device, global_step: 
     return global_step + args.num_steps * args.num_envs, episodes, batches
 
 
-# ---- Learning: GAE, the loss, the update -------------------------------------------------------
-def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda):
-    """Generalised advantage estimates and returns of one rollout ([num_steps, num_envs] tensors).
-    dones[t] is 1 where obs[t] is the first frame of an episode, i.e. the step before it ended one."""
-    advantages = torch.zeros_like(rewards)
-    last_gae = torch.zeros_like(next_value)
-    for t in reversed(range(rewards.shape[0])):
-        if t == rewards.shape[0] - 1:
-            next_nonterminal, next_values = 1.0 - next_done, next_value
-        else:
-            next_nonterminal, next_values = 1.0 - dones[t + 1], values[t + 1]
-        delta = rewards[t] + gamma * next_values * next_nonterminal - values[t]
-        advantages[t] = last_gae = delta + gamma * gae_lambda * next_nonterminal * last_gae
-    return advantages, advantages + values
-
-
-def ppo_loss(logits, new_value, batch: dict, mb_inds, args: Args):
-    """PPO's loss on one agent's minibatch (clipped surrogate + clipped value loss - entropy bonus), and its stats."""
-    # No argument validation: non-finite logits must reach the divergence check, not raise here.
-    probs = Categorical(logits=logits, validate_args=False)
-    logratio = probs.log_prob(batch["actions"][mb_inds]) - batch["logprobs"][mb_inds]
-    ratio = logratio.exp()
-    advantages = batch["advantages"][mb_inds]
-    if args.norm_adv:
-        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-    pg_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
-    old_value, returns = batch["values"][mb_inds], batch["returns"][mb_inds]
-    value_clipped = old_value + (new_value - old_value).clamp(-args.clip_coef, args.clip_coef)
-    v_loss = 0.5 * torch.max((new_value - returns) ** 2, (value_clipped - returns) ** 2).mean()
-    entropy = probs.entropy().mean()
-    with torch.no_grad():
-        approx_kl = ((ratio - 1) - logratio).mean()
-        clipfrac = ((ratio - 1).abs() > args.clip_coef).float().mean()
-    stats = {"policy_loss": pg_loss, "value_loss": v_loss, "entropy": entropy, "approx_kl": approx_kl, "clipfrac": clipfrac}
-    return pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss, stats
-
-
-def mutual_kl(peer_logits, own_logits):
-    """mean over states of KL(peer || own), from logits through log-softmax (no epsilon needed)."""
-    peer_logp, own_logp = F.log_softmax(peer_logits, dim=-1), F.log_softmax(own_logits, dim=-1)
-    return (peer_logp.exp() * (peer_logp - own_logp)).sum(-1).mean()
-
-
-def l2_penalty(agent):
-    """sum(w**2) / 2 over weights, not biases: tf.nn.l2_loss as in Cobbe et al.'s coinrun (their l2_weight 1e-4)."""
-    return sum(p.pow(2).sum() for p in agent.parameters() if p.dim() > 1) / 2
-
-
-def minibatch_loss(agents, batches, mb_inds, args: Args):
-    """Each agent's loss L_i = PPO loss + alpha * mean over peers j of KL(pi_j || pi_i) on its own minibatch B_i,
-    plus the L2 penalty of --l2-coef."""
-    obs = torch.cat([batch["obs"][mb_inds] for batch in batches])  # every agent's states, agent by agent
-    on_states, own_values = [], []  # on_states[j][i]: agent j's logits on agent i's states
-    for j, agent in enumerate(agents):
-        with torch.autocast(obs.device.type, torch.bfloat16, enabled=args.bf16):
-            logits, values = agent(obs)
-        on_states.append(logits.split(len(mb_inds)))
-        own_values.append(values.split(len(mb_inds))[j])
-    losses, stats = [], []
-    for i, agent in enumerate(agents):
-        loss, agent_stats = ppo_loss(on_states[i][i], own_values[i], batches[i], mb_inds, args)
-        peer_logits = [on_states[j][i] for j in range(len(agents)) if j != i]  # the peers' policies on i's states
-        if args.detach_peer:
-            peer_logits = [logits.detach() for logits in peer_logits]
-        kl = torch.stack([mutual_kl(logits, on_states[i][i]) for logits in peer_logits]).mean()
-        if args.alpha > 0:  # alpha = 0 leaves the agents independent: no gradient crosses
-            loss = loss + args.alpha * kl
-        if args.l2_coef > 0:
-            loss = loss + args.l2_coef * l2_penalty(agent)
-        losses.append(loss)
-        stats.append({key: value.detach() for key, value in {**agent_stats, "mutual_kl": kl}.items()})
-    return losses, stats
-
-
-def update(agents, optimizer, batches, args: Args) -> list:
-    """update_epochs passes of minibatch steps on L = mean_i L_i; returns each agent's mean losses."""
-    totals = [{} for _ in agents]
-    for _ in range(args.update_epochs):
-        permutation = torch.randperm(args.batch_size, device=batches[0]["obs"].device)
-        for start in range(0, args.batch_size, args.minibatch_size):
-            mb_inds = permutation[start:start + args.minibatch_size]  # the same indices for every agent's buffer
-            losses, stats = minibatch_loss(agents, batches, mb_inds, args)
-            optimizer.zero_grad(set_to_none=True)
-            (sum(losses) / len(agents)).backward()
-            for agent, agent_stats in zip(agents, stats):  # each agent's gradient clipped on its own
-                agent_stats["grad_norm"] = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-            optimizer.step()
-            for agent_stats, agent_totals in zip(stats, totals):
-                for key, value in agent_stats.items():
-                    agent_totals[key] = agent_totals.get(key, 0.0) + value
-    # One host sync per iteration, not one per minibatch.
-    return [{key: float(value) / (args.update_epochs * args.num_minibatches) for key, value in agent_totals.items()}
-            for agent_totals in totals]
-
-
-def explained_variance(values, returns) -> float:
-    var_returns = returns.var()
-    return float("nan") if var_returns == 0 else float(1 - (returns - values).var() / var_returns)
-
-
-def log_iteration(writer, stats: dict, batch: dict, episodes: list, global_step: int, learning_rate: float) -> None:
-    """The episodes that ended in the rollout and the update's losses."""
-    for step, episode_return, length in episodes:
-        writer.add_scalar("charts/episodic_return", episode_return, step)
-        writer.add_scalar("charts/episodic_length", length, step)
-    for key, value in stats.items():
-        writer.add_scalar(f"losses/{key}", value, global_step)
-    writer.add_scalar("losses/explained_variance", explained_variance(batch["values"], batch["returns"]), global_step)
-    writer.add_scalar("charts/learning_rate", learning_rate, global_step)
-
-
 # ---- Agreement between the agents: representation similarity and policy distance ---------------
 def log_agreement(writer, agents, frames, global_step, bf16) -> None:
     """Log the mean over agent pairs of the debiased linear CKA between their 256-d features and of the
@@ -532,7 +454,85 @@ def log_agreement(writer, agents, frames, global_step, bf16) -> None:
     writer.add_scalar("eval/policy_tv", float(np.mean(list(tvs.values()))), global_step)
 
 
-# ---- Training loop -----------------------------------------------------------------------------
+# ---- The run: its flags, checkpointed state and logs, and the training loop --------------------
+def validate_args(args: Args) -> Args:
+    """Check the flags and fill in the computed sizes; raise UsageError on bad input."""
+    def refuse_unless(condition, message):
+        if not condition:
+            raise UsageError(message)
+
+    flag = lambda name: name.replace("_", "-")  # noqa: E731
+    for name, value in asdict(args).items():
+        refuse_unless(not isinstance(value, float) or np.isfinite(value), f"--{flag(name)} must be a finite number, got {value}")
+    refuse_unless(args.env_id in PROCGEN_GAMES, f"unknown game {args.env_id!r}; choose one of: {', '.join(PROCGEN_GAMES)}")
+    refuse_unless(args.distribution_mode in DISTRIBUTION_MODES, f"unknown distribution mode {args.distribution_mode!r}; "
+                  f"choose one of: {', '.join(DISTRIBUTION_MODES)}")
+    games = MODE_GAMES.get(args.distribution_mode, PROCGEN_GAMES)
+    refuse_unless(args.env_id in games, f"{args.env_id} has no {args.distribution_mode} mode; the games that have it: {', '.join(games)}")
+    if args.eval_episodes is None:
+        args = replace(args, eval_episodes=args.num_envs)
+    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs",
+                 "eval_interval", "eval_episodes", "checkpoint_interval", "learning_rate"):
+        refuse_unless(getattr(args, name) > 0, f"--{flag(name)} must be positive, got {getattr(args, name)}")
+    for name in ("num_levels", "start_level", "ent_coef", "vf_coef", "clip_coef", "max_grad_norm", "l2_coef"):
+        refuse_unless(getattr(args, name) >= 0, f"--{flag(name)} must not be negative, got {getattr(args, name)}")
+    for name in ("num_levels", "start_level", "num_envs", "eval_episodes"):
+        refuse_unless(getattr(args, name) <= INT32_MAX, f"--{flag(name)} must be at most {INT32_MAX}, got {getattr(args, name)}")
+    refuse_unless(0 <= args.gamma <= 1 and 0 <= args.gae_lambda <= 1, "--gamma and --gae-lambda must lie in [0, 1]")
+    refuse_unless(0 <= args.dropout < 1, f"--dropout must lie in [0, 1), got {args.dropout}")
+    refuse_unless(args.alpha >= 0, f"--alpha must not be negative, got {args.alpha}")
+    refuse_unless(args.num_agents >= 2, f"--num-agents must be at least 2 (mutual distillation needs peers), got {args.num_agents}")
+    batch_size = args.num_envs * args.num_steps
+    refuse_unless(batch_size % args.num_minibatches == 0, f"the batch (num-envs x num-steps = {batch_size}) does not "
+                  f"divide into {args.num_minibatches} minibatches")
+    refuse_unless(not args.norm_adv or batch_size // args.num_minibatches >= 2, "--norm-adv needs minibatches of at "
+                  f"least 2 samples (their advantages' std), got {batch_size // args.num_minibatches}")
+    refuse_unless(args.total_timesteps >= batch_size, f"--total-timesteps ({args.total_timesteps}) is less than one batch ({batch_size})")
+    num_iterations = args.total_timesteps // batch_size
+    highest_seed = INT32_MAX - SEED_OFFSETS - num_iterations
+    refuse_unless(0 <= args.seed <= highest_seed, f"--seed must lie in [0, {highest_seed}], got {args.seed}")
+    return replace(args, batch_size=batch_size, minibatch_size=batch_size // args.num_minibatches,
+                   num_iterations=num_iterations)
+
+
+def agent_state(agent, envs, rollout) -> dict:
+    """One agent's part of a checkpoint, all its run needs to continue exactly: weights, games, episode statistics,
+    the reward normaliser's running return (public state; with same-step autoreset it keeps no other) and the
+    frames its rollout continues from."""
+    norm, stats = envs.env, envs.env.env
+    return {"agent": agent.state_dict(), "procgen": stats.env.procgen.get_state(),
+            "return_rms": (norm.return_rms.mean, norm.return_rms.var, norm.return_rms.count),
+            **{name: getattr(owner, name).copy() for owner, name in env_arrays(envs)},
+            "next_obs": rollout.next_obs, "next_done": rollout.next_done}
+
+
+def restore_agent_state(agent, envs, rollout, state: dict) -> None:
+    agent.load_state_dict(state["agent"])
+    envs.env.env.env.procgen.set_state(state["procgen"])
+    envs.env.return_rms.mean, envs.env.return_rms.var, envs.env.return_rms.count = state["return_rms"]
+    for owner, name in env_arrays(envs):
+        getattr(owner, name)[:] = state[name]
+    rollout.next_obs.copy_(state["next_obs"])
+    rollout.next_done.copy_(state["next_done"])
+
+
+def env_arrays(envs):
+    """(wrapper, attribute) of the arrays the episode statistics and the reward normaliser carry across steps."""
+    norm, stats = envs.env, envs.env.env
+    return [(stats, "episode_returns"), (stats, "episode_lengths"), (stats, "prev_dones"), (norm, "accumulated_reward")]
+
+
+def log_iteration(writer, stats: dict, batch: dict, episodes: list, global_step: int, learning_rate: float) -> None:
+    """The episodes that ended in the rollout and the update's losses."""
+    for step, episode_return, length in episodes:
+        writer.add_scalar("charts/episodic_return", episode_return, step)
+        writer.add_scalar("charts/episodic_length", length, step)
+    for key, value in stats.items():
+        writer.add_scalar(f"losses/{key}", value, global_step)
+    writer.add_scalar("losses/explained_variance", explained_variance(batch["values"], batch["returns"]), global_step)
+    writer.add_scalar("charts/learning_rate", learning_rate, global_step)
+
+
 def main(args: Args) -> str:
     args, run_dir, lock = run_utils.open_run_dir(validate_args(args), SCRIPT)
     with lock, run_utils.interrupt_reported(run_dir, SCRIPT, args.checkpoint_interval):

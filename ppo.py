@@ -93,44 +93,6 @@ class Args:
     num_iterations: int = 0  # the number of iterations (computed)
 
 
-def validate_args(args: Args) -> Args:
-    """Check the flags and fill in the computed sizes; raise UsageError on bad input."""
-    def refuse_unless(condition, message):
-        if not condition:
-            raise UsageError(message)
-
-    flag = lambda name: name.replace("_", "-")  # noqa: E731
-    for name, value in asdict(args).items():
-        refuse_unless(not isinstance(value, float) or np.isfinite(value), f"--{flag(name)} must be a finite number, got {value}")
-    refuse_unless(args.env_id in PROCGEN_GAMES, f"unknown game {args.env_id!r}; choose one of: {', '.join(PROCGEN_GAMES)}")
-    refuse_unless(args.distribution_mode in DISTRIBUTION_MODES, f"unknown distribution mode {args.distribution_mode!r}; "
-                  f"choose one of: {', '.join(DISTRIBUTION_MODES)}")
-    games = MODE_GAMES.get(args.distribution_mode, PROCGEN_GAMES)
-    refuse_unless(args.env_id in games, f"{args.env_id} has no {args.distribution_mode} mode; the games that have it: {', '.join(games)}")
-    if args.eval_episodes is None:
-        args = replace(args, eval_episodes=args.num_envs)
-    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs",
-                 "eval_interval", "eval_episodes", "checkpoint_interval", "learning_rate"):
-        refuse_unless(getattr(args, name) > 0, f"--{flag(name)} must be positive, got {getattr(args, name)}")
-    for name in ("num_levels", "start_level", "ent_coef", "vf_coef", "clip_coef", "max_grad_norm", "l2_coef"):
-        refuse_unless(getattr(args, name) >= 0, f"--{flag(name)} must not be negative, got {getattr(args, name)}")
-    for name in ("num_levels", "start_level", "num_envs", "eval_episodes"):
-        refuse_unless(getattr(args, name) <= INT32_MAX, f"--{flag(name)} must be at most {INT32_MAX}, got {getattr(args, name)}")
-    refuse_unless(0 <= args.gamma <= 1 and 0 <= args.gae_lambda <= 1, "--gamma and --gae-lambda must lie in [0, 1]")
-    refuse_unless(0 <= args.dropout < 1, f"--dropout must lie in [0, 1), got {args.dropout}")
-    batch_size = args.num_envs * args.num_steps
-    refuse_unless(batch_size % args.num_minibatches == 0, f"the batch (num-envs x num-steps = {batch_size}) does not "
-                  f"divide into {args.num_minibatches} minibatches")
-    refuse_unless(not args.norm_adv or batch_size // args.num_minibatches >= 2, "--norm-adv needs minibatches of at "
-                  f"least 2 samples (their advantages' std), got {batch_size // args.num_minibatches}")
-    refuse_unless(args.total_timesteps >= batch_size, f"--total-timesteps ({args.total_timesteps}) is less than one batch ({batch_size})")
-    num_iterations = args.total_timesteps // batch_size
-    highest_seed = INT32_MAX - SEED_OFFSETS - num_iterations
-    refuse_unless(0 <= args.seed <= highest_seed, f"--seed must lie in [0, {highest_seed}], got {args.seed}")
-    return replace(args, batch_size=batch_size, minibatch_size=batch_size // args.num_minibatches,
-                   num_iterations=num_iterations)
-
-
 # ---- Environments ------------------------------------------------------------------------------
 class ProcgenVecEnv(gym.vector.VectorEnv):
     """Procgen's native vectorised env (gym3 interface) as a gymnasium VectorEnv. Procgen resets a finished
@@ -171,33 +133,6 @@ def make_envs(args: Args, seed: int) -> gym.vector.VectorEnv:
     envs = gym.wrappers.vector.NormalizeReward(envs, gamma=args.gamma)
     # One np.clip over the whole vector: gymnasium's vector ClipReward clips env by env, which is slow.
     return gym.wrappers.vector.TransformReward(envs, lambda rewards: np.clip(rewards, -10, 10))
-
-
-def agent_state(agent, envs, rollout) -> dict:
-    """One agent's part of a checkpoint, all its run needs to continue exactly: weights, games, episode statistics,
-    the reward normaliser's running return (public state; with same-step autoreset it keeps no other) and the
-    frames its rollout continues from."""
-    norm, stats = envs.env, envs.env.env
-    return {"agent": agent.state_dict(), "procgen": stats.env.procgen.get_state(),
-            "return_rms": (norm.return_rms.mean, norm.return_rms.var, norm.return_rms.count),
-            **{name: getattr(owner, name).copy() for owner, name in env_arrays(envs)},
-            "next_obs": rollout.next_obs, "next_done": rollout.next_done}
-
-
-def restore_agent_state(agent, envs, rollout, state: dict) -> None:
-    agent.load_state_dict(state["agent"])
-    envs.env.env.env.procgen.set_state(state["procgen"])
-    envs.env.return_rms.mean, envs.env.return_rms.var, envs.env.return_rms.count = state["return_rms"]
-    for owner, name in env_arrays(envs):
-        getattr(owner, name)[:] = state[name]
-    rollout.next_obs.copy_(state["next_obs"])
-    rollout.next_done.copy_(state["next_done"])
-
-
-def env_arrays(envs):
-    """(wrapper, attribute) of the arrays the episode statistics and the reward normaliser carry across steps."""
-    norm, stats = envs.env, envs.env.env
-    return [(stats, "episode_returns"), (stats, "episode_lengths"), (stats, "prev_dones"), (norm, "accumulated_reward")]
 
 
 # ---- Network: IMPALA-CNN actor-critic ----------------------------------------------------------
@@ -295,7 +230,82 @@ def make_agent(args: Args, device):
     return Agent(dropout=args.dropout).to(device).to(memory_format=torch.channels_last)
 
 
-# ---- Acting: the rollout and the evaluation ----------------------------------------------------
+# ---- Learning: GAE, the loss, the update -------------------------------------------------------
+def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda):
+    """Generalised advantage estimates and returns of one rollout ([num_steps, num_envs] tensors).
+    dones[t] is 1 where obs[t] is the first frame of an episode, i.e. the step before it ended one."""
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(next_value)
+    for t in reversed(range(rewards.shape[0])):
+        if t == rewards.shape[0] - 1:
+            next_nonterminal, next_values = 1.0 - next_done, next_value
+        else:
+            next_nonterminal, next_values = 1.0 - dones[t + 1], values[t + 1]
+        delta = rewards[t] + gamma * next_values * next_nonterminal - values[t]
+        advantages[t] = last_gae = delta + gamma * gae_lambda * next_nonterminal * last_gae
+    return advantages, advantages + values
+
+
+def ppo_loss(logits, new_value, batch: dict, mb_inds, args: Args):
+    """PPO's loss on one agent's minibatch (clipped surrogate + clipped value loss - entropy bonus), and its stats."""
+    # No argument validation: non-finite logits must reach the divergence check, not raise here.
+    probs = Categorical(logits=logits, validate_args=False)
+    logratio = probs.log_prob(batch["actions"][mb_inds]) - batch["logprobs"][mb_inds]
+    ratio = logratio.exp()
+    advantages = batch["advantages"][mb_inds]
+    if args.norm_adv:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    pg_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
+    old_value, returns = batch["values"][mb_inds], batch["returns"][mb_inds]
+    value_clipped = old_value + (new_value - old_value).clamp(-args.clip_coef, args.clip_coef)
+    v_loss = 0.5 * torch.max((new_value - returns) ** 2, (value_clipped - returns) ** 2).mean()
+    entropy = probs.entropy().mean()
+    with torch.no_grad():
+        approx_kl = ((ratio - 1) - logratio).mean()
+        clipfrac = ((ratio - 1).abs() > args.clip_coef).float().mean()
+    stats = {"policy_loss": pg_loss, "value_loss": v_loss, "entropy": entropy, "approx_kl": approx_kl, "clipfrac": clipfrac}
+    return pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss, stats
+
+
+def l2_penalty(agent):
+    """sum(w**2) / 2 over weights, not biases: tf.nn.l2_loss as in Cobbe et al.'s coinrun (their l2_weight 1e-4)."""
+    return sum(p.pow(2).sum() for p in agent.parameters() if p.dim() > 1) / 2
+
+
+def minibatch_loss(agent, batch: dict, mb_inds, args: Args):
+    """The PPO loss on a minibatch, plus the L2 penalty of the PPO + L2 baseline."""
+    with torch.autocast(batch["obs"].device.type, torch.bfloat16, enabled=args.bf16):
+        logits, new_value = agent(batch["obs"][mb_inds])
+    loss, stats = ppo_loss(logits, new_value, batch, mb_inds, args)
+    if args.l2_coef > 0:
+        loss = loss + args.l2_coef * l2_penalty(agent)
+    return loss, {key: value.detach() for key, value in stats.items()}
+
+
+def update(agent, optimizer, batch: dict, args: Args) -> dict:
+    """update_epochs passes of minibatch gradient steps over one rollout; returns mean losses."""
+    totals = {}
+    for _ in range(args.update_epochs):
+        permutation = torch.randperm(args.batch_size, device=batch["obs"].device)
+        for start in range(0, args.batch_size, args.minibatch_size):
+            mb_inds = permutation[start:start + args.minibatch_size]
+            loss, stats = minibatch_loss(agent, batch, mb_inds, args)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            stats["grad_norm"] = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)  # before clipping
+            optimizer.step()
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + value
+    # One host sync per iteration, not one per minibatch.
+    return {key: float(value) / (args.update_epochs * args.num_minibatches) for key, value in totals.items()}
+
+
+def explained_variance(values, returns) -> float:
+    var_returns = returns.var()
+    return float("nan") if var_returns == 0 else float(1 - (returns - values).var() / var_returns)
+
+
+# ---- Acting: the rollout -----------------------------------------------------------------------
 def sample_action(logits):
     """One draw per row from Categorical(logits) by the Gumbel-max trick: torch.multinomial's distribution from
     plain kernels, which a CUDA graph can hold. Clamping the uniforms away from 0 keeps the noise finite."""
@@ -385,79 +395,70 @@ def collect_rollout(policy, envs, rollout: Rollout, args: Args, device, global_s
     return global_step, episodes, finish_rollout(policy, rollout, args, device)
 
 
-# ---- Learning: GAE, the loss, the update -------------------------------------------------------
-def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda):
-    """Generalised advantage estimates and returns of one rollout ([num_steps, num_envs] tensors).
-    dones[t] is 1 where obs[t] is the first frame of an episode, i.e. the step before it ended one."""
-    advantages = torch.zeros_like(rewards)
-    last_gae = torch.zeros_like(next_value)
-    for t in reversed(range(rewards.shape[0])):
-        if t == rewards.shape[0] - 1:
-            next_nonterminal, next_values = 1.0 - next_done, next_value
-        else:
-            next_nonterminal, next_values = 1.0 - dones[t + 1], values[t + 1]
-        delta = rewards[t] + gamma * next_values * next_nonterminal - values[t]
-        advantages[t] = last_gae = delta + gamma * gae_lambda * next_nonterminal * last_gae
-    return advantages, advantages + values
+# ---- The run: its flags, checkpointed state and logs, and the training loop --------------------
+def validate_args(args: Args) -> Args:
+    """Check the flags and fill in the computed sizes; raise UsageError on bad input."""
+    def refuse_unless(condition, message):
+        if not condition:
+            raise UsageError(message)
+
+    flag = lambda name: name.replace("_", "-")  # noqa: E731
+    for name, value in asdict(args).items():
+        refuse_unless(not isinstance(value, float) or np.isfinite(value), f"--{flag(name)} must be a finite number, got {value}")
+    refuse_unless(args.env_id in PROCGEN_GAMES, f"unknown game {args.env_id!r}; choose one of: {', '.join(PROCGEN_GAMES)}")
+    refuse_unless(args.distribution_mode in DISTRIBUTION_MODES, f"unknown distribution mode {args.distribution_mode!r}; "
+                  f"choose one of: {', '.join(DISTRIBUTION_MODES)}")
+    games = MODE_GAMES.get(args.distribution_mode, PROCGEN_GAMES)
+    refuse_unless(args.env_id in games, f"{args.env_id} has no {args.distribution_mode} mode; the games that have it: {', '.join(games)}")
+    if args.eval_episodes is None:
+        args = replace(args, eval_episodes=args.num_envs)
+    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs",
+                 "eval_interval", "eval_episodes", "checkpoint_interval", "learning_rate"):
+        refuse_unless(getattr(args, name) > 0, f"--{flag(name)} must be positive, got {getattr(args, name)}")
+    for name in ("num_levels", "start_level", "ent_coef", "vf_coef", "clip_coef", "max_grad_norm", "l2_coef"):
+        refuse_unless(getattr(args, name) >= 0, f"--{flag(name)} must not be negative, got {getattr(args, name)}")
+    for name in ("num_levels", "start_level", "num_envs", "eval_episodes"):
+        refuse_unless(getattr(args, name) <= INT32_MAX, f"--{flag(name)} must be at most {INT32_MAX}, got {getattr(args, name)}")
+    refuse_unless(0 <= args.gamma <= 1 and 0 <= args.gae_lambda <= 1, "--gamma and --gae-lambda must lie in [0, 1]")
+    refuse_unless(0 <= args.dropout < 1, f"--dropout must lie in [0, 1), got {args.dropout}")
+    batch_size = args.num_envs * args.num_steps
+    refuse_unless(batch_size % args.num_minibatches == 0, f"the batch (num-envs x num-steps = {batch_size}) does not "
+                  f"divide into {args.num_minibatches} minibatches")
+    refuse_unless(not args.norm_adv or batch_size // args.num_minibatches >= 2, "--norm-adv needs minibatches of at "
+                  f"least 2 samples (their advantages' std), got {batch_size // args.num_minibatches}")
+    refuse_unless(args.total_timesteps >= batch_size, f"--total-timesteps ({args.total_timesteps}) is less than one batch ({batch_size})")
+    num_iterations = args.total_timesteps // batch_size
+    highest_seed = INT32_MAX - SEED_OFFSETS - num_iterations
+    refuse_unless(0 <= args.seed <= highest_seed, f"--seed must lie in [0, {highest_seed}], got {args.seed}")
+    return replace(args, batch_size=batch_size, minibatch_size=batch_size // args.num_minibatches,
+                   num_iterations=num_iterations)
 
 
-def ppo_loss(logits, new_value, batch: dict, mb_inds, args: Args):
-    """PPO's loss on one agent's minibatch (clipped surrogate + clipped value loss - entropy bonus), and its stats."""
-    # No argument validation: non-finite logits must reach the divergence check, not raise here.
-    probs = Categorical(logits=logits, validate_args=False)
-    logratio = probs.log_prob(batch["actions"][mb_inds]) - batch["logprobs"][mb_inds]
-    ratio = logratio.exp()
-    advantages = batch["advantages"][mb_inds]
-    if args.norm_adv:
-        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-    pg_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
-    old_value, returns = batch["values"][mb_inds], batch["returns"][mb_inds]
-    value_clipped = old_value + (new_value - old_value).clamp(-args.clip_coef, args.clip_coef)
-    v_loss = 0.5 * torch.max((new_value - returns) ** 2, (value_clipped - returns) ** 2).mean()
-    entropy = probs.entropy().mean()
-    with torch.no_grad():
-        approx_kl = ((ratio - 1) - logratio).mean()
-        clipfrac = ((ratio - 1).abs() > args.clip_coef).float().mean()
-    stats = {"policy_loss": pg_loss, "value_loss": v_loss, "entropy": entropy, "approx_kl": approx_kl, "clipfrac": clipfrac}
-    return pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss, stats
+def agent_state(agent, envs, rollout) -> dict:
+    """One agent's part of a checkpoint, all its run needs to continue exactly: weights, games, episode statistics,
+    the reward normaliser's running return (public state; with same-step autoreset it keeps no other) and the
+    frames its rollout continues from."""
+    norm, stats = envs.env, envs.env.env
+    return {"agent": agent.state_dict(), "procgen": stats.env.procgen.get_state(),
+            "return_rms": (norm.return_rms.mean, norm.return_rms.var, norm.return_rms.count),
+            **{name: getattr(owner, name).copy() for owner, name in env_arrays(envs)},
+            "next_obs": rollout.next_obs, "next_done": rollout.next_done}
 
 
-def l2_penalty(agent):
-    """sum(w**2) / 2 over weights, not biases: tf.nn.l2_loss as in Cobbe et al.'s coinrun (their l2_weight 1e-4)."""
-    return sum(p.pow(2).sum() for p in agent.parameters() if p.dim() > 1) / 2
+def restore_agent_state(agent, envs, rollout, state: dict) -> None:
+    agent.load_state_dict(state["agent"])
+    envs.env.env.env.procgen.set_state(state["procgen"])
+    envs.env.return_rms.mean, envs.env.return_rms.var, envs.env.return_rms.count = state["return_rms"]
+    for owner, name in env_arrays(envs):
+        getattr(owner, name)[:] = state[name]
+    rollout.next_obs.copy_(state["next_obs"])
+    rollout.next_done.copy_(state["next_done"])
 
 
-def minibatch_loss(agent, batch: dict, mb_inds, args: Args):
-    """The PPO loss on a minibatch, plus the L2 penalty of the PPO + L2 baseline."""
-    with torch.autocast(batch["obs"].device.type, torch.bfloat16, enabled=args.bf16):
-        logits, new_value = agent(batch["obs"][mb_inds])
-    loss, stats = ppo_loss(logits, new_value, batch, mb_inds, args)
-    if args.l2_coef > 0:
-        loss = loss + args.l2_coef * l2_penalty(agent)
-    return loss, {key: value.detach() for key, value in stats.items()}
-
-
-def update(agent, optimizer, batch: dict, args: Args) -> dict:
-    """update_epochs passes of minibatch gradient steps over one rollout; returns mean losses."""
-    totals = {}
-    for _ in range(args.update_epochs):
-        permutation = torch.randperm(args.batch_size, device=batch["obs"].device)
-        for start in range(0, args.batch_size, args.minibatch_size):
-            mb_inds = permutation[start:start + args.minibatch_size]
-            loss, stats = minibatch_loss(agent, batch, mb_inds, args)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            stats["grad_norm"] = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)  # before clipping
-            optimizer.step()
-            for key, value in stats.items():
-                totals[key] = totals.get(key, 0.0) + value
-    # One host sync per iteration, not one per minibatch.
-    return {key: float(value) / (args.update_epochs * args.num_minibatches) for key, value in totals.items()}
-
-
-def explained_variance(values, returns) -> float:
-    var_returns = returns.var()
-    return float("nan") if var_returns == 0 else float(1 - (returns - values).var() / var_returns)
+def env_arrays(envs):
+    """(wrapper, attribute) of the arrays the episode statistics and the reward normaliser carry across steps."""
+    norm, stats = envs.env, envs.env.env
+    return [(stats, "episode_returns"), (stats, "episode_lengths"), (stats, "prev_dones"), (norm, "accumulated_reward")]
 
 
 def log_iteration(writer, stats: dict, batch: dict, episodes: list, global_step: int, learning_rate: float) -> None:
@@ -471,7 +472,6 @@ def log_iteration(writer, stats: dict, batch: dict, episodes: list, global_step:
     writer.add_scalar("charts/learning_rate", learning_rate, global_step)
 
 
-# ---- Training loop -----------------------------------------------------------------------------
 def main(args: Args) -> str:
     args, run_dir, lock = run_utils.open_run_dir(validate_args(args), SCRIPT)
     with lock, run_utils.interrupt_reported(run_dir, SCRIPT, args.checkpoint_interval):

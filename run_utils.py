@@ -100,7 +100,10 @@ def lock_run_dir(run_dir: str):
         raise UsageError(f"cannot write the run directory {run_dir} ({error.strerror})") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as error:
+        if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # a filesystem without locks
+            lock.close()
+            raise UsageError(f"cannot lock {run_dir} ({error.strerror})") from None
         lock.seek(0)
         owner = lock.read().strip() or "another process"
         lock.close()

@@ -12,8 +12,9 @@ each encoder's numbers are the mean and sample std over those frames:
   TV       mean total-variation distance between the policy on each copy and on the clean frame
   entropy  the policy's mean entropy on the clean frames (log 15 = 2.708 is uniform): a near-uniform
            policy has a small TV whatever its features do, so read TV beside it
-and, for every pair of encoders, linear CKA (Kornblith et al. 2019) of their features on the clean
-frames (for example PPO seed 1 against PPO seed 2, or MDPO's agents).
+and, for every pair of encoders, the debiased linear CKA (evaluation.debiased_cka) of their features on
+the clean frames (for example PPO seed 1 against PPO seed 2, or MDPO's agents); agreement.py compares
+checkpoints on a larger probe set, against the same networks untrained.
 
     python tsne.py sweeps/demo/runs/bigfish__ppo__1 sweeps/demo/runs/bigfish__mdpo__1 --label "CPU, 2 cores"
     python tsne.py runs/x runs/y runs/z --no-figure      # just the numbers, for any checkpoints
@@ -208,7 +209,7 @@ def measure(encoders, game: str, mode: str, args: TsneArgs):
             for key in numbers[k]:
                 numbers[k][key] += result[key] if isinstance(result[key], list) else [result[key]]
         for i, j in ckas:
-            ckas[(i, j)].append(evaluation.linear_cka(results[i]["clean_features"], results[j]["clean_features"]))
+            ckas[(i, j)].append(evaluation.debiased_cka(results[i]["clean_features"], results[j]["clean_features"]))
         if figure is None:
             figure = (frames[0], perturbed[0].numpy(), [{"features": r["features"][0], "spread": r["spread"][0],
                                                          "tv_distance": r["tv_distance"][0], "entropy": r["entropy"]}
@@ -248,7 +249,7 @@ def main(args: TsneArgs) -> dict:
                    {"label": label, "checkpoint": path, "mdpo_agent": number,
                     **{key: mean_std(values) for key, values in numbers[k].items()}}
                    for k, (label, path, (_, _, number)) in enumerate(zip(labels, args.checkpoints, encoders))],
-               "linear_cka": [{"a": labels[i], "b": labels[j], "cka": mean_std(values)}
+               "debiased_cka": [{"a": labels[i], "b": labels[j], "cka": mean_std(values)}
                               for (i, j), values in ckas.items()]}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"tsne_{game}.json"), "w") as f:
@@ -272,8 +273,8 @@ def print_summary(summary: dict) -> None:
     for entry in summary["encoders"]:
         print(f"| {entry['label']} | " + " | ".join(f"{entry[key][0]:.4f} ± {entry[key][1]:.4f}"
                                                     for key in ("spread", "tv_distance", "entropy")) + " |")
-    for pair in summary["linear_cka"]:
-        print(f"linear CKA of {pair['a']} and {pair['b']} on the clean frames: "
+    for pair in summary["debiased_cka"]:
+        print(f"debiased CKA of {pair['a']} and {pair['b']} on the clean frames: "
               f"{pair['cka'][0]:.4f} ± {pair['cka'][1]:.4f} over {len(summary['seeds'])} seed(s)")
 
 
@@ -282,4 +283,7 @@ if __name__ == "__main__":
         main(tyro.cli(TsneArgs))
     except (UsageError, ppo.UsageError) as error:
         print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as error:  # a file it cannot read or write, --out above all
+        print(f"error: {error.filename}: {error.strerror}", file=sys.stderr)
         sys.exit(2)

@@ -12,6 +12,7 @@ import torch
 
 import ppo
 import tsne
+from test_agreement import cka_by_quadruples
 from helpers import ROOT
 
 
@@ -141,13 +142,13 @@ def test_tsne_numbers_and_figure_from_ppo_and_k_agent_mdpo_checkpoints(tmp_path)
     assert mdpo_entry["entropy"][0] == pytest.approx(math.log(15), rel=1e-6)  # ... and its entropy says why
     assert ppo_entry["spread"][0] > 0 and ppo_entry["spread"][1] > 0  # a std over 2 seeds x 2 frames
     assert ppo_entry["entropy"][0] < math.log(15)
-    same = [pair for pair in summary["linear_cka"] if pair["a"] == pair["b"]]
-    assert len(summary["linear_cka"]) == 3 and same[0]["cka"][0] == pytest.approx(1.0, rel=1e-9)
+    same = [pair for pair in summary["debiased_cka"] if pair["a"] == pair["b"]]
+    assert len(summary["debiased_cka"]) == 3 and same[0]["cka"][0] == pytest.approx(1.0, rel=1e-9)
     assert (tmp_path / "fig" / "tsne_bigfish.png").stat().st_size > 0
     assert json.load(open(tmp_path / "fig" / "tsne_bigfish.json")) == json.loads(json.dumps(summary))
 
 
-def test_linear_cka_of_two_encoders_matches_a_float64_computation_on_their_features(tmp_path, monkeypatch):
+def test_debiased_cka_of_two_encoders_matches_a_float64_computation_on_their_features(tmp_path, monkeypatch):
     frames = torch.randint(0, 256, (8, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     monkeypatch.setattr(tsne, "test_frames", lambda *args: frames)
     # write_checkpoint seeds the weights with the path's length: "a" and "bb" give two different encoders
@@ -156,9 +157,8 @@ def test_linear_cka_of_two_encoders_matches_a_float64_computation_on_their_featu
                                       figure=False, out=str(tmp_path / "fig")))
     with torch.no_grad():
         x, y = (tsne.load_encoder(path, 1)[0].hidden(frames).double().numpy() for path in (a, b))
-    x, y = x - x.mean(0), y - y.mean(0)
-    expected = np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
-    [pair] = summary["linear_cka"]
+    expected = cka_by_quadruples(x, y)
+    [pair] = summary["debiased_cka"]
     assert pair["cka"][0] == pytest.approx(expected, rel=1e-6) and expected < 0.999
 
 
