@@ -27,8 +27,10 @@
 #   SLICE_FLAGS      training flags added after the slice's own, e.g. "--num-envs 192" for a control
 #   SLICE_SUFFIX     added to the results directory's name, e.g. envs192: results/coinrun-h100-7.5min-envs192
 #   SLICE_REHEARSAL  1: rehearse the whole slice on a CPU (no GPU needed, none used): tiny runs (REHEARSAL_FLAGS),
-#                    results/GAME-cpu-<MINUTES>min; the CUDA tests still run (and skip), so that their collection,
-#                    which imports every test module, is checked with the bundle's packages
+#                    one thread each, results/GAME-cpu-<MINUTES>min; the CUDA tests still run (and skip), so that
+#                    their collection, which imports every test module, is checked with the bundle's packages.
+#                    Pick a game whose untrained episodes end soon (starpilot, bigfish): an evaluation waits for
+#                    each env's first episode, up to 1,000 steps in coinrun
 #   PYTHON           the interpreter (default python3: on the GPU machine, the one that has torch)
 # Exit codes: 0 done; 2 bad arguments or environment (nothing trained); 1 a step failed.
 set -euo pipefail
@@ -97,13 +99,18 @@ main() {
     [ ! -e "$sweep_root" ] || bad "$sweep_root exists (an earlier slice's runs): move it away first"
     if [ -n "${OUT:-}" ]; then [ -d "$OUT" ] && [ -w "$OUT" ] || bad "OUT=$OUT is not a writable directory"; fi
     local flags="$GPU_FLAGS"
-    [ "$rehearsal" = 0 ] || flags="$REHEARSAL_FLAGS"
+    if [ "$rehearsal" = 1 ]; then
+        flags="$REHEARSAL_FLAGS"
+        # The runs share a few cores: with one thread each, OpenMP does not oversubscribe them (tenfold slower).
+        export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+    fi
     flags="$flags${SLICE_FLAGS:+ $SLICE_FLAGS}"
     echo "== slice $name: ${specs[*]} side by side for $minutes min on $gpu_full; flags: $flags"
 
     # 2. Packages, offline.
     local work
     work=$(mktemp -d "${TMPDIR:-/tmp}/mdpo-slice.XXXXXX")
+    trap 'rm -rf "$work"' EXIT  # the installed packages serve this slice only
     if [ -f device-files/bundle.tar.xz ]; then
         "$py" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' \
             || bad "device-files holds wheels for CPython 3.12, and $py is $("$py" -V 2>&1)"
