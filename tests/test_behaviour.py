@@ -581,9 +581,6 @@ def test_after_an_interrupted_run_resumes_its_logged_episodes_are_those_of_one_s
         real_write(*a)
 
     monkeypatch.setattr(run_utils, "save_checkpoint", interrupted_second_write)
-    if module is mdpo:  # 8 probe frames instead of 256: the agreement is not what this test is about
-        real_probes = mdpo.probe_frames
-        monkeypatch.setattr(mdpo, "probe_frames", lambda args: real_probes(args, num_envs=2, steps=4))
     with pytest.raises(SystemExit) as stopped:
         module.main(args)
     assert stopped.value.code == 130

@@ -11,6 +11,7 @@ from torch.distributions import Categorical, kl_divergence
 import evaluation
 import mdpo
 import ppo
+import run_utils
 from helpers import needs_cuda, random_batch, tiny_args
 
 
@@ -144,7 +145,7 @@ def test_graphed_policy_matches_eager_policy_and_follows_weight_updates(bf16, co
     args = tiny_args(ppo, bf16=bf16, compile=compiled, dropout=dropout)
     agent = ppo.make_agent(args, device)
     policy = ppo.make_policy(torch.compile(agent) if compiled else agent, args, device)
-    assert isinstance(policy, ppo.CudaGraphed)
+    assert isinstance(policy, run_utils.CudaGraphed)
     before_update = None
     for _ in range(2):  # the second round after an in-place weight change, as an optimiser step makes
         obs = torch.randint(0, 256, (args.num_envs, 64, 64, 3), dtype=torch.uint8, device=device)
