@@ -1,8 +1,8 @@
 """The evaluation protocol of ppo.py, drac.py and mdpo.py, and of the tools that test their checkpoints.
 
 A return is the mean raw score of the first complete episode of each evaluation env (SPEC section 3);
-agreement between two agents is linear CKA between their 256-d features and the total variation between
-their policies on the same frames.
+agreement between two agents is the debiased linear CKA between their 256-d features and the total
+variation between their policies on the same probe frames.
 """
 
 import contextlib
