@@ -392,7 +392,6 @@ def config_difference(config: dict, expected: dict, script: str) -> Optional[str
                f"{', '.join(sorted(set(config['args']) ^ set(expected)))})"
     for key, value in expected.items():
         saved = config["args"][key]
-        saved = tuple(saved) if isinstance(saved, list) else saved  # JSON keeps a tuple as a list
         if key not in run_utils.RESUMABLE_FIELDS and saved != value:
             return f"--{key.replace('_', '-')} is {saved!r} there, {value!r} here"
     saved_total, total = config["args"].get("total_timesteps"), expected["total_timesteps"]
