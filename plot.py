@@ -701,15 +701,13 @@ def final_table(grouped, methods, step, title) -> Tuple[str, dict]:
 REFERENCE_TASK = {"distribution_mode": "hard", "num_levels": 500, "start_level": 0}
 REFERENCE_HYPERPARAMETERS = {"num_envs": 64, "num_steps": 256, "num_minibatches": 8, "update_epochs": 3,
                              "learning_rate": 5e-4, "gamma": 0.999, "gae_lambda": 0.95}
-# Its header: the published step axis counts 4 workers, one of which may have been a test worker that
-# did not train, so its training steps may be 3/4 of the published ones.
-REFERENCE_TRAINING_FRACTION = 0.75
 REFERENCE_NOTES = [
     "grey: OpenAI's PPO (train-procgen, hard, 500 levels), min-max (shaded) and mean (solid) of its 3 runs, "
-    "test split; dashed: its mean if only 3 of its 4 workers trained (steps x 3/4)",
+    "test split",
     "its return is the mean of the last 100 episodes of a worker on the full level distribution (it lags); "
     "ours is one episode per evaluation env, sampled from the current policy",
-    "OpenAI's update: 4 MPI workers x 64 envs x 256 steps; gradients averaged over the workers"]
+    "OpenAI's update: 4 training workers x 64 envs x 256 steps (65,536 samples); gradients averaged over "
+    "the workers; its step axis counts all 4 workers' steps"]
 
 
 def read_reference(path: str) -> Dict[str, List[tuple]]:
@@ -742,13 +740,13 @@ def read_reference(path: str) -> Dict[str, List[tuple]]:
     return dict(reference)
 
 
-def reference_band(curves: List[tuple], steps, scale: float = 1.0):
+def reference_band(curves: List[tuple], steps):
     """(min, mean, max) over the published runs at `steps`, each run linearly interpolated between its
-    rows; nan outside the steps every run covers. `scale` multiplies the published step axis."""
+    rows; nan outside the steps every run covers."""
     steps = np.asarray(steps, dtype=np.float64)
-    values = np.array([np.interp(steps, s * scale, v) for s, v in curves])
-    first = max(s[0] for s, _ in curves) * scale
-    last = min(s[-1] for s, _ in curves) * scale
+    values = np.array([np.interp(steps, s, v) for s, v in curves])
+    first = max(s[0] for s, _ in curves)
+    last = min(s[-1] for s, _ in curves)
     outside = (steps < first) | (steps > last)
     low, mean, high = values.min(0), values.mean(0), values.max(0)
     for band in (low, mean, high):
@@ -779,8 +777,7 @@ def where_in_band(value: float, low: float, high: float) -> str:
 
 
 def reference_check(grouped, methods, reference) -> dict:
-    """game -> method -> our mean test return at the game's step (game_step) against the band there (both
-    step axes), at how many of our evaluations up to it (mean over seeds) the curve is below, within,
+    """game -> method -> our mean test return at the game's step (game_step) against the band there, at how many of our evaluations up to it (mean over seeds) the curve is below, within,
     above the band, and the same counts over the whole run (whole_run_counts)."""
     check = {}
     for game in sorted(grouped):
@@ -794,11 +791,10 @@ def reference_check(grouped, methods, reference) -> dict:
                 continue
             at_step = [value_at(run, TEST, step, "where the reference is read (each run's own steps)") for run in runs]
             ours = float(np.mean(at_step))
-            row = {"step": step, "seeds": len(runs), "ours": ours}
-            for name, scale in (("published", 1.0), ("three_quarters", REFERENCE_TRAINING_FRACTION)):
-                low, mean, high = (float(b[0]) for b in reference_band(reference[game], [step], scale))
-                row[name] = {"band": [v if np.isfinite(v) else None for v in (low, mean, high)],
-                             "where": where_in_band(ours, low, high)}
+            low, mean, high = (float(b[0]) for b in reference_band(reference[game], [step]))
+            row = {"step": step, "seeds": len(runs), "ours": ours,
+                   "band": [v if np.isfinite(v) else None for v in (low, mean, high)],
+                   "where": where_in_band(ours, low, high)}
             steps, mean, _ = mean_std_curve([run["curves"][TEST] for run in runs])
             keep = steps <= step
             row["evaluations"] = band_counts(steps[keep], mean[keep], reference[game])
@@ -807,10 +803,10 @@ def reference_check(grouped, methods, reference) -> dict:
     return check
 
 
-def band_counts(steps, values, curves, scale: float = 1.0) -> dict:
+def band_counts(steps, values, curves) -> dict:
     """How many of (steps, values) lie below, within, above the band of the published `curves` (each at
-    its own step; "no reference" where the band does not reach), with the published steps x `scale`."""
-    low, _, high = reference_band(curves, steps, scale)
+    its own step; "no reference" where the band does not reach)."""
+    low, _, high = reference_band(curves, steps)
     counts = defaultdict(int)
     for value, lo, hi in zip(values, low, high):
         counts[where_in_band(value, lo, hi)] += 1
@@ -823,14 +819,13 @@ def band_counts(steps, values, curves, scale: float = 1.0) -> dict:
 def whole_run_counts(runs: List[dict], mean_curve: tuple, curves) -> dict:
     """Every evaluation, not only those up to the game's compared step: of the seeds' mean curve (steps,
     values, from mean_std_curve: up to the last step all the seeds reached) and of each seed (up to its own
-    last step), against the band on both step axes. per_seed is a list in the runs' order (two slices of
-    one game may hold the same seed)."""
-    def on_both_axes(steps, values):
-        return {"step": int(steps[-1]), "published": band_counts(steps, values, curves),
-                "three_quarters": band_counts(steps, values, curves, REFERENCE_TRAINING_FRACTION)}
+    last step), against the band. per_seed is a list in the runs' order (two slices of one game may hold
+    the same seed)."""
+    def counted(steps, values):
+        return {"step": int(steps[-1]), **band_counts(steps, values, curves)}
 
-    return {"mean": on_both_axes(*mean_curve),
-            "per_seed": [{"seed": run["seed"], **on_both_axes(*run["curves"][TEST])} for run in runs]}
+    return {"mean": counted(*mean_curve),
+            "per_seed": [{"seed": run["seed"], **counted(*run["curves"][TEST])} for run in runs]}
 
 
 def band_cell(row: dict) -> str:
@@ -841,18 +836,15 @@ def band_cell(row: dict) -> str:
 def reference_table(check: dict, label: str) -> str:
     lines = [f"Our test return against OpenAI's PPO (hard, 500 levels, 3 runs), {label}", "",
              "step: the last one all of the game's runs reached; ours: mean over seeds there; band: min / mean / "
-             "max of OpenAI's runs at the same step, on the published step axis and with its steps x 3/4 (if one "
-             "of its 4 workers did not train); evaluations: how many of ours up to that step lie below / within / "
-             "above the published band (none before its first row)", "",
-             "| game | step | method | seeds | ours | published axis | steps x 3/4 | evaluations below / within / above |",
-             "|---|---|---|---|---|---|---|---|"]
+             "max of OpenAI's runs at the same step; evaluations: how many of ours up to that step lie below / "
+             "within / above the band (none before its first row)", "",
+             "| game | step | method | seeds | ours | band | evaluations below / within / above |",
+             "|---|---|---|---|---|---|---|"]
     for game, by_method in check.items():
         for method, row in by_method.items():
             counts = row["evaluations"]
             lines.append(f"| {game} | {row['step']:,} | {method} | {row['seeds']} | {row['ours']:.2f} | "
-                         f"{band_cell(row['published'])} | "
-                         f"{band_cell(row['three_quarters'])} | {counts['below']} / {counts['within']} / "
-                         f"{counts['above']} |")
+                         f"{band_cell(row)} | {counts['below']} / {counts['within']} / {counts['above']} |")
     return "\n".join(lines + whole_run_table(check)) + "\n"
 
 
@@ -862,19 +854,17 @@ def whole_run_table(check: dict) -> List[str]:
         return f"{counts['below']} / {counts['within']} / {counts['above']}"
 
     lines = ["", "Over each run's whole length (a faster method's runs go past the compared step in the same "
-             "wall-clock budget): how many evaluations lie below / within / above the band, on OpenAI's published "
-             "step axis and with its steps x 3/4; evaluations before the band's first row or after its last are "
-             "not counted. The mean over seeds runs to the last step all of the method's seeds reached, each seed "
-             "to its own last step", "",
-             "| game | method | curve | up to step | published axis | steps x 3/4 |", "|---|---|---|---|---|---|"]
+             "wall-clock budget): how many evaluations lie below / within / above the band; evaluations before the "
+             "band's first row or after its last are not counted. The mean over seeds runs to the last step all of "
+             "the method's seeds reached, each seed to its own last step", "",
+             "| game | method | curve | up to step | below / within / above |", "|---|---|---|---|---|"]
     for game, by_method in check.items():
         for method, row in by_method.items():
             whole = row["whole_run"]
             seeds = [(f"seed {counts['seed']}", counts) for counts in whole["per_seed"]]
             curves = [(f"mean of {row['seeds']} seeds", whole["mean"])] + seeds if len(seeds) > 1 else seeds
             for name, counts in curves:
-                lines.append(f"| {game} | {method} | {name} | {counts['step']:,} | {cell(counts['published'])} | "
-                             f"{cell(counts['three_quarters'])} |")
+                lines.append(f"| {game} | {method} | {name} | {counts['step']:,} | {cell(counts)} |")
     return lines
 
 
@@ -888,8 +878,6 @@ def plot_reference(grouped, methods, reference, label, x_axis, notes, out) -> No
         low, mean, high = reference_band(reference[game], grid)
         ax.fill_between(grid, low, high, color="#bbbbbb", alpha=0.6, linewidth=0, label="OpenAI PPO (min-max)")
         ax.plot(grid, mean, color="#555555", label="OpenAI PPO (mean)")
-        ax.plot(grid, reference_band(reference[game], grid, REFERENCE_TRAINING_FRACTION)[1], color="#555555",
-                linestyle="--", linewidth=1, label="OpenAI PPO mean, steps x 3/4")
         for method in methods:
             if grouped[game].get(method):
                 draw_band(ax, [run["curves"][TEST] for run in grouped[game][method]], colour_of(method, methods),

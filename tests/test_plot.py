@@ -527,9 +527,6 @@ def test_reference_band_interpolates_each_run_then_takes_min_mean_max():
     assert np.isnan(low[0]) and np.isnan(high[3]) and np.isnan(mean[3])
     np.testing.assert_allclose([low[1], mean[1], high[1]], [1.0, 8.0 / 3, 5.0])
     np.testing.assert_allclose([low[2], mean[2], high[2]], [0.0, 1.0, 2.0])
-    # published steps x 3/4: step 150 is the published 200
-    low, mean, high = plot.reference_band(curves, [150], scale=0.75)
-    np.testing.assert_allclose([low[0], mean[0], high[0]], [1.0, 8.0 / 3, 5.0])
 
 
 def test_reference_check_says_where_our_mean_lies_at_equal_steps(tmp_path):
@@ -543,14 +540,12 @@ def test_reference_check_says_where_our_mean_lies_at_equal_steps(tmp_path):
                                                            [[2.0, 4.0, 6.0], [3.0, 5.0, 7.0], [4.0, 6.0, 8.0]]))
     summary = plot.main(plot_args(tmp_path, reference=ref))
     ppo, mdpo = summary["reference"]["games"]["bigfish"]["PPO"], summary["reference"]["games"]["bigfish"]["MDPO"]
-    assert ppo["ours"] == 7.0 and ppo["published"] == {"band": [6.0, 7.0, 8.0], "where": "within"}
+    assert ppo["ours"] == 7.0 and ppo["band"] == [6.0, 7.0, 8.0] and ppo["where"] == "within"
     # 1000: before the reference; 2000: 3 within [2, 4]; 3000: 5 within [4, 6]; 4000: 7 within [6, 8]
     assert ppo["evaluations"] == {"below": 0, "within": 3, "above": 0, "no reference": 1}
-    assert mdpo["published"]["where"] == "above" and mdpo["evaluations"]["above"] == 3
-    # steps x 3/4: the published rows move to 1500, 2250, 3000, so 4000 lies past the reference's end
-    assert ppo["three_quarters"] == {"band": [None, None, None], "where": "no reference"}
+    assert mdpo["where"] == "above" and mdpo["evaluations"]["above"] == 3
     table = (tmp_path / "fig" / "reference_check.md").read_text()
-    assert "| bigfish | 4,000 | PPO | 2 | 7.00 | within (6.00 / 7.00 / 8.00) | none at this step | 0 / 3 / 0 |" in table
+    assert "| bigfish | 4,000 | PPO | 2 | 7.00 | within (6.00 / 7.00 / 8.00) | 0 / 3 / 0 |" in table
     assert summary["reference"]["hyperparameter_differences"] == []
 
 
@@ -560,32 +555,25 @@ def test_reference_check_counts_each_methods_and_seeds_evaluations_over_the_whol
     write_run(runs, "ppo", "bigfish", 1, [0.0, 5.0, 4.5, 7.0, 9.0], **REFERENCE_TASK)  # 1000 ... 5000
     write_run(runs, "ppo", "bigfish", 2, [0.0, 1.0, 4.5, 5.2], **REFERENCE_TASK)  # 1000 ... 4000
     write_run(runs, "mdpo", "bigfish", 1, [9.0, 9.0], **REFERENCE_TASK)  # 1000, 2000: compared at 2000
-    # published rows at 2000 and 6000; the band at s is [s / 1000, s / 1000 + 2]. Steps x 3/4: rows at 1500
-    # and 4500, the band [2 + (s - 1500) / 750, that + 2]: [2.67, 4.67] at 2000, [4, 6] at 3000,
-    # [5.33, 7.33] at 4000, none at 1000 (before the first row) and at 5000 (past the last)
+    # published rows at 2000 and 6000; the band at s is [s / 1000, s / 1000 + 2], none at 1000 (before the
+    # first row)
     ref = write_reference(tmp_path / "ref.csv", three_runs("bigfish", [2000, 6000], [[2.0, 6.0], [3.0, 7.0],
                                                                                        [4.0, 8.0]]))
     games = plot.main(plot_args(tmp_path, reference=ref))["reference"]["games"]["bigfish"]
     ppo, mdpo = games["PPO"]["whole_run"], games["MDPO"]["whole_run"]
     assert games["PPO"]["step"] == 2000 and games["PPO"]["evaluations"]["within"] == 1  # the mean 3 in [2, 4]
-    # seed 1: 5 above [2, 4], 4.5 within [3, 5], 7 above [4, 6], 9 above [5, 7];
-    # 3/4: 5 above [2.67, 4.67], 4.5 within [4, 6], 7 within [5.33, 7.33], 9 past the band's end
-    assert ppo["per_seed"][0] == {"seed": 1, "step": 5000,
-                                  "published": {"below": 0, "within": 1, "above": 3, "no reference": 1},
-                                  "three_quarters": {"below": 0, "within": 2, "above": 1, "no reference": 2}}
-    # seed 2: 1 below [2, 4], 4.5 within, 5.2 within [4, 6]; 3/4: 1 below, 4.5 within, 5.2 below [5.33, 7.33]
-    assert ppo["per_seed"][1]["seed"] == 2 and ppo["per_seed"][1]["published"] == {"below": 1, "within": 2, "above": 0, "no reference": 1}
-    assert ppo["per_seed"][1]["three_quarters"] == {"below": 2, "within": 1, "above": 0, "no reference": 1}
-    # the mean to 4000, where seed 2 ends: 3, 4.5, 6.1: within, within, above [4, 6]; 3/4: all three within
-    assert ppo["mean"]["step"] == 4000
-    assert ppo["mean"]["published"] == {"below": 0, "within": 2, "above": 1, "no reference": 1}
-    assert ppo["mean"]["three_quarters"] == {"below": 0, "within": 3, "above": 0, "no reference": 1}
-    assert mdpo["mean"]["published"] == {"below": 0, "within": 0, "above": 1, "no reference": 1}
+    # seed 1: 5 above [2, 4], 4.5 within [3, 5], 7 above [4, 6], 9 above [5, 7]
+    assert ppo["per_seed"][0] == {"seed": 1, "step": 5000, "below": 0, "within": 1, "above": 3, "no reference": 1}
+    # seed 2: 1 below [2, 4], 4.5 within, 5.2 within [4, 6]
+    assert ppo["per_seed"][1] == {"seed": 2, "step": 4000, "below": 1, "within": 2, "above": 0, "no reference": 1}
+    # the mean to 4000, where seed 2 ends: 3, 4.5, 6.1: within, within, above [4, 6]
+    assert ppo["mean"] == {"step": 4000, "below": 0, "within": 2, "above": 1, "no reference": 1}
+    assert mdpo["mean"] == {"step": 2000, "below": 0, "within": 0, "above": 1, "no reference": 1}
     table = (tmp_path / "fig" / "reference_check.md").read_text()
-    assert "| bigfish | PPO | mean of 2 seeds | 4,000 | 0 / 2 / 1 | 0 / 3 / 0 |" in table
-    assert "| bigfish | PPO | seed 1 | 5,000 | 0 / 1 / 3 | 0 / 2 / 1 |" in table
-    assert "| bigfish | PPO | seed 2 | 4,000 | 1 / 2 / 0 | 2 / 1 / 0 |" in table
-    assert "| bigfish | MDPO | seed 1 | 2,000 | 0 / 0 / 1 | 0 / 0 / 1 |" in table  # one seed: no mean row
+    assert "| bigfish | PPO | mean of 2 seeds | 4,000 | 0 / 2 / 1 |" in table
+    assert "| bigfish | PPO | seed 1 | 5,000 | 0 / 1 / 3 |" in table
+    assert "| bigfish | PPO | seed 2 | 4,000 | 1 / 2 / 0 |" in table
+    assert "| bigfish | MDPO | seed 1 | 2,000 | 0 / 0 / 1 |" in table  # one seed: no mean row
     assert "MDPO | mean of" not in table
 
 
@@ -598,8 +586,8 @@ def test_reference_compares_each_game_at_the_last_step_its_own_runs_reached(tmp_
     summary = plot.main(plot_args(tmp_path, reference=write_reference(tmp_path / "ref.csv", rows)))
     games = summary["reference"]["games"]
     assert summary["compared_at"] == 2000  # the other figures: one step for every run
-    assert games["bigfish"]["PPO"]["step"] == 4000 and games["bigfish"]["PPO"]["published"]["where"] == "above"
-    assert games["starpilot"]["PPO"]["step"] == 2000 and games["starpilot"]["PPO"]["published"]["band"][1] == 10.0
+    assert games["bigfish"]["PPO"]["step"] == 4000 and games["bigfish"]["PPO"]["where"] == "above"
+    assert games["starpilot"]["PPO"]["step"] == 2000 and games["starpilot"]["PPO"]["band"][1] == 10.0
 
 
 def test_reference_compares_ppo_2x_with_the_band_at_its_own_steps(tmp_path):
@@ -613,7 +601,7 @@ def test_reference_compares_ppo_2x_with_the_band_at_its_own_steps(tmp_path):
     rows = summary["reference"]["games"]["starpilot"]
     assert rows["PPO"]["step"] == rows["PPO 2x samples"]["step"] == 4000  # the last step both reached, own steps
     assert rows["PPO 2x samples"]["ours"] == 5.0  # its evaluation at 4,000 of its own steps, not its last
-    assert rows["PPO 2x samples"]["published"]["band"] == [4.0, 4.0, 4.0]
+    assert rows["PPO 2x samples"]["band"] == [4.0, 4.0, 4.0]
 
 
 def test_reference_names_differing_hyperparameters_and_refuses_another_task(tmp_path):
@@ -635,12 +623,10 @@ def test_the_published_reference_is_in_the_project_with_its_header():
     assert sorted(reference) == sorted(plot.HARD_MODE_RANGES) and all(len(c) == 3 for c in reference.values())
 
 
-def test_reference_band_is_nan_before_every_run_started_on_both_axes():
+def test_reference_band_is_nan_before_every_run_started():
     curves = [(np.array([100, 300]), np.array([0.0, 2.0])), (np.array([200, 300]), np.array([4.0, 0.0]))]
     low, _, _ = plot.reference_band(curves, [150, 200])
     assert np.isnan(low[0]) and low[1] == 1.0  # at 150 the second run has not started
-    low, _, _ = plot.reference_band(curves, [140, 160], scale=0.75)  # it starts at 150 on the 3/4 axis
-    assert np.isnan(low[0]) and np.isfinite(low[1])
 
 
 def test_reference_band_ends_where_the_shortest_published_run_ends():
@@ -655,7 +641,7 @@ def test_reference_check_takes_the_mean_over_three_seeds(tmp_path):
         write_run(runs, "ppo", "bigfish", seed, [value], **REFERENCE_TASK)
     ref = write_reference(tmp_path / "ref.csv", three_runs("bigfish", [0, 2000], [[0.5, 0.5], [1.0, 1.0], [2, 2]]))
     row = plot.main(plot_args(tmp_path, reference=ref))["reference"]["games"]["bigfish"]["PPO"]
-    assert row["ours"] == 1.0 and row["published"]["where"] == "within"
+    assert row["ours"] == 1.0 and row["where"] == "within"
 
 
 def test_the_band_edges_count_as_within():
@@ -680,7 +666,7 @@ def test_reference_without_any_of_the_games_is_refused(tmp_path):
         plot.main(plot_args(tmp_path, reference=ref))
 
 
-def test_reference_figure_stops_at_our_last_step_and_draws_the_three_quarter_mean(tmp_path, monkeypatch):
+def test_reference_figure_stops_at_our_last_step(tmp_path, monkeypatch):
     run_dir = write_run(tmp_path / "runs", "ppo", "bigfish", 1, [1.0, 2.0], **REFERENCE_TASK)
     ref = write_reference(tmp_path / "ref.csv", three_runs("bigfish", [1000, 2000, 4000], [[0.0, 2.0, 4.0]] * 3))
     grouped = plot.group(plot.named_runs([plot.load_run(run_dir)]))
@@ -688,8 +674,7 @@ def test_reference_figure_stops_at_our_last_step_and_draws_the_three_quarter_mea
     plot.plot_reference(grouped, plot.ordered_methods(grouped), plot.read_reference(ref), "x", "agent", [], str(tmp_path))
     lines = {line.get_label(): line for line in drawn["fig"].axes[0].get_lines()}
     assert list(lines["OpenAI PPO (mean)"].get_xdata()) == [1000, 2000]
-    # published rows on the 3/4 axis: 750 -> 0, 1500 -> 2, 3000 -> 4
-    np.testing.assert_allclose(lines["OpenAI PPO mean, steps x 3/4"].get_ydata(), [2 / 3, 8 / 3])
+    np.testing.assert_allclose(lines["OpenAI PPO (mean)"].get_ydata(), [0.0, 2.0])
 
 
 def test_reference_rows_that_are_short_or_not_numbers_are_one_line_errors(tmp_path):
