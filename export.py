@@ -6,8 +6,10 @@ weights as weights.pt: its checkpoint's agents in half precision, without optimi
 
 The event files are copied record by record without the per-episode training returns and lengths
 (`charts/episodic_return`, `charts/episodic_length`, one record per finished episode: 95% of the bytes,
-3.5 MB per 3M starpilot steps of PPO), unless --keep-episodes; every other record is copied byte for
-byte. plot.py draws the evaluations (eval/*), which stay, so committed results stay small.
+about 125 bytes an episode); every other record is copied byte for byte. The per-episode records go
+into episodes.npz beside the event files they came from (their steps and values as logged, in the
+order written, about 4 bytes an episode), which plot.py reads as it reads the event files
+(--no-episodes leaves them out). TensorBoard shows the exported runs without those two curves.
 
     python export.py --runs sweeps/slice/runs --to results/starpilot-h100-8min \
         --how "python sweep.py --root sweeps/slice --methods ppo mdpo ... (docs/results.md)"
@@ -26,6 +28,7 @@ import sys
 from dataclasses import dataclass
 from typing import List, Optional
 
+import numpy as np
 import torch
 import tyro
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -37,7 +40,7 @@ import run_utils
 from plot import UsageError  # one class for both: plot.load_run's refusals are export's too (one line, exit 2)
 
 KEPT_FILES = ("config.json", "status.json", "diverged.json")
-PER_EPISODE_TAGS = ("charts/episodic_return", "charts/episodic_length")  # left out unless --keep-episodes
+PER_EPISODE_TAGS = plot.PER_EPISODE_TAGS  # never copied into the event files: into episodes.npz
 
 
 @dataclass
@@ -50,8 +53,8 @@ class ExportArgs:
     """the command that made the runs, quoted in the README"""
     commit: Optional[str] = None
     """the commit the runs were made at, for runs trained outside a git checkout (their logs say "unknown")"""
-    keep_episodes: bool = False
-    """keep the per-episode training returns and lengths in the event files (left out by default: 95% of the bytes)"""
+    episodes: bool = True
+    """keep the per-episode training returns and lengths, as episodes.npz beside each event stream"""
     weights: bool = True
     """keep each run's final network weights (weights.pt, half precision)"""
 
@@ -77,17 +80,19 @@ def whole_records(data: bytes):
         start = end
 
 
-def copy_events(source: str, destination: str, keep_episodes: bool) -> int:
-    """Copy an event file record by record, byte for byte, leaving out the per-episode ones unless
-    keep_episodes (each is a record of its own: the scripts log one scalar per record); the number left out.
+def copy_events(source: str, destination: str) -> List[tuple]:
+    """Copy an event file record by record, byte for byte, leaving out the per-episode ones (each is a record
+    of its own: the scripts log one scalar per record); those left out as (tag, step, value), in file order.
     Bytes after the last whole record are copied as they are, as a plain copy would, with a warning."""
     with open(source, "rb") as f:
         data = f.read()
-    left_out, copied_to = 0, 0
+    left_out, copied_to = [], 0
     with open(destination, "wb") as f:
         for start, end, payload in whole_records(data):
-            if not keep_episodes and any(v.tag in PER_EPISODE_TAGS for v in Event.FromString(payload).summary.value):
-                left_out += 1
+            event = Event.FromString(payload)
+            episode = [(v.tag, event.step, v.simple_value) for v in event.summary.value if v.tag in PER_EPISODE_TAGS]
+            if episode:
+                left_out += episode
             else:
                 f.write(data[start:end])
             copied_to = end
@@ -99,19 +104,33 @@ def copy_events(source: str, destination: str, keep_episodes: bool) -> int:
     return left_out
 
 
-def copy_scalars(run_dir: str, destination: str, keep_episodes: bool = False) -> int:
-    """Copy the run's kept files, keeping their places (agent1/, ...); the number of event records left out."""
-    left_out = 0
+def copy_scalars(run_dir: str, destination: str, episodes: bool = True) -> int:
+    """Copy the run's kept files, keeping their places (agent1/, ...), each stream's per-episode records into
+    its episodes.npz (unless not `episodes`); the number of per-episode records."""
+    count = 0
     for directory, _, files in os.walk(run_dir):
-        for name in sorted(filter(kept, files)):
+        left_out = []
+        for name in sorted(filter(kept, files)):  # event files in the order TensorBoard reads them
             relative = os.path.relpath(os.path.join(directory, name), run_dir)
             os.makedirs(os.path.dirname(os.path.join(destination, relative)), exist_ok=True)
             if name in KEPT_FILES:
                 shutil.copy2(os.path.join(run_dir, relative), os.path.join(destination, relative))
             else:
-                left_out += copy_events(os.path.join(run_dir, relative), os.path.join(destination, relative),
-                                        keep_episodes)
-    return left_out
+                left_out += copy_events(os.path.join(run_dir, relative), os.path.join(destination, relative))
+        if left_out and episodes:
+            save_episodes(left_out, os.path.join(destination, os.path.relpath(directory, run_dir)))
+        count += len(left_out)
+    return count
+
+
+def save_episodes(records: List[tuple], directory: str) -> None:
+    """episodes.npz: per tag, its steps (int64) and values (float32, as logged), in the order given."""
+    arrays = {}
+    for tag in PER_EPISODE_TAGS:
+        mine = [(step, value) for t, step, value in records if t == tag]
+        arrays[f"{tag}/step"] = np.array([step for step, _ in mine], dtype=np.int64)
+        arrays[f"{tag}/value"] = np.array([value for _, value in mine], dtype=np.float32)
+    np.savez_compressed(os.path.join(directory, plot.EPISODES_FILE), **arrays)
 
 
 def save_weights(run_dir: str, destination: str) -> bool:
@@ -162,7 +181,8 @@ def minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
 
-def readme_section(runs: List[dict], how: str, commit: Optional[str], episodes_left_out: int = 0, weights: int = 0) -> str:
+def readme_section(runs: List[dict], how: str, commit: Optional[str], episodes: int = 0, kept_episodes: bool = True,
+                   weights: int = 0) -> str:
     machines = sorted({m for run in runs for m in run["machines"]}) or ["not logged (runs older than the machine text)"]
     starts = [run["start"] for run in runs if run["start"] is not None]
     ends = [run["end"] for run in runs if run["end"] is not None]
@@ -174,8 +194,9 @@ def readme_section(runs: List[dict], how: str, commit: Optional[str], episodes_l
              *[f"- machine, as the runs logged it: {m}" for m in machines],
              *([f"- commit, as given at export: {commit}"] if commit else []),
              f"- wall time: {wall}",
-             *([f"- left out: {episodes_left_out:,} per-episode records ({', '.join(PER_EPISODE_TAGS)}; "
-                "export.py --keep-episodes keeps them)"] if episodes_left_out else []),
+             *([f"- per-episode records ({', '.join(PER_EPISODE_TAGS)}): {episodes:,}, "
+                + ("in episodes.npz beside the event files, not in them" if kept_episodes else
+                   "left out (export.py --no-episodes)")] if episodes else []),
              *([f"- final weights: weights.pt of {weights} run{'s' if weights > 1 else ''} (half precision, no "
                 "optimiser state)"] if weights else []), "",
              "| run | method | seed | steps per agent | last test return (at step) | state | wall time |",
@@ -201,9 +222,9 @@ def main(args: ExportArgs) -> List[dict]:
     if there:
         raise UsageError(f"{os.path.join(args.to, there[0])} exists already: results are never overwritten")
     runs = [describe_run(d) for d in run_dirs]
-    left_out = sum(copy_scalars(d, os.path.join(args.to, os.path.basename(d)), args.keep_episodes) for d in run_dirs)
+    episodes = sum(copy_scalars(d, os.path.join(args.to, os.path.basename(d)), args.episodes) for d in run_dirs)
     weights = [save_weights(d, os.path.join(args.to, os.path.basename(d))) for d in run_dirs] if args.weights else []
-    section = readme_section(runs, args.how, args.commit, left_out, sum(weights))
+    section = readme_section(runs, args.how, args.commit, episodes, args.episodes, sum(weights))
     readme = os.path.join(args.to, "README.md")
     with open(readme, "a") as f:
         f.write(("\n" if os.path.getsize(readme) else "") + section)

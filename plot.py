@@ -63,6 +63,8 @@ HARD_MODE_RANGES = {
     "ninja": (2, 10), "plunder": (3, 30), "starpilot": (1.5, 35),
 }
 TEST, TRAIN, CKA = "eval/test_return", "eval/train_return", "eval/debiased_cka"
+PER_EPISODE_TAGS = ("charts/episodic_return", "charts/episodic_length")  # one record per finished episode
+EPISODES_FILE = "episodes.npz"  # export.py keeps an exported stream's per-episode records there, not in its events
 STD_NOTE = "bands: mean ± sample std (ddof=1) over seeds"
 AGENT_NOTE = ("multi-agent methods: each seed's score is the mean of its K agents, which narrows the band for a "
               "reason other than the method; dotted: mean ± sample std over the individual agents")
@@ -155,7 +157,8 @@ def read_scalars(event_dir: str, tags) -> Dict[str, tuple]:
 
 def read_events(event_dir: str, wanted) -> Dict[str, tuple]:
     """tag -> (steps, values) of every event of the tags `wanted(tag)` accepts, in the order written
-    (a per-episode tag holds many events at one step)."""
+    (a per-episode tag holds many events at one step), the per-episode ones of an exported run from its
+    episodes.npz."""
     accumulator = EventAccumulator(event_dir, size_guidance={"scalars": 0})
     accumulator.Reload()
     events = {}
@@ -164,6 +167,13 @@ def read_events(event_dir: str, wanted) -> Dict[str, tuple]:
             scalars = accumulator.Scalars(tag)
             events[tag] = (np.array([e.step for e in scalars], dtype=np.int64),
                            np.array([e.value for e in scalars], dtype=np.float64))
+    path = os.path.join(event_dir, EPISODES_FILE)
+    if os.path.isfile(path):
+        with np.load(path) as episodes:
+            for tag in filter(wanted, PER_EPISODE_TAGS):
+                if tag in events:
+                    raise UsageError(f"{event_dir} holds its {tag} records twice: in its event files and in {path}")
+                events[tag] = (episodes[f"{tag}/step"].astype(np.int64), episodes[f"{tag}/value"].astype(np.float64))
     return events
 
 
@@ -1166,8 +1176,8 @@ def updates_notes(curves: List[dict], reference: List[dict], mismatches: List[st
              "averaged over its workers"]
     without = sorted({curve["method"] for curve in curves if "episode_return" not in curve["series"]})
     if without:
-        notes.append(f"{', '.join(without)}: no per-episode records kept in these runs (export.py --keep-episodes "
-                     f"keeps them), so no episode length; their return panel shows {TRAIN}, dotted: one episode "
+        notes.append(f"{', '.join(without)}: no per-episode records kept in these runs (exported "
+                     f"with --no-episodes, or before export.py kept them), so no episode length; their return panel shows {TRAIN}, dotted: one episode "
                      f"per evaluation env on the training levels")
     if reference:
         last = min(int(curve["series"]["value_loss"][0][-1]) for curve in reference)

@@ -16,7 +16,7 @@
 #  5. runs one sweep.py per METHOD at once, its seeds side by side (--jobs = their number), each stopped
 #     after MINUTES (--stop-after-min: runs checkpoint and stop; --total-timesteps is only a ceiling), with
 #     the flags docs/results.md gives: --bf16 --compile --eval-interval 8, paper hyperparameters otherwise;
-#  6. exports the runs with export.py --keep-episodes (weights kept) into results/GAME-<gpu>-<MINUTES>min;
+#  6. exports the runs with export.py (per-episode records and weights kept) into results/GAME-<gpu>-<MINUTES>min;
 #  7. with $OUT set (the GPU machine copies $OUT back), writes there slice.log and GAME-<gpu>-<MINUTES>min.tar.gz
 #     (split into .part-* pieces above 15 MiB), to unpack in the repository root: the results directory, and
 #     the sweeps' and training logs under sweeps/.
@@ -186,7 +186,7 @@ EOF
     for i in "${!methods[@]}"; do how="$how ${sweep_args[i]/--root $sweep_root /};"; done
     how="$how --flags=\"$flags\""
     [ -d "$sweep_root/runs" ] || fail "no runs under $sweep_root to export"
-    "$py" export.py --runs "$sweep_root/runs" --to "$results" --how "$how" --keep-episodes ${commit:+--commit "$commit"} \
+    "$py" export.py --runs "$sweep_root/runs" --to "$results" --how "$how" ${commit:+--commit "$commit"} \
         || fail "export.py failed"
 
     # 7. What comes back from the GPU machine.

@@ -141,7 +141,7 @@ def scalars_and_texts(directory):
     return found
 
 
-def test_export_leaves_out_the_per_episode_records_and_keeps_every_other_one(tmp_path):
+def test_export_moves_the_per_episode_records_into_episodes_npz_and_keeps_every_other_one(tmp_path):
     run_dir = write_run(tmp_path / "runs", "ppo", 1, [1.0, 2.0], T0, 60)
     writer = SummaryWriter(run_dir)  # training as the scripts log it: one record per finished episode
     for episode in range(40):
@@ -156,8 +156,16 @@ def test_export_leaves_out_the_per_episode_records_and_keeps_every_other_one(tmp
     assert len(source["charts/episodic_return"]) == 40 and set(source) - set(exported) == {
         "charts/episodic_return", "charts/episodic_length"}
     assert exported == {tag: events for tag, events in source.items() if not tag.startswith("charts/episodic")}
-    assert "- left out: 80 per-episode records (charts/episodic_return, charts/episodic_length; " \
-           "export.py --keep-episodes keeps them)" in (tmp_path / "r" / "README.md").read_text()
+    assert "- per-episode records (charts/episodic_return, charts/episodic_length): 80, in episodes.npz beside " \
+           "the event files, not in them" in (tmp_path / "r" / "README.md").read_text()
+    # plot.py reads from episodes.npz what the source's event files held, step for step and value for value
+    wanted = ("charts/episodic_return", "charts/episodic_length", "losses/value_loss")
+    original = plot.read_events(run_dir, wanted.__contains__)
+    kept = plot.read_events(str(tmp_path / "r" / "starpilot__ppo__1"), wanted.__contains__)
+    assert original.keys() == kept.keys() == set(wanted)
+    for tag in wanted:
+        assert original[tag][0].tolist() == kept[tag][0].tolist() and original[tag][1].tolist() == kept[tag][1].tolist()
+    assert kept["charts/episodic_length"][1].tolist() == [100.0 + e for e in range(40)]
 
     for name in os.listdir(run_dir):  # record by record: the file's header and every other record, in order
         if name.startswith("events.out.tfevents."):
@@ -165,12 +173,34 @@ def test_export_leaves_out_the_per_episode_records_and_keeps_every_other_one(tmp
             exported_records = list(RawEventFileLoader(str(tmp_path / "r" / "starpilot__ppo__1" / name)).Load())
             assert exported_records == [r for r in source_records if b"charts/episodic_" not in r]
 
-    export.main(export.ExportArgs(weights=False, runs=[str(tmp_path / "runs")], to=str(tmp_path / "k"), how="x", keep_episodes=True))
-    for name in os.listdir(run_dir):
-        if name.startswith("events.out.tfevents."):  # every record, byte for byte
-            with open(os.path.join(run_dir, name), "rb") as a, open(tmp_path / "k" / "starpilot__ppo__1" / name, "rb") as b:
-                assert a.read() == b.read()
-    assert "left out" not in (tmp_path / "k" / "README.md").read_text()
+    export.main(export.ExportArgs(weights=False, runs=[str(tmp_path / "runs")], to=str(tmp_path / "k"), how="x",
+                                  episodes=False))
+    assert not (tmp_path / "k" / "starpilot__ppo__1" / "episodes.npz").exists()
+    assert "80, left out (export.py --no-episodes)" in (tmp_path / "k" / "README.md").read_text()
+
+
+def test_each_agents_stream_keeps_its_own_episodes_and_the_updates_figure_reads_them(tmp_path):
+    run_dir = write_run(tmp_path / "runs", "mdpo", 1, [1.0], T0, 60)
+    for agent in (1, 2):
+        writer = SummaryWriter(os.path.join(run_dir, f"agent{agent}"))
+        for episode in range(5):
+            writer.add_scalar("charts/episodic_length", 10 * agent + episode, 100 * episode)
+        writer.close()
+    export.main(export.ExportArgs(weights=False, runs=[str(tmp_path / "runs")], to=str(tmp_path / "r"), how="x"))
+    exported = tmp_path / "r" / "starpilot__mdpo__1"
+    assert not (exported / "episodes.npz").exists()  # the run's own stream logged no episode
+    for agent in (1, 2):
+        lengths = plot.read_events(str(exported / f"agent{agent}"), "charts/episodic_length".__eq__)
+        assert lengths["charts/episodic_length"][1].tolist() == [10.0 * agent + e for e in range(5)]
+
+
+def test_a_stream_with_its_episodes_in_both_places_is_refused_in_one_line(tmp_path):
+    writer = SummaryWriter(str(tmp_path))
+    writer.add_scalar("charts/episodic_return", 1.0, 5)
+    writer.close()
+    export.save_episodes([("charts/episodic_return", 5, 1.0)], str(tmp_path))
+    with pytest.raises(plot.UsageError, match="records twice"):
+        plot.read_events(str(tmp_path), "charts/episodic_return".__eq__)
 
 
 @pytest.mark.parametrize("damage", ["cut short", "corrupt"])
@@ -191,10 +221,11 @@ def test_export_copies_the_bytes_after_a_damaged_record_as_they_are(tmp_path, da
     damaged = data[:whole + 20] if damage == "cut short" else data[:whole + 20] + b"x" + data[whole + 21:]
     open(source, "wb").write(damaged)
     destination = str(tmp_path / "copy")
-    left_out = export.copy_events(source, destination, keep_episodes=False)
+    left_out = export.copy_events(source, destination)
     # the header and the losses of steps 0-2, then every byte from the damaged record on, as it was
     assert open(destination, "rb").read() == framed[0] + framed[2] + framed[4] + framed[6] + damaged[whole:]
-    assert left_out == 3 and "copied unfiltered" in capsys.readouterr().err
+    assert left_out == [("charts/episodic_return", step, step) for step in range(3)]
+    assert "copied unfiltered" in capsys.readouterr().err
 
 
 def test_a_file_ending_in_per_episode_records_loses_them_all_and_warns_of_nothing(tmp_path, capsys):
@@ -206,7 +237,7 @@ def test_a_file_ending_in_per_episode_records_loses_them_all_and_warns_of_nothin
     writer.close()
     source, = [str(p) for p in (tmp_path / "events").iterdir()]
     destination = str(tmp_path / "copy")
-    assert export.copy_events(source, destination, keep_episodes=False) == 6
+    assert len(export.copy_events(source, destination)) == 6
     records = list(RawEventFileLoader(destination).Load())
     assert len(records) == 1 + 3 and not any(b"charts/episodic_" in r for r in records)
     assert capsys.readouterr().err == ""  # a whole file: nothing after its last record to warn about
