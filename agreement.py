@@ -32,8 +32,7 @@ import tyro
 
 import evaluation
 import ppo
-import run_utils
-from sweep import method_of
+from run_data import UsageError, load_agents
 
 
 @dataclass
@@ -48,36 +47,13 @@ class AgreementArgs:
     """what made the runs, e.g. "CPU, 2 cores, 16,384 steps per agent"; added to the title"""
 
 
-class UsageError(Exception):
-    """Bad input: one line on stderr, exit code 2."""
-
-
-def weights_file(path: str) -> str:
-    if path.endswith(".pt"):
-        return path
-    for name in ("checkpoint.pt", "weights.pt"):
-        if os.path.isfile(os.path.join(path, name)):
-            return os.path.join(path, name)
-    raise UsageError(f"no checkpoint.pt or weights.pt in {path}")
-
-
 def load_run(path: str) -> dict:
     """A run's method, game, seed, step and its agents, trained (from the file) and untrained (rebuilt from the
     seed: train() seeds torch, then builds its K agents one after the other)."""
-    file = weights_file(path)
-    try:
-        checkpoint = torch.load(file, map_location="cpu", weights_only=False)
-        args = dict(checkpoint["args"])
-        trained = [ppo.Agent(dropout=args["dropout"]) for _ in run_utils.agent_weights(checkpoint)]
-        for agent, state in zip(trained, run_utils.agent_weights(checkpoint)):
-            agent.load_state_dict(state)
-        torch.manual_seed(args["seed"])
-        untrained = [ppo.Agent(dropout=args["dropout"]) for _ in trained]
-    except Exception as error:  # torn, foreign or from another network: one line, not a traceback
-        raise UsageError(f"{file} is not a readable checkpoint of ppo.py, drac.py or mdpo.py ({type(error).__name__})") from None
-    return {"run": os.path.dirname(file), "method": method_of({"script": checkpoint["script"], "args": args}),
-            "game": args["env_id"], "mode": args["distribution_mode"], "seed": args["seed"],
-            "global_step": checkpoint["global_step"], "trained": trained, "untrained": untrained}
+    run = load_agents(path)
+    torch.manual_seed(run["seed"])
+    untrained = [ppo.Agent(dropout=run["args"]["dropout"]).eval() for _ in run["agents"]]
+    return {**run, "trained": run["agents"], "untrained": untrained}
 
 
 def check_runs(runs: list) -> None:

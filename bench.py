@@ -34,7 +34,7 @@ import tyro
 import mdpo
 import ppo
 import run_utils
-from plot import read_scalars
+from run_data import read_scalars
 
 
 @dataclass

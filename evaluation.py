@@ -157,6 +157,28 @@ def agreement(agents, frames, bf16=False):
             {(i, j): policy_tv(measured[i][1], measured[j][1]) for i, j in pairs})
 
 
+def test_frames(env_class, game: str, mode: str, count: int, warmup_steps: int, seed: int) -> torch.Tensor:
+    """`count` frames of unseen levels, each after `warmup_steps` random actions, from envs of env_class (the
+    scripts' ProcgenVecEnv)."""
+    env = env_class(game, count, 0, 0, mode, seed)
+    rng = np.random.default_rng(seed)
+    obs, _ = env.reset()
+    for _ in range(warmup_steps):
+        obs, *_ = env.step(rng.integers(0, 15, count))
+    env.close()
+    return torch.as_tensor(obs)
+
+
+def tv_distance(logits_p, logits_q):
+    """Total-variation distance 1/2 sum_a |p(a) - q(a)| between the rows' categorical distributions."""
+    return 0.5 * (logits_p.softmax(-1) - logits_q.softmax(-1)).abs().sum(-1)
+
+
+def spread(features):
+    """Mean distance of feature vectors (last dim) to their centroid (over the second-to-last dim)."""
+    return (features - features.mean(-2, keepdim=True)).norm(dim=-1).mean()
+
+
 def interval95(values):
     """(mean, low, high): Student-t 95% interval of the mean with the sample std; no interval from one value."""
     values = np.asarray(values, dtype=float)

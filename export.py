@@ -35,12 +35,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
-import plot
 import run_utils
-from plot import UsageError  # one class for both: plot.load_run's refusals are export's too (one line, exit 2)
+import run_data
+from run_data import UsageError
 
 KEPT_FILES = ("config.json", "status.json", "diverged.json")
-PER_EPISODE_TAGS = plot.PER_EPISODE_TAGS  # never copied into the event files: into episodes.npz
+PER_EPISODE_TAGS = run_data.PER_EPISODE_TAGS  # never copied into the event files: into episodes.npz
 
 
 @dataclass
@@ -130,7 +130,7 @@ def save_episodes(records: List[tuple], directory: str) -> None:
         mine = [(step, value) for t, step, value in records if t == tag]
         arrays[f"{tag}/step"] = np.array([step for step, _ in mine], dtype=np.int64)
         arrays[f"{tag}/value"] = np.array([value for _, value in mine], dtype=np.float32)
-    np.savez_compressed(os.path.join(directory, plot.EPISODES_FILE), **arrays)
+    np.savez_compressed(os.path.join(directory, run_data.EPISODES_FILE), **arrays)
 
 
 def save_weights(run_dir: str, destination: str) -> bool:
@@ -168,10 +168,10 @@ def event_summary(run_dir: str) -> dict:
 
 
 def describe_run(run_dir: str) -> dict:
-    run = plot.at_own_steps(plot.load_run(run_dir))  # its return at its own step, ppo_2x too
+    run = run_data.at_own_steps(run_data.load_run(run_dir))  # its return at its own step, ppo_2x too
     diverged = os.path.isfile(os.path.join(run_dir, "diverged.json"))
     state = "diverged" if diverged else "finished" if run["finished"] else "stopped (resumable)"
-    test = run["curves"].get(plot.TEST)
+    test = run["curves"].get(run_data.TEST)
     last = f"{test[1][-1]:.2f} at {int(test[0][-1]):,}" if test is not None else "not evaluated"
     return {"name": os.path.basename(run_dir), "method": run["method"], "seed": run["seed"], "game": run["game"],
             "steps": run["steps"], "last_test": last, "state": state, **event_summary(run_dir)}
@@ -212,7 +212,7 @@ def readme_section(runs: List[dict], how: str, commit: Optional[str], episodes: 
 def main(args: ExportArgs) -> List[dict]:
     if not args.how.strip():
         raise UsageError("--how must say what command made the runs")
-    run_dirs = plot.find_runs(args.runs)
+    run_dirs = run_data.find_runs(args.runs)
     if not run_dirs:
         raise UsageError(f"no runs of ppo.py, drac.py or mdpo.py under {', '.join(args.runs)}")
     names = [os.path.basename(d) for d in run_dirs]

@@ -47,13 +47,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import tyro  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-METHOD_NAMES = {"ppo": "PPO", "ppo_l2": "PPO + L2", "ppo_dropout": "PPO + dropout", "ppo_2x": "PPO 2x samples",
-                "ppo_ucb_drac": "PPO + UCB-DrAC", "drac": "PPO + DrAC", "mdpo_alpha0": "MDPO α=0", "mdpo": "MDPO"}
-METHOD_COLOURS = {"PPO": "#17becf", "PPO + L2": "#f5a700", "PPO + dropout": "#1565d8", "PPO 2x samples": "#2ca02c",
-                  "PPO + UCB-DrAC": "#8c564b", "MDPO α=0": "#9467bd", "MDPO": "#e8323c"}
-OTHER_COLOURS = ["#bcbd22", "#e377c2", "#393b79", "#637939", "#ff7f0e"]  # no grey: OpenAI's band is grey
+from run_data import (CKA, METHOD_COLOURS, OTHER_COLOURS, TEST, TRAIN, UsageError, at_own_steps,  # noqa: E402
+                  display_name, find_runs, last_per_step, load_run, read_events, split_by_settings)
+
 MDPO = "MDPO"
 # (R_min, R_max) of each game in hard mode, from the Procgen paper (Cobbe et al. 2020).
 HARD_MODE_RANGES = {
@@ -62,16 +59,9 @@ HARD_MODE_RANGES = {
     "heist": (2, 10), "jumper": (1, 10), "leaper": (1.5, 10), "maze": (4, 10), "miner": (1.5, 20),
     "ninja": (2, 10), "plunder": (3, 30), "starpilot": (1.5, 35),
 }
-TEST, TRAIN, CKA = "eval/test_return", "eval/train_return", "eval/debiased_cka"
-PER_EPISODE_TAGS = ("charts/episodic_return", "charts/episodic_length")  # one record per finished episode
-EPISODES_FILE = "episodes.npz"  # export.py keeps an exported stream's per-episode records there, not in its events
 STD_NOTE = "bands: mean ± sample std (ddof=1) over seeds"
 AGENT_NOTE = ("multi-agent methods: each seed's score is the mean of its K agents, which narrows the band for a "
               "reason other than the method; dotted: mean ± sample std over the individual agents")
-
-
-class UsageError(Exception):
-    """Bad input: the command line prints it as one `error:` line and exits with 2."""
 
 
 @dataclass
@@ -108,144 +98,16 @@ class PlotArgs:
 # ---------------------------------------------------------------------------------------------
 
 
-def find_runs(roots: List[str]) -> List[str]:
-    """Every directory below the roots whose config.json was written by ppo.py, drac.py or mdpo.py."""
-    found = []
-    for root in roots:
-        for directory, _, files in os.walk(root):
-            if "config.json" in files and is_run(directory):
-                found.append(directory)
-    return sorted(found)
-
-
-def read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
-
-
-def is_run(directory: str) -> bool:
-    try:
-        config = read_json(os.path.join(directory, "config.json"))
-    except (OSError, ValueError) as error:
-        print(f"skipping {directory}: its config.json is unreadable ({type(error).__name__})", file=sys.stderr)
-        return False
-    return isinstance(config, dict) and config.get("script") in ("ppo", "drac", "mdpo") and isinstance(config.get("args"), dict)
-
-
-def method_of(config: dict) -> str:
-    """The method a run is, from what its config says it ran (sweep.py owns the table)."""
-    import sweep
-
-    return sweep.method_of(config)
-
-
-def display_name(method: str) -> str:
-    if method.startswith("ppo_drac_"):
-        return f"PPO + DrAC ({method[len('ppo_drac_'):]})"
-    script, _, settings = method.partition(" (")  # a run that matches no method, e.g. "mdpo (num_agents=3)"
-    if settings and script in METHOD_NAMES:
-        return f"{METHOD_NAMES[script]} ({settings}"
-    return METHOD_NAMES.get(method, method)
-
-
-def read_scalars(event_dir: str, tags) -> Dict[str, tuple]:
-    """tag -> (steps, values) of these tags, one value per step: a step logged twice (a resumed run re-logging
-    an evaluation after its checkpoint) keeps the later value."""
-    events = read_events(event_dir, lambda tag: tag in tags)
-    return {tag: last_per_step(steps, values) for tag, (steps, values) in events.items()}
-
-
-def read_events(event_dir: str, wanted) -> Dict[str, tuple]:
-    """tag -> (steps, values) of every event of the tags `wanted(tag)` accepts, in the order written
-    (a per-episode tag holds many events at one step), the per-episode ones of an exported run from its
-    episodes.npz."""
-    accumulator = EventAccumulator(event_dir, size_guidance={"scalars": 0})
-    accumulator.Reload()
-    events = {}
-    for tag in accumulator.Tags()["scalars"]:
-        if wanted(tag):
-            scalars = accumulator.Scalars(tag)
-            events[tag] = (np.array([e.step for e in scalars], dtype=np.int64),
-                           np.array([e.value for e in scalars], dtype=np.float64))
-    path = os.path.join(event_dir, EPISODES_FILE)
-    if os.path.isfile(path):
-        with np.load(path) as episodes:
-            for tag in filter(wanted, PER_EPISODE_TAGS):
-                if tag in events:
-                    raise UsageError(f"{event_dir} holds its {tag} records twice: in its event files and in {path}")
-                events[tag] = (episodes[f"{tag}/step"].astype(np.int64), episodes[f"{tag}/value"].astype(np.float64))
-    return events
-
-
-def last_per_step(steps, values) -> tuple:
-    """(steps, values) with one value per step, the one written last, in step order."""
-    by_step = dict(zip(steps.tolist(), values.tolist()))
-    ordered = np.array(sorted(by_step), dtype=np.int64)
-    return ordered, np.array([by_step[s] for s in ordered.tolist()], dtype=np.float64)
-
-
-def agents_mean(per_agent: List[tuple]) -> tuple:
-    """The agents' mean at the steps every agent logged."""
-    steps = per_agent[0][0]
-    for agent_steps, _ in per_agent[1:]:
-        steps = np.intersect1d(steps, agent_steps)
-    return steps, np.mean([values[np.searchsorted(s, steps)] for s, values in per_agent], axis=0)
-
-
-def samples_scale(method: str) -> int:
-    """How many times PPO's samples per iteration the method's one agent takes (ppo_2x: 2), from sweep.py."""
-    import sweep
-
-    return sweep.METHODS[method].budget_scale if method in sweep.METHODS else 1
-
-
-def load_run(run_dir: str, x_axis: str = "agent") -> dict:
-    """A run's game, method, seed, mode and curves. With K agents its score curve is their mean; with
-    x_axis "total" its steps count every agent's environment steps (K x steps per agent).
-
-    ppo_2x takes twice PPO's samples per iteration, as MDPO's two agents do together. On the per-agent
-    axis it is drawn at half its steps: at every x it has made as many updates as each method and seen as
-    many samples as MDPO's agents together, so all runs meet at the end of training. "total" draws its own steps.
-    """
-    config = read_json(os.path.join(run_dir, "config.json"))
-    args = config["args"]
-    method = method_of(config)
-    num_agents = int(args.get("num_agents", 2)) if config["script"] == "mdpo" else 1
-    event_dirs = [run_dir] if num_agents == 1 else [os.path.join(run_dir, f"agent{i}") for i in range(1, num_agents + 1)]
-    scale, per = (num_agents, 1) if x_axis == "total" else (1, samples_scale(method))
-    curves, agent_curves = {}, {}
-    streams = [read_scalars(d, (TEST, TRAIN)) if os.path.isdir(d) else {} for d in event_dirs]  # each once
-    for tag in (TEST, TRAIN):
-        per_agent = [stream.get(tag) for stream in streams]
-        if any(c is None or len(c[0]) == 0 for c in per_agent):
-            continue
-        agent_curves[tag] = [(steps * scale // per, values) for steps, values in per_agent]
-        steps, values = agents_mean(per_agent)
-        curves[tag] = (steps * scale // per, values)
-    if num_agents > 1 and os.path.isdir(run_dir):  # run-level scalars live in the run directory's own stream
-        cka = read_scalars(run_dir, [CKA]).get(CKA)
-        if cka is not None and len(cka[0]):
-            curves[CKA] = (cka[0] * scale, cka[1])
-    status_path = os.path.join(run_dir, "status.json")
-    status = read_json(status_path) if os.path.isfile(status_path) else {}
-    return {"game": args["env_id"], "method": display_name(method), "seed": args["seed"], "args": args,
-            "mode": args.get("distribution_mode", "hard"), "num_agents": num_agents,
-            "finished": bool(status.get("finished")), "steps": status.get("global_step"),
-            "curves": curves, "agent_curves": agent_curves, "dir": run_dir, "steps_per_x": per}
-
-
 def named_runs(runs: List[dict]) -> List[dict]:
     """The runs that were evaluated, a run of a method trained with other settings named as a method of its
-    own (sweep.split_by_settings: "PPO (num_envs=256)" beside "PPO")."""
-    import sweep
-
+    own (split_by_settings: "PPO (num_envs=256)" beside "PPO")."""
     evaluated = []
     for run in runs:
         if TEST in run["curves"]:
             evaluated.append(run)
         else:
             print(f"skipping {run['dir']}: no {TEST} logged yet", file=sys.stderr)
-    return sweep.split_by_settings(evaluated)
+    return split_by_settings(evaluated)
 
 
 def group(runs: List[dict]) -> Dict[str, Dict[str, List[dict]]]:
@@ -350,13 +212,6 @@ def axis_notes(grouped) -> List[str]:
     scaled = {run["method"]: run["steps_per_x"] for run in all_runs(grouped) if run["steps_per_x"] > 1}
     return [f"{method} drawn at 1/{per} of its own steps ({per}x PPO's samples per iteration: at every x it has "
             f"made as many updates as each method)" for method, per in sorted(scaled.items())]
-
-
-def at_own_steps(run: dict) -> dict:
-    """The run with its curves at its own environment steps (ppo_2x's halving on the per-agent axis undone)."""
-    per = run["steps_per_x"]
-    return run if per == 1 else {**run, "steps_per_x": 1,
-                                 "curves": {tag: (steps * per, values) for tag, (steps, values) in run["curves"].items()}}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,11 +36,10 @@ import tyro
 from torch.distributions import Categorical
 
 import evaluation
-from evaluation import interval95
 import ppo
-import run_utils
 from drac import adjust_colour, convolve, random_conv_weights, uniform
-from sweep import method_of, split_by_settings
+from evaluation import interval95, spread, test_frames, tv_distance
+from run_data import UsageError, load_agents, split_by_settings
 
 
 @dataclass
@@ -65,10 +64,6 @@ class RobustnessArgs:
     """what made the checkpoints, e.g. "CPU, 2 cores"; added to the title"""
     figure: bool = True
     """draw the figure (else only the table and JSON)"""
-
-
-class UsageError(Exception):
-    """Bad input: one line on stderr, exit code 2."""
 
 
 # The robustness tests' perturbations and the largest strength each takes.
@@ -154,29 +149,8 @@ def check(args: RobustnessArgs) -> list:
     return perturbations
 
 
-def load_run(path: str) -> dict:
-    """The run's config, method and agents (networks in eval mode), or a UsageError saying why not."""
-    run_dir = os.path.dirname(path) if path.endswith(".pt") else path
-    checkpoint_path = path if path.endswith(".pt") else os.path.join(path, "checkpoint.pt")
-    if not os.path.isfile(checkpoint_path):
-        raise UsageError(f"no checkpoint at {checkpoint_path}")
-    try:
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        config = {"script": checkpoint["script"], "args": dict(checkpoint["args"])}
-        agents = []
-        for state in run_utils.agent_weights(checkpoint):
-            agent = ppo.Agent(dropout=config["args"].get("dropout", 0.0))
-            agent.load_state_dict(state)
-            agents.append(agent.eval())
-    except Exception as error:  # torn, foreign or from another network: one line, not a traceback
-        raise UsageError(f"{checkpoint_path} is not a readable checkpoint of ppo.py, drac.py or mdpo.py ({type(error).__name__})") from None
-    return {"run": run_dir, "config": config, "args": config["args"], "method": method_of(config), "agents": agents,
-            "game": config["args"]["env_id"], "mode": config["args"].get("distribution_mode", "hard"),
-            "seed": config["args"].get("seed"), "global_step": checkpoint.get("global_step")}
-
-
 def load_runs(paths) -> list:
-    runs = [load_run(path) for path in paths]
+    runs = [load_agents(path) for path in paths]
     run_dirs = [os.path.realpath(run["run"]) for run in runs]
     for run_dir in run_dirs:  # a run given twice would count as two seeds and narrow the interval
         if run_dirs.count(run_dir) > 1:
@@ -186,27 +160,6 @@ def load_runs(paths) -> list:
         if len(values) > 1:
             raise UsageError(f"the runs are of different {what}: {', '.join(values)}; give runs of one")
     return split_by_settings(runs)  # a control trained with other settings is not another seed
-
-
-def test_frames(game: str, mode: str, count: int, warmup_steps: int, seed: int) -> torch.Tensor:
-    """`count` frames of unseen levels, each after `warmup_steps` random actions."""
-    env = ppo.ProcgenVecEnv(game, count, 0, 0, mode, seed)
-    rng = np.random.default_rng(seed)
-    obs, _ = env.reset()
-    for _ in range(warmup_steps):
-        obs, *_ = env.step(rng.integers(0, 15, count))
-    env.close()
-    return torch.as_tensor(obs)
-
-
-def tv_distance(logits_p, logits_q):
-    """Total-variation distance 1/2 sum_a |p(a) - q(a)| between the rows' categorical distributions."""
-    return 0.5 * (logits_p.softmax(-1) - logits_q.softmax(-1)).abs().sum(-1)
-
-
-def spread(features):
-    """Mean distance of feature vectors (last dim) to their centroid (over the second-to-last dim)."""
-    return (features - features.mean(-2, keepdim=True)).norm(dim=-1).mean()
 
 
 @torch.no_grad()
@@ -329,7 +282,7 @@ def main(args: RobustnessArgs) -> dict:
     runs = load_runs(args.runs)
     game, mode = runs[0]["game"], runs[0]["mode"]
     keys = [perturbation_key(*p) for p in perturbations]
-    frames = test_frames(game, mode, args.frames, args.warmup_steps, args.seed)
+    frames = test_frames(ppo.ProcgenVecEnv, game, mode, args.frames, args.warmup_steps, args.seed)
     results = []
     for run in runs:
         agents = [measure_agent(agent, game, mode, frames, perturbations, args) for agent in run["agents"]]

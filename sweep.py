@@ -44,7 +44,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, List, Literal, Optional, Tuple
+from typing import Callable, List, Literal, Optional
 
 import tyro
 
@@ -53,133 +53,11 @@ import mdpo
 import ppo
 import run_utils
 from ppo import PROCGEN_GAMES
+from run_data import DRAC_BEST, DRAC_BEST_ABOUT, DRAC_BEST_AUGMENT, METHODS
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-@dataclass(frozen=True)
-class Method:
-    script: str  # "ppo", "drac" or "mdpo"
-    flags: Tuple[str, ...]  # the flags that make the method, as (flag, value) pairs
-    about: str  # what it controls for, one line
-    budget_scale: int = 1  # ppo_2x: the envs and total steps of --flags, times this
-
-
-# The augmentation DrAC (Raileanu et al. 2021) found best on each Procgen game, as the `env_to_aug` table
-# of public train scripts built on rraileanu/auto-drac has it (auto-drac's own train.py takes it as
-# --aug_type; see docs/method.md). ppo_drac_best runs each game with its entry.
-DRAC_BEST_AUGMENT = {
-    "bigfish": "crop", "bossfight": "flip", "caveflyer": "rotate", "chaser": "crop", "climber": "color-jitter",
-    "coinrun": "random-conv", "dodgeball": "crop", "fruitbot": "crop", "heist": "crop", "jumper": "random-conv",
-    "leaper": "crop", "maze": "crop", "miner": "color-jitter", "ninja": "color-jitter", "plunder": "crop",
-    "starpilot": "crop",
-}
-DRAC_COEF = "0.1"  # DrAC's alpha_r for Procgen
-
-
-def drac_about(augment: str) -> str:
-    games = ", ".join(game for game, best in DRAC_BEST_AUGMENT.items() if best == augment)
-    return f"PPO + DrAC with {augment} (Raileanu et al. 2021), DrAC's best on {games}: regularisation by augmentation"
-
-
-METHODS = {
-    "ppo": Method("ppo", (), "the baseline: PPO at the paper's settings"),
-    "ppo_l2": Method("ppo", ("--l2-coef", "1e-4"),
-                     "PPO + L2 weight penalty (Cobbe et al. 2019): is MDPO's gain generic weight regularisation?"),
-    "ppo_dropout": Method("ppo", ("--dropout", "0.1"),
-                          "PPO + dropout after each convolution (Cobbe et al. 2019): is it noise in the encoder?"),
-    "ppo_2x": Method("ppo", (), "PPO with twice --num-envs and --total-timesteps: as many samples per iteration and in "
-                     "all as MDPO's two agents together, the same iterations (sample-matched)", budget_scale=2),
-    **{f"ppo_drac_{augment}": Method("drac", ("--augment", augment, "--drac-coef", DRAC_COEF), drac_about(augment))
-       for augment in sorted(set(DRAC_BEST_AUGMENT.values()))},
-    "ppo_ucb_drac": Method("drac", ("--augment", "ucb", "--drac-coef", DRAC_COEF),
-                           "PPO + UCB-DrAC (Raileanu et al. 2021): DrAC choosing its augmentation by a bandit"),
-    "mdpo": Method("mdpo", (), "MDPO: two agents, each also pulled towards the other's policy by a KL term"),
-    "mdpo_alpha0": Method("mdpo", ("--alpha", "0"), "MDPO without the KL term: the same two-agent training, loss "
-                          "scaling, clipping and optimiser; isolates the KL term"),
-}
-# Not a method of its own: stands for ppo_drac_<DrAC's best augmentation on the job's game>.
-DRAC_BEST = "ppo_drac_best"
-DRAC_BEST_ABOUT = "each game's ppo_drac_<augment> with the augmentation DrAC found best on it"
 DEFAULT_METHODS = ["ppo", "ppo_l2", "ppo_dropout", "ppo_2x", DRAC_BEST, "ppo_ucb_drac", "mdpo", "mdpo_alpha0"]
-
-# The Args fields that tell the methods apart, with their values when no flag sets them.
-METHOD_FIELDS = {
-    "ppo": {"l2_coef": 0.0, "dropout": 0.0},
-    "drac": {"augment": "crop", "drac_coef": 0.1, "l2_coef": 0.0, "dropout": 0.0},
-    "mdpo": {"num_agents": 2, "alpha": 1.0, "detach_peer": False, "l2_coef": 0.0, "dropout": 0.0},
-}
 SCRIPTS = {"ppo": ppo, "drac": drac, "mdpo": mdpo}
-
-
-def method_settings(script: str, flags: Tuple[str, ...]) -> dict:
-    """The method fields a script runs with under these (flag, value) pairs."""
-    settings = dict(METHOD_FIELDS[script])
-    for flag, value in zip(flags[::2], flags[1::2]):
-        name = flag[2:].replace("-", "_")
-        settings[name] = type(settings[name])(value)
-    return settings
-
-
-def method_of(config: dict) -> str:
-    """The method a run is, from its config.json ({"script", "args"}): the method whose flags give the run's
-    method fields. ppo and ppo_2x differ only in budget, which one run cannot show against its sweep's, so
-    there the run's exp_name (the sweep sets it to the method) decides. A run that matches no method is named
-    by its script and the method fields it changed, e.g. 'ppo (l2_coef=0.001)'."""
-    script, args = config.get("script"), config.get("args")
-    if script not in METHOD_FIELDS or not isinstance(args, dict):
-        return f"unknown ({script})"
-    settings = {name: args.get(name, default) for name, default in METHOD_FIELDS[script].items()}
-    matches = [name for name, method in METHODS.items()
-               if method.script == script and method_settings(script, method.flags) == settings]
-    if args.get("exp_name") in matches:
-        return args["exp_name"]
-    plain = [name for name in matches if METHODS[name].budget_scale == 1]
-    if plain:
-        return plain[0]
-    changed = [f"{name}={value}" for name, value in settings.items() if value != METHOD_FIELDS[script][name]]
-    return with_settings(script, changed)
-
-
-# What changes what a run learns, beside the method's own fields (which name the method already). Not the
-# seed, the budget's ceiling (the learning rate is not annealed), evaluation, checkpoints, nor the speed flags
-# (--bf16, --compile: a resume may change them, and config.json keeps only the last).
-LEARNING_SETTINGS = ("num_levels", "start_level", "learning_rate", "num_envs", "num_steps", "gamma", "gae_lambda",
-                     "num_minibatches", "update_epochs", "norm_adv", "clip_coef", "ent_coef", "vf_coef",
-                     "max_grad_norm")
-
-
-# A run made before a setting existed lacks it in config.json and ran at its default (ppo.py's and mdpo.py's agree).
-LEARNING_DEFAULTS = {name: ppo.Args.__dataclass_fields__[name].default for name in LEARNING_SETTINGS}
-
-
-def split_by_settings(runs: List[dict]) -> List[dict]:
-    """Runs of one method in one game trained with different settings (a control such as PPO with
-    --num-envs 256 beside the default) are not seeds of one curve. Each setting in which some game's runs of
-    a method differ names that method's runs in every game wherever it is not the default:
-    "PPO (num_envs=256)" beside "PPO". Settings that differ only between games (each game's runs agree)
-    split nothing. A run is a dict with its "game", "method" and config's "args" (plot.py's and
-    robustness.py's runs); the runs given are not changed."""
-    settings = [{name: run["args"].get(name, default) for name, default in LEARNING_DEFAULTS.items()} for run in runs]
-    values = {}  # (method, setting) -> game -> the values its runs there have
-    for run, own in zip(runs, settings):
-        for name, value in own.items():
-            values.setdefault((run["method"], name), {}).setdefault(run["game"], set()).add(value)
-    split = []
-    for run, own in zip(runs, settings):
-        named = [f"{name}={value}" for name, value in own.items() if value != LEARNING_DEFAULTS[name]
-                 and any(len(game_values) > 1 for game_values in values[(run["method"], name)].values())]
-        split.append({**run, "method": with_settings(run["method"], named)})
-    return split
-
-
-def with_settings(method: str, settings: List[str]) -> str:
-    """'PPO' with ['num_envs=256'] -> 'PPO (num_envs=256)'; a name with settings of its own keeps one bracket."""
-    if not settings:
-        return method
-    if method.endswith(")"):
-        return f"{method[:-1]}, {', '.join(settings)})"
-    return f"{method} ({', '.join(settings)})"
 
 
 def method_list() -> str:

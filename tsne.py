@@ -42,10 +42,8 @@ import tyro  # noqa: E402
 import drac  # noqa: E402
 import evaluation  # noqa: E402
 import ppo  # noqa: E402
-import run_utils  # noqa: E402
-import sweep  # noqa: E402
-from robustness import spread, test_frames, tv_distance  # noqa: E402
-from plot import OTHER_COLOURS, METHOD_COLOURS, UsageError, display_name  # noqa: E402
+from evaluation import spread, test_frames, tv_distance  # noqa: E402
+from run_data import METHOD_COLOURS, OTHER_COLOURS, UsageError, display_name, load_agents, method_of  # noqa: E402
 
 
 @dataclass
@@ -75,28 +73,14 @@ class TsneArgs:
 
 
 def load_encoder(path: str, mdpo_agent: int):
-    """(agent, config, agent number or None) from a run directory or checkpoint file of either script;
-    an MDPO checkpoint holds a list of K agents' state dicts and gives agent `mdpo_agent` (1-based)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "checkpoint.pt")
-    if not os.path.isfile(path):
-        raise UsageError(f"no checkpoint at {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # a torn or foreign file: say so in one line
-        raise UsageError(f"{path} is unreadable ({type(error).__name__})") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("script") not in ("ppo", "drac", "mdpo"):
-        raise UsageError(f"{path} is not a checkpoint of ppo.py, drac.py or mdpo.py")
-    config = {"script": checkpoint["script"], "args": checkpoint["args"]}
-    agent = ppo.Agent(dropout=config["args"].get("dropout", 0.0))
-    agents = run_utils.agent_weights(checkpoint)
-    if checkpoint["script"] != "mdpo":
-        agent.load_state_dict(agents[0])
-        return agent.eval(), config, None
-    if not 1 <= mdpo_agent <= len(agents):
-        raise UsageError(f"--mdpo-agent {mdpo_agent}: {path} has agents 1 to {len(agents)}")
-    agent.load_state_dict(agents[mdpo_agent - 1])
-    return agent.eval(), config, mdpo_agent
+    """(agent, config, agent number or None) from a run directory, checkpoint or weights file of any script;
+    an MDPO run holds K agents and gives agent `mdpo_agent` (1-based)."""
+    run = load_agents(path)
+    if run["config"]["script"] != "mdpo":
+        return run["agents"][0], run["config"], None
+    if not 1 <= mdpo_agent <= len(run["agents"]):
+        raise UsageError(f"--mdpo-agent {mdpo_agent}: {path} has agents 1 to {len(run['agents'])}")
+    return run["agents"][mdpo_agent - 1], run["config"], mdpo_agent
 
 
 def random_conv_copies(frame: np.ndarray, copies: int, seed: int) -> torch.Tensor:
@@ -190,7 +174,7 @@ def check(args: TsneArgs) -> None:
 
 
 def label_of(config: dict, agent_number: Optional[int]) -> str:
-    name = display_name(sweep.method_of(config))
+    name = display_name(method_of(config))
     return name if agent_number is None else f"{name} agent {agent_number}"
 
 
@@ -201,7 +185,7 @@ def measure(encoders, game: str, mode: str, args: TsneArgs):
     ckas = {pair: [] for pair in itertools.combinations(range(len(encoders)), 2)}
     figure = None
     for seed in args.seeds:
-        frames = test_frames(game, mode, args.clean_frames, args.warmup_steps, seed).numpy()
+        frames = test_frames(ppo.ProcgenVecEnv, game, mode, args.clean_frames, args.warmup_steps, seed).numpy()
         perturbed = [random_conv_copies(frames[index], args.copies, seed * 1_000_003 + index)
                      for index in range(args.frames)]
         results = [robustness(agent, torch.as_tensor(frames), perturbed) for agent, _, _ in encoders]
@@ -258,7 +242,7 @@ def main(args: TsneArgs) -> dict:
     if args.figure:
         title = (f"{game}: {args.copies} random-convolution copies of one observation (seed {args.seeds[0]}); "
                  f"numbers of this frame" + (f" ({args.label})" if args.label else ""))
-        colours = colours_of(labels, [display_name(sweep.method_of(config)) for _, config, _ in encoders])
+        colours = colours_of(labels, [display_name(method_of(config)) for _, config, _ in encoders])
         draw(frame, perturbed, first_results, labels, colours, title, os.path.join(args.out, f"tsne_{game}"))
         print(f"figure written to {args.out}/tsne_{game}.png")
     return summary

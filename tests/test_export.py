@@ -14,6 +14,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import export
 import plot
+import run_data
 from helpers import ROOT
 
 T0 = 1_800_000_000.0  # the event files' wall clock, set by hand so the wall times are known
@@ -62,7 +63,7 @@ def test_export_copies_only_the_scalars_and_says_how_they_were_made(tmp_path):
     assert "| starpilot__ppo__1 | PPO | 1 | 3,000 | 3.00 at 3,000 | stopped (resumable) | 2.0 min |" in readme
     assert "| starpilot__mdpo__1 | MDPO | 1 | 2,000 | 2.50 at 2,000 | finished | 2.0 min |" in readme
     # plot.py reads the results directory as it reads the runs
-    assert sorted(run["method"] for run in map(plot.load_run, plot.find_runs([str(to)]))) == ["MDPO", "PPO"]
+    assert sorted(run["method"] for run in map(plot.load_run, run_data.find_runs([str(to)]))) == ["MDPO", "PPO"]
 
 
 def test_export_gives_ppo_2x_its_return_at_its_own_step(tmp_path):
@@ -160,8 +161,8 @@ def test_export_moves_the_per_episode_records_into_episodes_npz_and_keeps_every_
            "the event files, not in them" in (tmp_path / "r" / "README.md").read_text()
     # plot.py reads from episodes.npz what the source's event files held, step for step and value for value
     wanted = ("charts/episodic_return", "charts/episodic_length", "losses/value_loss")
-    original = plot.read_events(run_dir, wanted.__contains__)
-    kept = plot.read_events(str(tmp_path / "r" / "starpilot__ppo__1"), wanted.__contains__)
+    original = run_data.read_events(run_dir, wanted.__contains__)
+    kept = run_data.read_events(str(tmp_path / "r" / "starpilot__ppo__1"), wanted.__contains__)
     assert original.keys() == kept.keys() == set(wanted)
     for tag in wanted:
         assert original[tag][0].tolist() == kept[tag][0].tolist() and original[tag][1].tolist() == kept[tag][1].tolist()
@@ -190,7 +191,7 @@ def test_each_agents_stream_keeps_its_own_episodes_and_the_updates_figure_reads_
     exported = tmp_path / "r" / "starpilot__mdpo__1"
     assert not (exported / "episodes.npz").exists()  # the run's own stream logged no episode
     for agent in (1, 2):
-        lengths = plot.read_events(str(exported / f"agent{agent}"), "charts/episodic_length".__eq__)
+        lengths = run_data.read_events(str(exported / f"agent{agent}"), "charts/episodic_length".__eq__)
         assert lengths["charts/episodic_length"][1].tolist() == [10.0 * agent + e for e in range(5)]
 
 
@@ -200,7 +201,7 @@ def test_a_stream_with_its_episodes_in_both_places_is_refused_in_one_line(tmp_pa
     writer.close()
     export.save_episodes([("charts/episodic_return", 5, 1.0)], str(tmp_path))
     with pytest.raises(plot.UsageError, match="records twice"):
-        plot.read_events(str(tmp_path), "charts/episodic_return".__eq__)
+        run_data.read_events(str(tmp_path), "charts/episodic_return".__eq__)
 
 
 @pytest.mark.parametrize("damage", ["cut short", "corrupt"])

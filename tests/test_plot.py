@@ -12,6 +12,7 @@ import pytest
 from torch.utils.tensorboard import SummaryWriter
 
 import plot
+import run_data
 from helpers import ROOT
 
 STEP = 1000  # evaluations at 1000, 2000, ...
@@ -56,7 +57,7 @@ def plot_args(tmp_path, **kw):
 
 
 def loaded(runs):
-    return plot.group(plot.named_runs([plot.load_run(d) for d in plot.find_runs([str(runs)])]))
+    return plot.group(plot.named_runs([plot.load_run(d) for d in run_data.find_runs([str(runs)])]))
 
 
 def drawn_figure(monkeypatch):
@@ -133,7 +134,7 @@ def test_plot_finished_only_leaves_out_unfinished_runs(tmp_path):
 def test_load_run_averages_k_agents_and_scales_the_total_axis(tmp_path):
     run_dir = write_run(tmp_path, "mdpo", "bigfish", 1, [3.0, 6.0], num_agents=3, cka=[0.5, 0.7])
     # agent i logs test + (-1, 0, 1)[i]: check the streams are as written, then the mean of the three.
-    np.testing.assert_allclose(plot.read_scalars(os.path.join(run_dir, "agent3"), ["eval/test_return"])
+    np.testing.assert_allclose(run_data.read_scalars(os.path.join(run_dir, "agent3"), ["eval/test_return"])
                                ["eval/test_return"][1], [4.0, 7.0])
     run = plot.load_run(run_dir)
     steps, values = run["curves"]["eval/test_return"]
@@ -193,7 +194,7 @@ def test_runs_are_grouped_by_what_their_config_ran_not_their_name(tmp_path):
     write_run(runs, "ppo", "bigfish", 1, [1.0], name="ppo")
     write_run(runs, "ppo", "bigfish", 2, [1.0], name="ppo", l2_coef=1e-4)  # --l2-coef without --exp-name
     write_run(runs, "mdpo", "bigfish", 1, [1.0], name="mdpo", alpha=0.0)
-    methods = {os.path.basename(d): plot.load_run(d)["method"] for d in plot.find_runs([str(runs)])}
+    methods = {os.path.basename(d): plot.load_run(d)["method"] for d in run_data.find_runs([str(runs)])}
     assert methods == {"bigfish__ppo__1": "PPO", "bigfish__ppo__2": "PPO + L2", "bigfish__mdpo__1": "MDPO α=0"}
 
 
@@ -202,7 +203,7 @@ def test_a_step_logged_twice_keeps_the_later_value(tmp_path):
     for step, value in ((1000, 1.0), (2000, 2.0), (2000, 5.0), (3000, 6.0)):  # 2000 again after a resume
         writer.add_scalar("eval/test_return", value, step)
     writer.close()
-    steps, values = plot.read_scalars(str(tmp_path), ["eval/test_return"])["eval/test_return"]
+    steps, values = run_data.read_scalars(str(tmp_path), ["eval/test_return"])["eval/test_return"]
     np.testing.assert_array_equal(steps, [1000, 2000, 3000])
     np.testing.assert_array_equal(values, [1.0, 5.0, 6.0])
 
@@ -253,7 +254,7 @@ def test_agents_mean_averages_every_agent_at_the_steps_all_of_them_logged():
     per_agent = [(np.array([1000, 2000, 3000]), np.array([0.0, 2.0, 0.0])),
                  (np.array([1000, 3000]), np.array([0.0, 0.0])),
                  (np.array([1000, 2000, 3000]), np.array([3.0, 9.0, 6.0]))]
-    steps, values = plot.agents_mean(per_agent)
+    steps, values = run_data.agents_mean(per_agent)
     np.testing.assert_array_equal(steps, [1000, 3000])
     np.testing.assert_allclose(values, [1.0, 2.0])
 
@@ -473,7 +474,7 @@ def test_plot_finds_only_runs_and_says_which_it_skips(tmp_path, capsys):
     (tmp_path / "runs" / "other_tool" / "config.json").write_text('{"model": "not ours"}')
     (tmp_path / "runs" / "torn").mkdir()
     (tmp_path / "runs" / "torn" / "config.json").write_text('{"script": "pp')
-    assert plot.find_runs([str(tmp_path / "runs")]) == [str(tmp_path / "runs" / "bigfish__ppo__1")]
+    assert run_data.find_runs([str(tmp_path / "runs")]) == [str(tmp_path / "runs" / "bigfish__ppo__1")]
     assert "skipping " + str(tmp_path / "runs" / "torn") in capsys.readouterr().err
     with pytest.raises(plot.UsageError, match="--bootstrap-reps must be positive"):
         plot.main(plot_args(tmp_path, bootstrap_reps=0))
@@ -708,13 +709,13 @@ def test_find_runs_skips_a_config_that_is_not_an_object_or_whose_args_are_not(tm
     (runs / "a_list" / "config.json").write_text("[1, 2]")
     (runs / "string_args").mkdir()
     (runs / "string_args" / "config.json").write_text(json.dumps({"script": "ppo", "args": "env_id=bigfish"}))
-    assert plot.find_runs([str(runs)]) == [real]
+    assert run_data.find_runs([str(runs)]) == [real]
 
 
 def test_the_total_axis_scales_each_agents_curve_by_k_too(tmp_path):
     # K = 2 agents log test -1 and +1 around [3, 6] at 1,000 and 2,000 steps each: 2,000 and 4,000 in all.
     run = plot.load_run(write_run(tmp_path, "mdpo", "bigfish", 1, [3.0, 6.0]), x_axis="total")
-    (steps1, values1), (steps2, values2) = run["agent_curves"][plot.TEST]
+    (steps1, values1), (steps2, values2) = run["agent_curves"][run_data.TEST]
     assert steps1.tolist() == steps2.tolist() == [2000, 4000]
     assert values1.tolist() == [2.0, 5.0] and values2.tolist() == [4.0, 7.0]
 
@@ -723,7 +724,7 @@ def test_an_mdpo_run_whose_second_agent_has_not_evaluated_yet_has_no_test_curve(
     run_dir = write_run(tmp_path / "runs", "mdpo", "bigfish", 1, [3.0, 6.0], train=[4.0, 7.0])
     shutil.rmtree(os.path.join(run_dir, "agent2"))  # e.g. stopped before agent 2's first evaluation was written
     run = plot.load_run(run_dir)
-    assert plot.TEST not in run["curves"] and plot.TRAIN not in run["curves"]
+    assert run_data.TEST not in run["curves"] and run_data.TRAIN not in run["curves"]
     assert plot.group(plot.named_runs([run])) == {}
 
 
@@ -732,10 +733,10 @@ def test_a_run_that_logged_a_train_but_no_test_return_is_skipped(tmp_path, capsy
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text(json.dumps({"script": "ppo", "args": {"env_id": "bigfish", "seed": 1}}))
     writer = SummaryWriter(str(run_dir))
-    writer.add_scalar(plot.TRAIN, 5.0, 1000)
+    writer.add_scalar(run_data.TRAIN, 5.0, 1000)
     writer.close()
     assert plot.group(plot.named_runs([plot.load_run(str(run_dir))])) == {}
-    assert f"skipping {run_dir}: no {plot.TEST} logged yet" in capsys.readouterr().err
+    assert f"skipping {run_dir}: no {run_data.TEST} logged yet" in capsys.readouterr().err
 
 
 def test_the_note_names_only_the_runs_that_stop_before_the_longest(tmp_path, capsys):
@@ -966,9 +967,7 @@ def test_settings_that_differ_only_between_games_split_nothing(tmp_path):
 
 
 def split_names(*runs):
-    import sweep
-
-    return [run["method"] for run in sweep.split_by_settings(list(runs))]
+    return [run["method"] for run in run_data.split_by_settings(list(runs))]
 
 
 def settings_run(method, seed, game="coinrun", **args):
@@ -978,9 +977,8 @@ def settings_run(method, seed, game="coinrun", **args):
 def test_each_learning_setting_splits_runs_and_both_scripts_default_it_alike():
     import mdpo
     import ppo
-    import sweep
 
-    for name in sweep.LEARNING_SETTINGS:
+    for name in run_data.LEARNING_SETTINGS:
         default = getattr(ppo.Args, name)
         assert getattr(mdpo.Args, name) == default, name
         other = not default if isinstance(default, bool) else default * 2 + 1
@@ -1013,7 +1011,6 @@ def test_every_field_of_both_scripts_is_a_learning_setting_a_method_field_or_nam
     import drac
     import mdpo
     import ppo
-    import sweep
 
     neither = {"exp_name", "seed", "torch_deterministic", "cuda", "track", "wandb_project_name", "wandb_entity",
                "capture_video", "run_dir", "resume", "checkpoint_interval",  # the run's identity and bookkeeping
@@ -1024,9 +1021,9 @@ def test_every_field_of_both_scripts_is_a_learning_setting_a_method_field_or_nam
                "batch_size", "minibatch_size", "num_iterations"}  # computed from the settings
     for module in (ppo, drac, mdpo):
         fields = {field.name for field in dataclasses.fields(module.Args)}
-        sorted_fields = set(sweep.LEARNING_SETTINGS) | set(sweep.METHOD_FIELDS[module.__name__]) | neither
+        sorted_fields = set(run_data.LEARNING_SETTINGS) | set(run_data.METHOD_FIELDS[module.__name__]) | neither
         assert fields - sorted_fields == set(), module.__name__
-        assert set(sweep.LEARNING_SETTINGS) <= fields, module.__name__
+        assert set(run_data.LEARNING_SETTINGS) <= fields, module.__name__
 
 
 def test_methods_selects_a_control_by_its_name_and_a_method_without_its_controls(tmp_path):
@@ -1063,5 +1060,5 @@ def test_a_drac_run_is_found_and_named_by_its_augmentation(tmp_path):
     runs = tmp_path / "runs"
     write_run(runs, "drac", "bigfish", 1, [1.0, 2.0], augment="crop", drac_coef=0.1, exp_name="ppo_drac_crop")
     write_run(runs, "drac", "bigfish", 2, [1.0, 2.0], augment="flip", drac_coef=0.2, exp_name="mine")
-    assert sorted(run["method"] for run in map(plot.load_run, plot.find_runs([str(runs)]))) == [
+    assert sorted(run["method"] for run in map(plot.load_run, run_data.find_runs([str(runs)]))) == [
         "PPO + DrAC (augment=flip, drac_coef=0.2)", "PPO + DrAC (crop)"]

@@ -14,6 +14,7 @@ import torch
 import evaluation
 import ppo
 import robustness
+import run_data
 from helpers import CUDA_MARKS, ROOT
 
 
@@ -175,7 +176,7 @@ def fake_run(path, script="ppo", game="bigfish", agents=1, mode="hard", **settin
 
 
 def test_every_agent_of_an_mdpo_run_is_loaded(tmp_path):
-    run = robustness.load_run(fake_run(tmp_path / "mdpo", "mdpo", agents=3))
+    run = run_data.load_agents(fake_run(tmp_path / "mdpo", "mdpo", agents=3))
     assert len(run["agents"]) == 3 and run["game"] == "bigfish" and not run["agents"][0].training
 
 
@@ -209,7 +210,7 @@ def test_bad_input_fails_in_one_line(tmp_path):
     for runs, flags, message in [
         ([ppo_run], dict(perturbations=["hue:0.9"]), "out of range"),
         ([ppo_run, str(torn)], {}, "is not a readable checkpoint"),
-        ([str(tmp_path / "missing")], {}, "no checkpoint at"),
+        ([str(tmp_path / "missing")], {}, "no checkpoint.pt or weights.pt in"),
         ([ppo_run], dict(copies=1), "--copies must be at least 2"),
         ([ppo_run], dict(frames=1), "--frames must be at least 2, got 1"),  # one clean frame: its spread is 0
         ([ppo_run], dict(episodes=0), "--episodes must be positive, got 0"),
@@ -250,7 +251,7 @@ class RecordingEnv:
 def test_frames_and_test_episodes_come_from_unseen_levels_with_the_evaluation_seed(monkeypatch):
     RecordingEnv.made = []
     monkeypatch.setattr(ppo, "ProcgenVecEnv", RecordingEnv)
-    robustness.test_frames("bigfish", "hard", 3, 2, seed=7)
+    robustness.test_frames(ppo.ProcgenVecEnv, "bigfish", "hard", 3, 2, seed=7)
     assert RecordingEnv.made == [("bigfish", 3, 0, 0, "hard", 7)]  # num_levels 0: unseen levels, not the training's
     monkeypatch.setattr(evaluation, "evaluate", lambda agent, env, device, seed, perturb=None: (1.0,))
     args = robustness.RobustnessArgs(runs=["unused"], episodes=5, frames=2, copies=2, seed=3)

@@ -12,6 +12,7 @@ from dataclasses import asdict
 
 import pytest
 
+import run_data
 import sweep
 from helpers import without_evaluation
 
@@ -156,18 +157,18 @@ def test_method_flags_are_the_contracts():
     ("mdpo", {"alpha": 0.5, "detach_peer": True}, "mdpo (alpha=0.5, detach_peer=True)"),
 ])
 def test_method_of_reads_the_method_from_script_and_args(script, args, method):
-    assert sweep.method_of({"script": script, "args": args}) == method
+    assert run_data.method_of({"script": script, "args": args}) == method
 
 
 def test_method_of_a_config_that_is_not_a_run():
-    assert sweep.method_of({"script": "tsne", "args": {}}) == "unknown (tsne)"
-    assert sweep.method_of({}) == "unknown (None)"
+    assert run_data.method_of({"script": "tsne", "args": {}}) == "unknown (tsne)"
+    assert run_data.method_of({}) == "unknown (None)"
 
 
 def test_method_of_every_job_is_its_method(tmp_path):
     methods = [*sweep.METHODS]
     jobs = sweep.make_jobs(sweep_args(tmp_path, methods=methods, dry_run=True))
-    assert [sweep.method_of({"script": job.script, "args": job.expected}) for job in jobs] == methods
+    assert [run_data.method_of({"script": job.script, "args": job.expected}) for job in jobs] == methods
 
 
 def test_each_jobs_command_line_runs_the_args_the_sweep_expects(tmp_path):
@@ -619,7 +620,7 @@ def test_sweep_runs_skips_finished_and_resumes_extended_jobs(tmp_path, capsys):
     assert [job.state().kind for job in jobs] == ["done", "done"]
     for job in jobs:
         assert json.load(open(os.path.join(job.run_dir, "status.json")))["global_step"] == 128
-        assert sweep.method_of(json.load(open(os.path.join(job.run_dir, "config.json")))) == job.method
+        assert run_data.method_of(json.load(open(os.path.join(job.run_dir, "config.json")))) == job.method
 
     capsys.readouterr()
     assert sweep.main(args) == 0

@@ -172,9 +172,9 @@ def test_tsne_refuses_checkpoints_of_different_games(tmp_path):
 def test_tsne_takes_its_frames_from_the_distribution_the_runs_trained_on(tmp_path, monkeypatch):
     modes = []
 
-    def recording_test_frames(game, mode, *rest):
+    def recording_test_frames(env_class, game, mode, *rest):
         modes.append(mode)
-        return real_test_frames(game, mode, *rest)
+        return real_test_frames(env_class, game, mode, *rest)
 
     real_test_frames = tsne.test_frames
     monkeypatch.setattr(tsne, "test_frames", recording_test_frames)
@@ -211,7 +211,7 @@ def test_tsne_says_bad_input_in_one_line_with_exit_code_2(tmp_path):
     result = subprocess.run([sys.executable, "tsne.py", str(path), "--no-figure", "--out", str(tmp_path / "fig")],
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: {path} is unreadable (UnpicklingError)"
+    assert result.stderr.strip() == f"error: {path} is not a readable checkpoint of ppo.py, drac.py or mdpo.py (UnpicklingError)"
 
 
 def test_tsne_accepts_as_many_perturbed_frames_as_clean_ones():
