@@ -22,7 +22,6 @@ the table on the terminal.
 import itertools
 import json
 import os
-import sys
 from dataclasses import dataclass
 from typing import List
 
@@ -32,7 +31,7 @@ import tyro
 
 import evaluation
 import ppo
-from run_data import UsageError, load_agents
+from run_data import UsageError, load_agents, run_tool
 
 
 @dataclass
@@ -175,11 +174,4 @@ def main(args: AgreementArgs) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(AgreementArgs))
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as error:  # a file it cannot read or write, --out above all
-        print(f"error: {error.filename}: {error.strerror}", file=sys.stderr)
-        sys.exit(2)
+    run_tool(AgreementArgs, main)

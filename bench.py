@@ -30,11 +30,10 @@ from typing import List, Optional
 
 import numpy as np
 import torch
-import tyro
 import mdpo
 import ppo
 import run_utils
-from run_data import read_scalars
+from run_data import read_scalars, run_tool
 
 
 @dataclass
@@ -255,8 +254,4 @@ def print_cost_table(ppo_result: dict, by_agents: dict, batch: int, epochs: int)
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(BenchArgs))
-    except ppo.UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_tool(BenchArgs, main)

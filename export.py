@@ -30,14 +30,13 @@ from typing import List, Optional
 
 import numpy as np
 import torch
-import tyro
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
 import run_utils
 import run_data
-from run_data import UsageError
+from run_data import UsageError, run_tool
 
 KEPT_FILES = ("config.json", "status.json", "diverged.json")
 PER_EPISODE_TAGS = run_data.PER_EPISODE_TAGS  # never copied into the event files: into episodes.npz
@@ -234,9 +233,4 @@ def main(args: ExportArgs) -> List[dict]:
 
 
 if __name__ == "__main__":
-    cli_args = tyro.cli(ExportArgs)
-    try:
-        main(cli_args)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_tool(ExportArgs, main)

@@ -46,10 +46,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
-import tyro  # noqa: E402
 
 from run_data import (CKA, METHOD_COLOURS, OTHER_COLOURS, TEST, TRAIN, UsageError, at_own_steps,  # noqa: E402
-                  display_name, find_runs, last_per_step, load_run, read_events, split_by_settings)
+                      display_name, find_runs, last_per_step, load_run, read_events, run_tool, split_by_settings)
 
 MDPO = "MDPO"
 # (R_min, R_max) of each game in hard mode, from the Procgen paper (Cobbe et al. 2020).
@@ -1192,11 +1191,4 @@ def draw_all(grouped, methods, step, title, stats, gaps, args) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(PlotArgs))
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as error:  # a file it cannot read or write, --out above all
-        print(f"error: {error.filename}: {error.strerror}", file=sys.stderr)
-        sys.exit(2)
+    run_tool(PlotArgs, main)

@@ -26,7 +26,6 @@ Writes Fig/robustness_{game}.md, .json, .png and .pdf; one line per run on the t
 import contextlib
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import List
 
@@ -39,7 +38,7 @@ import evaluation
 import ppo
 from drac import adjust_colour, convolve, random_conv_weights, uniform
 from evaluation import interval95, spread, test_frames, tv_distance
-from run_data import UsageError, load_agents, split_by_settings
+from run_data import UsageError, load_agents, run_tool, split_by_settings
 
 
 @dataclass
@@ -319,12 +318,4 @@ def run_line(result, keys) -> str:
 
 
 if __name__ == "__main__":
-    cli_args = tyro.cli(RobustnessArgs)
-    try:
-        main(cli_args)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as error:  # a file it cannot read or write, --out above all
-        print(f"error: {error.filename}: {error.strerror}", file=sys.stderr)
-        sys.exit(2)
+    run_tool(RobustnessArgs, main)

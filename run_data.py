@@ -11,11 +11,26 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
+import tyro
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import ppo
 import run_utils
 from run_utils import UsageError  # one class for every tool: a one-line error and exit code 2
+
+def run_tool(Args, main) -> None:
+    """A tool's command line: parse the flags with tyro and run main(args). Bad input (a UsageError) and a
+    file the tool cannot read or write (--out above all) end in one `error:` line and exit code 2."""
+    args = tyro.cli(Args)
+    try:
+        main(args)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as error:
+        print(f"error: {error.filename}: {error.strerror}", file=sys.stderr)
+        sys.exit(2)
+
 
 # ---------------------------------------------------------------------------------------------
 # Methods: what sweep.py runs, and which of them a run is

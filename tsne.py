@@ -27,7 +27,6 @@ A run directory or its checkpoint.pt both work; an MDPO checkpoint (K agents) co
 import itertools
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -43,7 +42,8 @@ import drac  # noqa: E402
 import evaluation  # noqa: E402
 import ppo  # noqa: E402
 from evaluation import spread, test_frames, tv_distance  # noqa: E402
-from run_data import METHOD_COLOURS, OTHER_COLOURS, UsageError, display_name, load_agents, method_of  # noqa: E402
+from run_data import (METHOD_COLOURS, OTHER_COLOURS, UsageError, display_name, load_agents,  # noqa: E402
+                      method_of, run_tool)
 
 
 @dataclass
@@ -263,11 +263,4 @@ def print_summary(summary: dict) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(TsneArgs))
-    except (UsageError, ppo.UsageError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as error:  # a file it cannot read or write, --out above all
-        print(f"error: {error.filename}: {error.strerror}", file=sys.stderr)
-        sys.exit(2)
+    run_tool(TsneArgs, main)
