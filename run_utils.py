@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, replace
+from typing import Optional
 
 if not (3, 10) <= sys.version_info[:2] <= (3, 12):  # Procgen has wheels for these only; say so before any import fails
     print(f"error: Python {sys.version_info[0]}.{sys.version_info[1]} is not supported, Procgen needs 3.10 to 3.12: "
@@ -158,14 +159,22 @@ def saved_config(run_dir: str, script: str) -> dict:
 
 def check_compatible(args, config: dict) -> None:
     """Refuse to resume a run of another version of the script, or with flags that change what it computes."""
-    fields = asdict(args)
-    if set(config["args"]) != set(fields):
-        raise UsageError("cannot resume: the run was made by another version of this script (its flags differ: "
-                         f"{', '.join(sorted(set(fields) ^ set(config['args'])))})")
+    difference = flag_difference(config, asdict(args))
+    if difference:
+        raise UsageError(f"cannot resume: {difference}")
+
+
+def flag_difference(config: dict, fields: dict) -> Optional[str]:
+    """How a saved run (its config or checkpoint: {"script", "args"}) differs from these flags in what a resume
+    may not change; None when it does not. sweep.py asks the same before it resumes a job's run."""
+    saved, script = config["args"], f"{config['script']}.py" if config.get("script") else "this script"
+    if set(saved) != set(fields):
+        return (f"the run was made by another version of {script} (its flags differ: "
+                f"{', '.join(sorted(set(fields) ^ set(saved)))})")
     for key, value in fields.items():
-        if key not in RESUMABLE_FIELDS and config["args"][key] != value:
-            raise UsageError(f"cannot resume: --{key.replace('_', '-')} is {value!r} here but {config['args'][key]!r} "
-                             "in the checkpoint")
+        if key not in RESUMABLE_FIELDS and saved[key] != value:
+            return f"--{key.replace('_', '-')} is {saved[key]!r} in the run, {value!r} here"
+    return None
 
 
 # ---- Checkpoints ----------------------------------------------------------------------------------------

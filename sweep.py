@@ -265,16 +265,12 @@ def config_difference(config: dict, expected: dict, script: str) -> Optional[str
         return "its config.json is missing or not a run's config"
     if config.get("script") != script:
         return f"it was made by {config.get('script')}.py, not {script}.py"
-    if set(config["args"]) != set(expected):
-        return f"it was made by another version of {script}.py (its flags differ: " \
-               f"{', '.join(sorted(set(config['args']) ^ set(expected)))})"
-    for key, value in expected.items():
-        saved = config["args"][key]
-        if key not in run_utils.RESUMABLE_FIELDS and saved != value:
-            return f"--{key.replace('_', '-')} is {saved!r} there, {value!r} here"
+    difference = run_utils.flag_difference(config, expected)
+    if difference:
+        return difference
     saved_total, total = config["args"].get("total_timesteps"), expected["total_timesteps"]
     if not isinstance(saved_total, int) or saved_total > total:
-        return f"--total-timesteps is {saved_total!r} there, {total!r} here (a run is extended, never shortened)"
+        return f"--total-timesteps is {saved_total!r} in the run, {total!r} here (a run is extended, never shortened)"
     return None
 
 

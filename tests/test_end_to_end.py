@@ -149,7 +149,7 @@ def test_bad_resumes_fail_and_overwrite_nothing(tmp_path):
     assert_one_line_error(run_cli("ppo.py", "--resume", run_dir, "--env-id", "coinrun"), "--env-id")
     assert_one_line_error(run_cli("ppo.py", "--resume", run_dir, "--num-envs", "2"), "--num-envs")
     # The same directory with other flags: continuing it would mix two configs in one run.
-    assert_one_line_error(run_cli("ppo.py", "--run-dir", run_dir), "cannot resume: --num-envs is 64 here but 4")
+    assert_one_line_error(run_cli("ppo.py", "--run-dir", run_dir), "cannot resume: --num-envs is 4 in the run, 64 here")
     assert_one_line_error(run_cli("ppo.py", "--resume", str(tmp_path)), "holds no checkpoint")
     os.makedirs(tmp_path / "torn_run")
     (tmp_path / "torn_run" / "config.json").write_text(open(os.path.join(run_dir, "config.json")).read())

@@ -333,7 +333,7 @@ def test_a_finished_run_made_with_other_flags_is_reported_not_overwritten(tmp_pa
     assert sweep.main(args) == 1
     out = capsys.readouterr().out
     assert (f"bigfish__ppo__1: mismatch: {job.run_dir} was made with other flags "
-            "(--num-steps is 16 there, 32 here)") in out
+            "(--num-steps is 16 in the run, 32 here)") in out
     assert "0 to run" in out
     assert json.load(open(os.path.join(job.run_dir, "config.json")))["args"]["num_steps"] == 16
     assert not os.path.exists(os.path.join(job.run_dir, "argv.json"))
@@ -364,7 +364,7 @@ def test_resumable_fields_may_differ_and_a_run_is_extended_not_shortened(tmp_pat
     write_run(job, config_args={**job.expected, "total_timesteps": 64, "num_iterations": 2})
     assert job.state().kind == "resume"
     write_run(job, config_args={**job.expected, "total_timesteps": 256})
-    assert job.state().kind == "mismatch" and "--total-timesteps is 256 there, 128 here" in job.state().detail
+    assert job.state().kind == "mismatch" and "--total-timesteps is 256 in the run, 128 here" in job.state().detail
 
 
 def test_a_run_with_a_checkpoint_is_resumed_and_one_of_other_flags_is_never_started(tmp_path, fake_train):
