@@ -18,6 +18,9 @@ and, with --reference results/reference/openai_ppo_hard500.csv (OpenAI's publish
   reference.png/.pdf        one panel per game: our test curves over the band of OpenAI's three PPO runs
   reference_check.md        per game and method: where our curve lies against that band at equal steps,
                             and how many evaluations of each method and seed lie below/within/above it
+and, with --window FIRST LAST (steps on the x axis):
+  window_returns.md         each run's mean test and training-level return over its evaluations in that range,
+                            and each method's mean +- sample std over its runs that reach LAST
 Every number is taken at one step that every included run reached (the title says which), a run's
 score is the mean of its agents (any K), and each figure names its budget, seeds, games and --label.
 
@@ -90,6 +93,9 @@ class PlotArgs:
     updates_reference: Optional[str] = None
     """with --x-axis updates: a CSV of published training scalars per update
     (results/reference/openai_ppo_hard500_updates.csv), drawn beside ours and given stall updates too"""
+    window: Optional[Tuple[int, int]] = None
+    """FIRST LAST (steps on the x axis): also write window_returns.md, each run's mean test and training-level
+    return over its evaluations from FIRST to LAST, and each method's mean over its runs that reach LAST"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -555,6 +561,59 @@ def final_table(grouped, methods, step, title) -> Tuple[str, dict]:
             lines.append(f"| {game} | " + " | ".join(
                 p_cell(welch[game][o]["p"], len(mdpo_values), welch[game][o]["seeds_other"]) for o in others) + " |")
     return "\n".join(lines) + "\n", welch
+
+
+def window_means(grouped, first: int, last: int) -> dict:
+    """game -> method -> {"runs": per run its seed, its evaluations from `first` to `last` and their mean test
+    and training-level return (an MDPO run's: its agents' mean), or where it ends if before `last`; "test",
+    "train": the values of the runs that reach `last`}."""
+    table = {}
+    for game in sorted(grouped):
+        table[game] = {}
+        for method, runs in grouped[game].items():
+            rows, means = [], {TEST: [], TRAIN: []}
+            for run in runs:
+                steps, _ = run["curves"][TEST]
+                row = {"run": os.path.basename(run["dir"]), "seed": run["seed"]}
+                if steps[-1] < last:
+                    rows.append({**row, "ends_at": int(steps[-1])})
+                    continue
+                for tag in (TEST, TRAIN):
+                    if tag in run["curves"]:
+                        tag_steps, values = run["curves"][tag]
+                        inside = values[(tag_steps >= first) & (tag_steps <= last)]
+                        row[tag] = float(inside.mean()) if len(inside) else None
+                        row["evaluations"] = int(len(inside))
+                        if len(inside):
+                            means[tag].append(row[tag])
+                rows.append(row)
+            table[game][method] = {"runs": rows, "test": means[TEST], "train": means[TRAIN]}
+    return table
+
+
+def window_table(table: dict, first: int, last: int, x_unit: str, label: str) -> str:
+    def cell(value):
+        return "" if value is None else f"{value:.2f}"
+
+    lines = [f"Mean return over the evaluations from {first:,} to {last:,} {x_unit}, {label}", "",
+             "Each run: the mean of its evaluations in that range (an MDPO run's: the mean of its agents'); "
+             "test: the full level distribution, train: the training levels. A run that ends before the range does "
+             "is named, and left out of its method's mean.", "",
+             "| game | method | run | seed | evaluations | test | train |", "|---|---|---|---|---|---|---|"]
+    for game, by_method in table.items():
+        for method, entry in by_method.items():
+            for row in entry["runs"]:
+                if "ends_at" in row:
+                    lines.append(f"| {game} | {method} | {row['run']} | {row['seed']} | ends at {row['ends_at']:,} | | |")
+                else:
+                    lines.append(f"| {game} | {method} | {row['run']} | {row['seed']} | {row.get('evaluations', 0)} | "
+                                 f"{cell(row.get(TEST))} | {cell(row.get(TRAIN))} |")
+    lines += ["", "Each method: mean ± sample std (ddof=1) over its runs (number of runs)", "",
+              "| game | method | test | train |", "|---|---|---|---|"]
+    for game, by_method in table.items():
+        for method, entry in by_method.items():
+            lines.append(f"| {game} | {method} | {mean_std_cell(entry['test'])} | {mean_std_cell(entry['train'])} |")
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1098,6 +1157,10 @@ def main_updates(args: PlotArgs) -> dict:
 def check(args: PlotArgs) -> None:
     if args.bootstrap_reps < 1:
         raise UsageError(f"--bootstrap-reps must be positive, got {args.bootstrap_reps}")
+    if args.window and not 0 <= args.window[0] <= args.window[1]:
+        raise UsageError(f"--window FIRST LAST needs 0 <= FIRST <= LAST, got {args.window[0]} {args.window[1]}")
+    if args.window and args.x_axis == "updates":
+        raise UsageError("--window reads the evaluations on a step axis: use it with --x-axis agent or total")
     check_updates_args(args)
 
 
@@ -1171,6 +1234,11 @@ def main(args: PlotArgs) -> dict:
     print(table)
     if args.reference:
         summary["reference"] = compare_with_reference(grouped, methods, reference, args)
+    if args.window:
+        summary["window"] = window_means(grouped, *args.window)
+        with open(os.path.join(args.out, "window_returns.md"), "w") as f:
+            f.write(window_table(summary["window"], *args.window, unit(args.x_axis),
+                                 args.label or "hardware not stated (--label)"))
     with open(os.path.join(args.out, "plot_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     if stats is None:

@@ -24,7 +24,8 @@
 # Environment:
 #   SLICE_COMMIT     the commit the tree was copied from, where it has no .git (the GPU machine's copy):
 #                    export.py records it, since the runs can only log "unknown"
-#   SLICE_FLAGS      training flags added after the slice's own, e.g. "--num-envs 256" for a control
+#   SLICE_FLAGS      training flags added after the slice's own, e.g. "--num-envs 256 --eval-interval 2 --eval-episodes 64"
+#                    for the coinrun control (docs/results.md): the last of a repeated flag wins
 #   SLICE_SUFFIX     added to the results directory's name, e.g. envs256: results/coinrun-h100-7.5min-envs256
 #   SLICE_REHEARSAL  1: rehearse the whole slice on a CPU (no GPU needed, none used): tiny runs (REHEARSAL_FLAGS),
 #                    one thread each, results/GAME-cpu-<MINUTES>min; the CUDA tests still run (and skip), so that

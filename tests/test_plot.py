@@ -1062,3 +1062,30 @@ def test_a_drac_run_is_found_and_named_by_its_augmentation(tmp_path):
     write_run(runs, "drac", "bigfish", 2, [1.0, 2.0], augment="flip", drac_coef=0.2, exp_name="mine")
     assert sorted(run["method"] for run in map(plot.load_run, run_data.find_runs([str(runs)]))) == [
         "PPO + DrAC (augment=flip, drac_coef=0.2)", "PPO + DrAC (crop)"]
+
+
+def test_window_returns_average_each_runs_evaluations_in_the_range_and_each_method_over_runs_that_reach_it(tmp_path):
+    runs = tmp_path / "runs"
+    # evaluations at 1000 ... 5000; the window [2000, 4000] holds the 2nd to 4th
+    write_run(runs, "ppo", "coinrun", 1, [9.0, 1.0, 2.0, 3.0, 9.0], train=[0.0, 4.0, 5.0, 9.0, 0.0])
+    write_run(runs, "ppo", "coinrun", 2, [9.0, 3.0, 4.0, 5.0, 9.0], train=[0.0, 6.0, 7.0, 8.0, 0.0])
+    write_run(runs, "ppo", "coinrun", 3, [9.0, 9.0, 9.0])  # ends at 3000, before the window does
+    write_run(runs, "mdpo", "coinrun", 1, [0.0, 6.0, 6.0, 9.0], train=[0.0, 1.0, 2.0, 3.0])  # agents at mean +- 1
+    summary = plot.main(plot_args(tmp_path, window=(2000, 4000)))
+    ppo, mdpo = summary["window"]["coinrun"]["PPO"], summary["window"]["coinrun"]["MDPO"]
+    assert ppo["test"] == [2.0, 4.0] and ppo["train"] == [6.0, 7.0]
+    assert ppo["runs"][2] == {"run": "coinrun__ppo__3", "seed": 3, "ends_at": 3000}
+    assert mdpo["test"] == [pytest.approx(7.0)] and mdpo["train"] == [pytest.approx(2.0)]
+    table = (tmp_path / "fig" / "window_returns.md").read_text()
+    assert "| coinrun | PPO | coinrun__ppo__1 | 1 | 3 | 2.00 | 6.00 |" in table
+    assert "| coinrun | PPO | coinrun__ppo__3 | 3 | ends at 3,000 | | |" in table
+    assert f"| coinrun | PPO | 3.00 ± {np.sqrt(2):.2f} (2) | 6.50 ± {np.sqrt(0.5):.2f} (2) |" in table
+    assert "| coinrun | MDPO | 7.00 (1) | 2.00 (1) |" in table
+
+
+@pytest.mark.parametrize("window, x_axis, message", [((5, 4), "agent", "0 <= FIRST <= LAST"),
+                                                     ((-1, 4), "agent", "0 <= FIRST <= LAST"),
+                                                     ((1, 4), "updates", "a step axis")])
+def test_a_window_that_cannot_be_read_is_refused(tmp_path, window, x_axis, message):
+    with pytest.raises(plot.UsageError, match=message):
+        plot.check(plot_args(tmp_path, window=window, x_axis=x_axis))
