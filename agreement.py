@@ -51,7 +51,7 @@ def load_run(path: str) -> dict:
     seed: train() seeds torch, then builds its K agents one after the other)."""
     run = load_agents(path)
     torch.manual_seed(run["seed"])
-    untrained = [ppo.Agent(dropout=run["args"]["dropout"]).eval() for _ in run["agents"]]
+    untrained = [ppo.Agent(dropout=run["args"].get("dropout", 0.0)).eval() for _ in run["agents"]]
     return {**run, "trained": run["agents"], "untrained": untrained}
 
 

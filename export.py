@@ -116,17 +116,26 @@ def copy_scalars(run_dir: str, destination: str, episodes: bool = True) -> int:
                 shutil.copy2(os.path.join(run_dir, relative), os.path.join(destination, relative))
             else:
                 left_out += copy_events(os.path.join(run_dir, relative), os.path.join(destination, relative))
+        saved = os.path.join(directory, run_data.EPISODES_FILE)  # a run exported before keeps its records there
+        if left_out and os.path.isfile(saved):
+            raise UsageError(f"{directory} holds per-episode records twice: in its event files and in {saved}")
         if left_out and episodes:
             save_episodes(left_out, os.path.join(destination, os.path.relpath(directory, run_dir)))
+        elif os.path.isfile(saved) and episodes:
+            shutil.copy2(saved, os.path.join(destination, os.path.relpath(directory, run_dir), run_data.EPISODES_FILE))
+            with np.load(saved) as kept_before:
+                left_out = [None] * sum(len(kept_before[key]) for key in kept_before.files if key.endswith("/step"))
         count += len(left_out)
     return count
 
 
 def save_episodes(records: List[tuple], directory: str) -> None:
-    """episodes.npz: per tag, its steps (int64) and values (float32, as logged), in the order given."""
+    """episodes.npz: per tag logged, its steps (int64) and values (float32, as logged), in the order given."""
     arrays = {}
     for tag in PER_EPISODE_TAGS:
         mine = [(step, value) for t, step, value in records if t == tag]
+        if not mine:
+            continue
         arrays[f"{tag}/step"] = np.array([step for step, _ in mine], dtype=np.int64)
         arrays[f"{tag}/value"] = np.array([value for _, value in mine], dtype=np.float32)
     np.savez_compressed(os.path.join(directory, run_data.EPISODES_FILE), **arrays)
@@ -134,10 +143,13 @@ def save_episodes(records: List[tuple], directory: str) -> None:
 
 def save_weights(run_dir: str, destination: str) -> bool:
     """weights.pt from the run's checkpoint: its script, args, step and agents' weights in half precision, in the
-    checkpoint's layout; False when the run has no checkpoint."""
+    checkpoint's layout (a run exported before: its weights.pt as it is); False when the run has neither."""
     path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.isfile(path):
-        return False
+        if not os.path.isfile(os.path.join(run_dir, "weights.pt")):
+            return False
+        shutil.copy2(os.path.join(run_dir, "weights.pt"), os.path.join(destination, "weights.pt"))
+        return True
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torn or foreign: one line

@@ -583,7 +583,8 @@ def window_means(grouped, first: int, last: int) -> dict:
                         tag_steps, values = run["curves"][tag]
                         inside = values[(tag_steps >= first) & (tag_steps <= last)]
                         row[tag] = float(inside.mean()) if len(inside) else None
-                        row["evaluations"] = int(len(inside))
+                        if tag == TEST:
+                            row["evaluations"] = int(len(inside))
                         if len(inside):
                             means[tag].append(row[tag])
                 rows.append(row)

@@ -236,6 +236,8 @@ def read_events(event_dir: str, wanted) -> Dict[str, tuple]:
     if os.path.isfile(path):
         with np.load(path) as episodes:
             for tag in filter(wanted, PER_EPISODE_TAGS):
+                if f"{tag}/step" not in episodes.files:  # a tag the stream never logged
+                    continue
                 if tag in events:
                     raise UsageError(f"{event_dir} holds its {tag} records twice: in its event files and in {path}")
                 events[tag] = (episodes[f"{tag}/step"].astype(np.int64), episodes[f"{tag}/value"].astype(np.float64))

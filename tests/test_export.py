@@ -291,3 +291,50 @@ def test_a_runs_final_weights_are_kept_in_half_precision_without_the_optimiser(t
     assert "- final weights: weights.pt of 1 run (half precision, no optimiser state)" in (to / "README.md").read_text()
     agent = ppo.Agent()
     agent.load_state_dict(saved)  # a float32 network takes them as they are
+
+
+EPISODES = ("charts/episodic_return", "charts/episodic_length")
+
+
+def test_a_resumed_streams_episodes_from_every_event_file_reach_episodes_npz(tmp_path):
+    run_dir = write_run(tmp_path / "runs", "mdpo", 1, [1.0], T0, 60)
+    for part in range(3):  # three sessions: three event files per agent directory
+        for agent in (1, 2):
+            writer = SummaryWriter(os.path.join(run_dir, f"agent{agent}"), filename_suffix=f".{part}")
+            for step in range(part * 100, part * 100 + 150, 10):  # overlapping, as a resume re-logs
+                writer.add_scalar("charts/episodic_return", step / 7 + agent, step)
+                writer.add_scalar("charts/episodic_length", step + agent, step)
+            writer.close()
+    export.main(export.ExportArgs(weights=False, runs=[str(tmp_path / "runs")], to=str(tmp_path / "r"), how="x"))
+    for agent in (1, 2):
+        source = run_data.read_events(os.path.join(run_dir, f"agent{agent}"), EPISODES.__contains__)
+        kept = run_data.read_events(str(tmp_path / "r" / "starpilot__mdpo__1" / f"agent{agent}"), EPISODES.__contains__)
+        assert len(source["charts/episodic_return"][0]) == 45
+        for tag in EPISODES:
+            assert kept[tag][0].tolist() == source[tag][0].tolist()
+            assert kept[tag][1].tolist() == source[tag][1].tolist()
+
+
+def test_read_events_returns_only_the_wanted_per_episode_tags(tmp_path):
+    export.save_episodes([("charts/episodic_return", 5, 1.5), ("charts/episodic_length", 5, 9.0)], str(tmp_path))
+    assert list(run_data.read_events(str(tmp_path), "charts/episodic_length".__eq__)) == ["charts/episodic_length"]
+    os.makedirs(tmp_path / "lengths_only")
+    export.save_episodes([("charts/episodic_length", 5, 9.0)], str(tmp_path / "lengths_only"))  # a tag never logged
+    assert list(run_data.read_events(str(tmp_path / "lengths_only"), EPISODES.__contains__)) == ["charts/episodic_length"]
+
+
+def test_an_exported_run_exported_again_keeps_its_episodes_and_weights(tmp_path):
+    run_dir = write_run(tmp_path / "runs", "ppo", 1, [1.0], T0, 60)
+    writer = SummaryWriter(run_dir)
+    for episode in range(4):
+        writer.add_scalar("charts/episodic_length", 10 + episode, 100 * episode)
+    writer.close()
+    torch.save({"script": "ppo", "args": {"env_id": "starpilot", "seed": 1}, "iteration": 1, "global_step": 1000,
+                "agents": [{"agent": {"w": torch.ones(2)}}]}, os.path.join(run_dir, "checkpoint.pt"))
+    export.main(export.ExportArgs(runs=[str(tmp_path / "runs")], to=str(tmp_path / "once"), how="x"))
+    export.main(export.ExportArgs(runs=[str(tmp_path / "once")], to=str(tmp_path / "twice"), how="x"))
+    once, twice = tmp_path / "once" / "starpilot__ppo__1", tmp_path / "twice" / "starpilot__ppo__1"
+    assert (once / "episodes.npz").read_bytes() == (twice / "episodes.npz").read_bytes()
+    assert (once / "weights.pt").read_bytes() == (twice / "weights.pt").read_bytes()
+    assert "per-episode records (charts/episodic_return, charts/episodic_length): 4, in episodes.npz" in \
+        (tmp_path / "twice" / "README.md").read_text()
