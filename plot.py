@@ -864,7 +864,7 @@ UPDATE_SCALARS = {
 }
 EPISODE_SCALARS = ("episode_length", "episode_return")  # logged once per episode, not once per update
 LAST_EPISODES = 100  # OpenAI's eplenmean and eprewmean average each worker's last 100 episodes
-# The stall of issue 30: the value loss falls while the policy's entropy climbs back, both as 8-update means.
+# The stall: the value loss falls while the policy's entropy climbs back, both as 8-update means.
 STALL_WINDOW, STALL_VALUE_LOSS, STALL_ENTROPY = 8, 0.5, 2.45
 OPENAI = "OpenAI PPO"
 OPENAI_SAMPLES_PER_UPDATE = 4 * 64 * 256  # its 4 training workers (results/reference/README.md says why 4)
