@@ -116,15 +116,17 @@ def copy_scalars(run_dir: str, destination: str, episodes: bool = True) -> int:
                 shutil.copy2(os.path.join(run_dir, relative), os.path.join(destination, relative))
             else:
                 left_out += copy_events(os.path.join(run_dir, relative), os.path.join(destination, relative))
+        target = os.path.join(destination, os.path.relpath(directory, run_dir))
         saved = os.path.join(directory, run_data.EPISODES_FILE)  # a run exported before keeps its records there
-        if left_out and os.path.isfile(saved):
-            raise UsageError(f"{directory} holds per-episode records twice: in its event files and in {saved}")
-        if left_out and episodes:
-            save_episodes(left_out, os.path.join(destination, os.path.relpath(directory, run_dir)))
-        elif os.path.isfile(saved) and episodes:
-            shutil.copy2(saved, os.path.join(destination, os.path.relpath(directory, run_dir), run_data.EPISODES_FILE))
-            with np.load(saved) as kept_before:
-                left_out = [None] * sum(len(kept_before[key]) for key in kept_before.files if key.endswith("/step"))
+        if os.path.isfile(saved):
+            if left_out:
+                raise UsageError(f"{directory} holds per-episode records twice: in its event files and in {saved}")
+            if episodes:  # copied as it is
+                shutil.copy2(saved, os.path.join(target, run_data.EPISODES_FILE))
+                with np.load(saved) as earlier:
+                    count += sum(len(earlier[key]) for key in earlier.files if key.endswith("/step"))
+        elif left_out and episodes:
+            save_episodes(left_out, target)
         count += len(left_out)
     return count
 

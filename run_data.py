@@ -18,6 +18,7 @@ import ppo
 import run_utils
 from run_utils import UsageError  # one class for every tool: a one-line error and exit code 2
 
+
 def run_tool(Args, main) -> None:
     """A tool's command line: parse the flags with tyro and run main(args). Bad input (a UsageError) and a
     file the tool cannot read or write (--out above all) end in one `error:` line and exit code 2."""
@@ -201,7 +202,7 @@ def is_run(directory: str) -> bool:
     except (OSError, ValueError) as error:
         print(f"skipping {directory}: its config.json is unreadable ({type(error).__name__})", file=sys.stderr)
         return False
-    return isinstance(config, dict) and config.get("script") in ("ppo", "drac", "mdpo") and isinstance(config.get("args"), dict)
+    return isinstance(config, dict) and config.get("script") in METHOD_FIELDS and isinstance(config.get("args"), dict)
 
 
 def display_name(method: str) -> str:
