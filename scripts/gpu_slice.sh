@@ -10,7 +10,8 @@
 #  2. installs device-files/bundle.tar.xz (scripts/gather_device_files.sh makes it on a machine with network)
 #     offline into a directory of its own, put first on PYTHONPATH, so the machine's Python is left as it was;
 #     without the bundle, it uses what is installed;
-#  3. loads Procgen, with the bundle's system libraries on LD_LIBRARY_PATH only if it does not load without;
+#  3. loads Procgen, with the bundle's system libraries on LD_LIBRARY_PATH only if it does not load without,
+#     and checks that it renders GAME as PyPI's wheel does (scripts/procgen_fingerprint.py --check);
 #  4. runs the CUDA tests (python -m pytest -q -m cuda tests): a GPU path that fails stops the slice before
 #     any curve is made with it;
 #  5. runs one sweep.py per METHOD at once, its seeds side by side (--jobs = their number), each stopped
@@ -132,6 +133,11 @@ main() {
         err=$("$py" -c "$load" 2>&1) || fail "Procgen does not load, with the carried libraries too: $(tail -n 1 <<<"$err")"
         echo "Procgen loads with the carried system libraries (LD_LIBRARY_PATH=$work/lib)"
     fi
+    # The carried wheel's art is re-stored (gather_device_files.sh): the game must render as PyPI's wheel does.
+    local fingerprint
+    fingerprint=$("$py" scripts/procgen_fingerprint.py --check --games "$game" 2>"$work/fingerprint.err") \
+        || fail "Procgen's fingerprint check failed: $(tail -n 1 "$work/fingerprint.err")"
+    echo "Procgen renders $game as PyPI's wheel does (fingerprint $fingerprint)"
     "$py" - <<'EOF' || exit 1
 import importlib, sys
 for name in ("torch", "numpy", "gymnasium", "kornia", "tyro", "tensorboard", "tqdm", "matplotlib", "PIL", "pytest"):

@@ -1,6 +1,7 @@
 """bench.py on tiny settings (plot.py and tsne.py: test_plot.py and test_tsne.py)."""
 
 import os
+import runpy
 import subprocess
 import sys
 
@@ -224,3 +225,40 @@ def test_env_and_network_rates_count_samples_over_seconds(monkeypatch):
     monkeypatch.setattr(ppo, "make_policy", make_policy)
     # five policy steps of 8 samples in five seconds (the three warm-up steps before the clock starts)
     assert bench.network_rate(torch.device("cpu"), 8, False, False, False, 5.0) == pytest.approx(8.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# scripts/procgen_fingerprint.py
+# ---------------------------------------------------------------------------------------------
+
+
+FINGERPRINT = os.path.join(ROOT, "scripts", "procgen_fingerprint.py")
+
+
+def test_procgen_fingerprint_is_reproducible_and_tells_streams_apart():
+    out = subprocess.run([sys.executable, FINGERPRINT, "--games", "coinrun", "starpilot", "--steps", "12"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    again = subprocess.run([sys.executable, FINGERPRINT, "--games", "coinrun", "--steps", "12"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    longer = subprocess.run([sys.executable, FINGERPRINT, "--games", "coinrun", "--steps", "13"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert out[0::2] == ["coinrun", "starpilot"] and all(len(h) == 16 for h in out[1::2])
+    assert again == out[:2]  # a fresh process, the same stream
+    assert out[1] != out[3] and longer[1] != out[1]  # another game, one more step: another hash
+    for flags, message in ((["--steps", "0"], "--steps must be at least 1 (got 0)"),
+                           (["--check", "--steps", "12"], "--check compares 300 steps (got --steps 12)")):
+        bad = subprocess.run([sys.executable, FINGERPRINT, *flags], capture_output=True, text=True)
+        assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].endswith(message)
+
+
+def test_procgen_fingerprint_check_passes_with_this_procgen_and_fails_on_another_stream(monkeypatch, capsys):
+    """The installed procgen-mirror renders coinrun as the committed hash says; a stream that differs (here
+    another seed, as a changed renderer would) fails --check in one line."""
+    import procgen
+    monkeypatch.setattr(sys, "argv", [FINGERPRINT, "--check", "--games", "coinrun"])
+    runpy.run_path(FINGERPRINT, run_name="__main__")
+    assert capsys.readouterr().out.split() == ["coinrun", "0180d971957231e7"]
+    real = procgen.ProcgenGym3Env
+    monkeypatch.setattr(procgen, "ProcgenGym3Env", lambda **kwargs: real(**{**kwargs, "rand_seed": 2}))
+    with pytest.raises(SystemExit, match="coinrun renders otherwise than PyPI's procgen-mirror 0.10.7"):
+        runpy.run_path(FINGERPRINT, run_name="__main__")
