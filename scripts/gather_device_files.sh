@@ -17,11 +17,11 @@
 # files together, and Procgen's wheel alone is 45 MiB. Wheels re-zipped without compression and packed with
 # xz take about 9 MiB less than the wheels as PyPI serves them; pip installs such wheels unchanged. Two of
 # Procgen's files are carried in a form xz packs better, each decoding to what the wheel had, and the wheel's
-# RECORD is given their new hashes and sizes: libenv.so without its debug information (16 of its 17 MB,
-# 3.3 MiB of the bundle; strip --strip-debug, its code and symbols untouched), and the game art's PNGs with
-# their pixel data deflated at level 0 (stored), the same pixels and every other chunk byte for byte: xz
-# packs the raw pixels about 6 MiB smaller than it packs deflate's output. Procgen loads every game's art
-# at startup, so no game's art can be left out instead.
+# RECORD is given their new hashes and sizes (scripts/rezip_wheels.py): libenv.so without its debug
+# information (16 of its 17 MB, 3.3 MiB of the bundle; strip --strip-debug, its code and symbols untouched),
+# and the game art's PNGs with their pixel data deflated at level 0 (stored), the same pixels and every other
+# chunk byte for byte: xz packs the raw pixels about 6 MiB smaller than it packs deflate's output. Procgen
+# loads every game's art at startup, so no game's art can be left out instead.
 set -euo pipefail
 
 fail() { echo "gather_device_files.sh: $*" >&2; exit 1; }
@@ -171,72 +171,9 @@ outside=$(awk '$2 == "=>" {print $1, $3; next} {n = split($1, p, "/"); print p[n
 [ -z "$outside" ] || fail "libenv.so also links $(echo $outside), not gathered: add its package to DEB_PACKAGES"
 
 echo "== bundle"
-# Wheels re-zipped without compression: xz then finds what deflate left, and each is still a wheel.
-python3 - "$stage/bundle/wheels" "$stage/strip" <<'EOF' || exit 1
-import base64, glob, hashlib, os, struct, subprocess, sys, zipfile, zlib
-STRIPPED = "procgen/data/prebuilt/libenv.so"
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-def without_debug_info(data: bytes) -> bytes:
-    with open(sys.argv[2], "wb") as f:
-        f.write(data)
-    subprocess.run(["strip", "--strip-debug", sys.argv[2]], check=True)
-    with open(sys.argv[2], "rb") as f:
-        return f.read()
-
-def with_stored_pixels(data: bytes) -> bytes:
-    """The same PNG with its pixel data (the IDAT chunks, joined) deflated at level 0: every other chunk is kept
-    byte for byte and the decoded pixels are the same, but xz now sees the pixels themselves, which it packs
-    a quarter smaller than deflate did."""
-    assert data.startswith(PNG_SIGNATURE)
-    chunks, pixels, pos = [], b"", len(PNG_SIGNATURE)
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
-        pos += 12 + length
-        if kind != b"IDAT":
-            chunks.append((kind, body))
-        elif not pixels:
-            chunks.append((b"IDAT", None))  # where the joined pixel data goes
-        pixels += body if kind == b"IDAT" else b""
-    raw = zlib.decompress(pixels)
-    stored = zlib.compress(raw, 0)
-    assert zlib.decompress(stored) == raw
-    return PNG_SIGNATURE + b"".join(
-        struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-        for kind, body in ((kind, stored if body is None else body) for kind, body in chunks))
-
-def smaller_in_xz(name: str, data: bytes) -> bytes | None:
-    """What is carried in place of a wheel's file, or None to carry it as it is."""
-    if name == STRIPPED:
-        return without_debug_info(data)
-    if name.startswith("procgen/data/assets/") and data.startswith(PNG_SIGNATURE):
-        return with_stored_pixels(data)
-    return None
-
-def record_line(name: str, data: bytes) -> str:
-    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-    return f"{name},sha256={digest},{len(data)}"
-
-for wheel in glob.glob(os.path.join(sys.argv[1], "*.whl")):
-    stored = wheel + ".stored"
-    with zipfile.ZipFile(wheel) as zin:
-        contents = [(info, zin.read(info)) for info in zin.infolist()]
-    changed = {info.filename: smaller for info, data in contents
-               if (smaller := smaller_in_xz(info.filename, data)) is not None}
-    if wheel.startswith(os.path.join(sys.argv[1], "procgen_mirror-")) and STRIPPED not in changed:
-        sys.exit(f"gather_device_files.sh: {os.path.basename(wheel)} has no {STRIPPED}")
-    with zipfile.ZipFile(stored, "w", zipfile.ZIP_STORED) as zout:
-        for info, data in contents:
-            data = changed.get(info.filename, data)
-            if info.filename.endswith(".dist-info/RECORD") and changed:
-                lines = [record_line(line.split(",")[0], changed[line.split(",")[0]])
-                         if line.split(",")[0] in changed else line for line in data.decode().splitlines()]
-                data = ("\n".join(lines) + "\n").encode()
-            info.compress_type = zipfile.ZIP_STORED
-            zout.writestr(info, data)
-    os.replace(stored, wheel)
-EOF
+# Wheels re-zipped without compression (xz then finds what deflate left), Procgen's libenv.so stripped and its
+# PNGs' pixels stored: each is still a wheel, with a RECORD that matches it.
+python3 scripts/rezip_wheels.py "$stage/bundle/wheels" || exit 1
 {
     echo "What scripts/gather_device_files.sh put in bundle.tar.xz, for CPython 3.12 on Linux x86_64."
     echo

@@ -11,7 +11,8 @@
 #     offline into a directory of its own, put first on PYTHONPATH, so the machine's Python is left as it was;
 #     without the bundle, it uses what is installed;
 #  3. loads Procgen, with the bundle's system libraries on LD_LIBRARY_PATH only if it does not load without,
-#     and checks that it renders GAME as PyPI's wheel does (scripts/procgen_fingerprint.py --check);
+#     and checks that it renders GAME as PyPI's wheel does (scripts/procgen_fingerprint.py --check: a difference
+#     stops a rehearsal, and is reported in the log of a GPU slice);
 #  4. runs the CUDA tests (python -m pytest -q -m cuda tests): a GPU path that fails stops the slice before
 #     any curve is made with it;
 #  5. runs one sweep.py per METHOD at once, its seeds side by side (--jobs = their number), each stopped
@@ -134,10 +135,17 @@ main() {
         echo "Procgen loads with the carried system libraries (LD_LIBRARY_PATH=$work/lib)"
     fi
     # The carried wheel's art is re-stored (gather_device_files.sh): the game must render as PyPI's wheel does.
-    local fingerprint
-    fingerprint=$("$py" scripts/procgen_fingerprint.py --check --games "$game" 2>"$work/fingerprint.err") \
-        || fail "Procgen's fingerprint check failed: $(tail -n 1 "$work/fingerprint.err")"
-    echo "Procgen renders $game as PyPI's wheel does (fingerprint $fingerprint)"
+    # The rehearsal, on the kind of machine the hashes come from, stops on a difference; a GPU machine only
+    # reports one, since its own system libraries (libm, Qt's CPU paths) could differ there too.
+    local fingerprint status=0
+    fingerprint=$("$py" scripts/procgen_fingerprint.py --check --games "$game" 2>"$work/fingerprint.err") || status=$?
+    if [ "$status" = 0 ]; then
+        echo "Procgen renders $game as PyPI's wheel does (fingerprint ${fingerprint#* })"
+    elif [ "$rehearsal" = 1 ]; then
+        fail "Procgen's fingerprint check failed (exit $status): $(tail -n 1 "$work/fingerprint.err")"
+    else
+        echo "WARNING: Procgen's fingerprint check failed (exit $status), training anyway: $(tail -n 1 "$work/fingerprint.err")"
+    fi
     "$py" - <<'EOF' || exit 1
 import importlib, sys
 for name in ("torch", "numpy", "gymnasium", "kornia", "tyro", "tensorboard", "tqdm", "matplotlib", "PIL", "pytest"):

@@ -1,8 +1,9 @@
 """Prints one hash per Procgen game over a fixed stream of random actions: the observations, rewards and
 episode starts of 8 environments (hard mode, levels 0-499, seed 1) over 300 steps. Two installs of Procgen
-that print the same lines render every game alike; --check compares them with the hashes PyPI's
-procgen-mirror 0.10.7 gives (its Python 3.11 and 3.12 wheels agree), which is how scripts/gpu_slice.sh checks
-the wheel scripts/gather_device_files.sh rebuilds (its PNGs stored, libenv.so stripped) on the GPU machine:
+that print the same lines render every game alike. --check compares them with the hashes PyPI's
+procgen-mirror 0.10.7 gives on x86_64 Linux CPU machines (its Python 3.11 and 3.12 wheels agree). The test
+suite checks the installed procgen against them, and scripts/gpu_slice.sh, before a slice trains, the wheel
+scripts/gather_device_files.sh rebuilds (its PNGs stored, libenv.so stripped).
 
     python scripts/procgen_fingerprint.py                      # every game's hash
     python scripts/procgen_fingerprint.py --check --games coinrun
@@ -10,12 +11,14 @@ the wheel scripts/gather_device_files.sh rebuilds (its PNGs stored, libenv.so st
 
 import argparse
 import hashlib
+import importlib.metadata
 import sys
 
 import numpy as np
 from procgen import ProcgenGym3Env
 
 STEPS = 300
+HASHED_VERSION = "0.10.7"
 PYPI_HASHES = {
     "bigfish": "fd022c7ee77608ae",
     "bossfight": "42a3981273e22cd9",
@@ -34,6 +37,15 @@ PYPI_HASHES = {
     "plunder": "dcd98e81eedb47d6",
     "starpilot": "4af8863362754b0e",
 }
+
+
+def installed_procgen() -> str:
+    for name in ("procgen-mirror", "procgen"):
+        try:
+            return f"{name} {importlib.metadata.version(name)}"
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return "a procgen of unknown version"
 
 
 def fingerprint(game: str, steps: int = STEPS, num_envs: int = 8) -> str:
@@ -66,4 +78,5 @@ if __name__ == "__main__":
         if args.check and digest != PYPI_HASHES[game]:
             differ.append(game)
     if differ:
-        sys.exit(f"procgen_fingerprint.py: {' '.join(differ)} renders otherwise than PyPI's procgen-mirror 0.10.7")
+        sys.exit(f"procgen_fingerprint.py: {' '.join(differ)} renders otherwise than PyPI's procgen-mirror "
+                 f"{HASHED_VERSION} (installed: {installed_procgen()})")

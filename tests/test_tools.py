@@ -1,10 +1,18 @@
 """bench.py on tiny settings (plot.py and tsne.py: test_plot.py and test_tsne.py)."""
 
+import base64
+import hashlib
+import importlib.util
+import io
 import os
 import runpy
+import struct
 import subprocess
 import sys
+import zipfile
+import zlib
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.tensorboard import SummaryWriter
@@ -252,13 +260,108 @@ def test_procgen_fingerprint_is_reproducible_and_tells_streams_apart():
 
 
 def test_procgen_fingerprint_check_passes_with_this_procgen_and_fails_on_another_stream(monkeypatch, capsys):
-    """The installed procgen-mirror renders coinrun as the committed hash says; a stream that differs (here
-    another seed, as a changed renderer would) fails --check in one line."""
+    """The installed procgen-mirror renders all 16 games as the committed hashes say; a stream that differs
+    (here another seed, as a changed renderer would) fails --check in one line."""
     import procgen
-    monkeypatch.setattr(sys, "argv", [FINGERPRINT, "--check", "--games", "coinrun"])
+    monkeypatch.setattr(sys, "argv", [FINGERPRINT, "--check"])
     runpy.run_path(FINGERPRINT, run_name="__main__")
-    assert capsys.readouterr().out.split() == ["coinrun", "0180d971957231e7"]
+    printed = capsys.readouterr().out.split()
+    assert len(printed) == 32 and printed[printed.index("coinrun") + 1] == "0180d971957231e7"
+    monkeypatch.setattr(sys, "argv", [FINGERPRINT, "--check", "--games", "coinrun"])
     real = procgen.ProcgenGym3Env
     monkeypatch.setattr(procgen, "ProcgenGym3Env", lambda **kwargs: real(**{**kwargs, "rand_seed": 2}))
-    with pytest.raises(SystemExit, match="coinrun renders otherwise than PyPI's procgen-mirror 0.10.7"):
+    with pytest.raises(SystemExit, match=r"coinrun renders otherwise than PyPI's procgen-mirror 0.10.7 \(installed: procgen-mirror 0.10.7\)$"):
         runpy.run_path(FINGERPRINT, run_name="__main__")
+
+
+# ---------------------------------------------------------------------------------------------
+# scripts/rezip_wheels.py
+# ---------------------------------------------------------------------------------------------
+
+
+def rezip_wheels():
+    spec = importlib.util.spec_from_file_location("rezip_wheels", os.path.join(ROOT, "scripts", "rezip_wheels.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def png_chunk(kind, body):
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def png_file(width=7, height=5, idat_pieces=3, before=b"", after=b"", seed=0):
+    """An 8-bit RGB PNG written by hand (filter 0 on every row), its deflated pixels cut into idat_pieces chunks."""
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    raw = b"".join(b"\x00" + row.tobytes() for row in pixels)
+    deflated = zlib.compress(raw, 9)
+    cuts = np.linspace(0, len(deflated), idat_pieces + 1).astype(int)
+    idat = b"".join(png_chunk(b"IDAT", deflated[a:b]) for a, b in zip(cuts[:-1], cuts[1:]))
+    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + before + idat + after + png_chunk(b"IEND", b""), pixels
+
+
+def chunks_of(data):
+    pos, chunks = 8, []
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        chunks.append(data[pos:pos + 12 + length])
+        pos += 12 + length
+    return chunks
+
+
+def test_png_with_stored_pixels_decodes_to_the_same_pixels_and_keeps_every_other_chunk():
+    from PIL import Image
+    text_before, text_after = png_chunk(b"tEXt", b"Comment\x00before"), png_chunk(b"tEXt", b"Comment\x00after")
+    original, pixels = png_file(before=text_before, after=text_after)
+    stored = rezip_wheels().with_stored_pixels(original)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(stored)).convert("RGB")), pixels)  # PIL checks CRCs too
+    kinds = [chunk[4:8] for chunk in chunks_of(stored)]
+    assert kinds == [b"IHDR", b"tEXt", b"IDAT", b"tEXt", b"IEND"]  # three IDAT chunks joined into one
+    assert [c for c in chunks_of(stored) if c[4:8] != b"IDAT"] == [c for c in chunks_of(original) if c[4:8] != b"IDAT"]
+    body = chunks_of(stored)[2][8:-4]
+    assert body[:2] == b"\x78\x01" and len(body) > 5 * (1 + 7 * 3)  # zlib at level 0: the raw rows, uncompressed
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda png: png + b"junk", "4 bytes after IEND"),
+    (lambda png: png[:-6], "ends inside a chunk, or before IEND"),
+    (lambda png: b"GIF89a" + png[6:], "not a PNG"),
+])
+def test_png_with_stored_pixels_refuses_what_it_would_not_carry_faithfully(change, message):
+    module = rezip_wheels()
+    with pytest.raises(module.BadFile, match=message):
+        module.with_stored_pixels(change(png_file()[0]))
+    split = png_file(idat_pieces=2)[0]
+    first_idat_end = len(b"\x89PNG\r\n\x1a\n") + len(chunks_of(split)[0]) + len(chunks_of(split)[1])
+    between = split[:first_idat_end] + png_chunk(b"tEXt", b"a\x00b") + split[first_idat_end:]
+    with pytest.raises(module.BadFile, match="not consecutive"):
+        module.with_stored_pixels(between)
+
+
+def test_rezip_stores_every_file_and_gives_record_the_changed_hashes(tmp_path):
+    module = rezip_wheels()
+    art, _ = png_file(width=40, height=30, idat_pieces=2)
+    files = {"demo/__init__.py": b"x = 1\n", "procgen/data/assets/sprite.png": art, "demo/notes.txt": b"a,b\n" * 50}
+    record_rows = [f"{name},sha256=stale,{len(data)}" for name, data in files.items()] + ["demo-1.0.dist-info/RECORD,,"]
+    wheel = tmp_path / "demo-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as zout:
+        for name, data in files.items():
+            zout.writestr(name, data)
+        zout.writestr("demo-1.0.dist-info/RECORD", "\n".join(record_rows) + "\n")
+    module.rezip(str(wheel))
+    with zipfile.ZipFile(wheel) as zin:
+        assert {info.compress_type for info in zin.infolist()} == {zipfile.ZIP_STORED}
+        record = zin.read("demo-1.0.dist-info/RECORD").decode().splitlines()
+        png = zin.read("procgen/data/assets/sprite.png")
+        assert zin.read("demo/__init__.py") == files["demo/__init__.py"]
+    digest = base64.urlsafe_b64encode(hashlib.sha256(png).digest()).rstrip(b"=").decode()
+    assert png != art and record[1] == f"procgen/data/assets/sprite.png,sha256={digest},{len(png)}"
+    assert record[0] == record_rows[0] and record[2:] == record_rows[2:]  # the others as they were
+    procgen_named = tmp_path / "procgen_mirror-0.10.7-cp312-cp312-manylinux2014_x86_64.whl"
+    os.replace(wheel, procgen_named)
+    with pytest.raises(module.BadFile, match="has no procgen/data/prebuilt/libenv.so"):
+        module.rezip(str(procgen_named))
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "rezip_wheels.py"), str(tmp_path / "none")],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and bad.stderr.strip().startswith("usage: python3 scripts/rezip_wheels.py WHEEL_DIR")
