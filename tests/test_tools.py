@@ -1,4 +1,5 @@
-"""bench.py on tiny settings (plot.py and tsne.py: test_plot.py and test_tsne.py)."""
+"""bench.py on tiny settings, and the device scripts scripts/procgen_fingerprint.py and scripts/rezip_wheels.py
+(plot.py and tsne.py: test_plot.py and test_tsne.py)."""
 
 import base64
 import hashlib
@@ -243,13 +244,16 @@ def test_env_and_network_rates_count_samples_over_seconds(monkeypatch):
 FINGERPRINT = os.path.join(ROOT, "scripts", "procgen_fingerprint.py")
 
 
+def fingerprint_words(*flags):
+    """What procgen_fingerprint.py prints, run in a process of its own, split into words."""
+    return subprocess.run([sys.executable, FINGERPRINT, *flags], capture_output=True, text=True,
+                          check=True).stdout.split()
+
+
 def test_procgen_fingerprint_is_reproducible_and_tells_streams_apart():
-    out = subprocess.run([sys.executable, FINGERPRINT, "--games", "coinrun", "starpilot", "--steps", "12"],
-                         capture_output=True, text=True, check=True).stdout.split()
-    again = subprocess.run([sys.executable, FINGERPRINT, "--games", "coinrun", "--steps", "12"],
-                           capture_output=True, text=True, check=True).stdout.split()
-    longer = subprocess.run([sys.executable, FINGERPRINT, "--games", "coinrun", "--steps", "13"],
-                            capture_output=True, text=True, check=True).stdout.split()
+    out = fingerprint_words("--games", "coinrun", "starpilot", "--steps", "12")
+    again = fingerprint_words("--games", "coinrun", "--steps", "12")
+    longer = fingerprint_words("--games", "coinrun", "--steps", "13")
     assert out[0::2] == ["coinrun", "starpilot"] and all(len(h) == 16 for h in out[1::2])
     assert again == out[:2]  # a fresh process, the same stream
     assert out[1] != out[3] and longer[1] != out[1]  # another game, one more step: another hash
@@ -270,7 +274,8 @@ def test_procgen_fingerprint_check_passes_with_this_procgen_and_fails_on_another
     monkeypatch.setattr(sys, "argv", [FINGERPRINT, "--check", "--games", "coinrun"])
     real = procgen.ProcgenGym3Env
     monkeypatch.setattr(procgen, "ProcgenGym3Env", lambda **kwargs: real(**{**kwargs, "rand_seed": 2}))
-    with pytest.raises(SystemExit, match=r"coinrun renders otherwise than PyPI's procgen-mirror 0.10.7 \(installed: procgen-mirror 0.10.7\)$"):
+    differs = r"coinrun renders otherwise than PyPI's procgen-mirror 0.10.7 \(installed: procgen-mirror 0.10.7\)$"
+    with pytest.raises(SystemExit, match=differs):
         runpy.run_path(FINGERPRINT, run_name="__main__")
 
 
