@@ -65,7 +65,7 @@ class Args:
     distribution_mode: str = "hard"  # Procgen distribution mode: easy, hard, extreme or memory (the last two for some games only)
 
     # Algorithm
-    total_timesteps: int = 50_000_000  # environment steps per agent
+    total_timesteps: int = 50_000_000  # environment steps per agent, rounded down to whole batches
     learning_rate: float = 5e-4  # Adam's learning rate (constant)
     num_envs: int = 64  # parallel environments per agent
     num_steps: int = 256  # steps per environment per rollout
@@ -413,12 +413,15 @@ def validate_args(args: Args) -> Args:
     if args.eval_episodes is None:
         args = replace(args, eval_episodes=args.num_envs)
     for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs",
-                 "eval_interval", "eval_episodes", "checkpoint_interval", "learning_rate"):
+                 "eval_interval", "eval_episodes", "checkpoint_interval", "learning_rate", "max_grad_norm"):
         refuse_unless(getattr(args, name) > 0, f"--{flag(name)} must be positive, got {getattr(args, name)}")
-    for name in ("num_levels", "start_level", "ent_coef", "vf_coef", "clip_coef", "max_grad_norm", "l2_coef"):
+    for name in ("num_levels", "start_level", "ent_coef", "vf_coef", "clip_coef", "l2_coef"):
         refuse_unless(getattr(args, name) >= 0, f"--{flag(name)} must not be negative, got {getattr(args, name)}")
     for name in ("num_levels", "start_level", "num_envs", "eval_episodes"):
         refuse_unless(getattr(args, name) <= INT32_MAX, f"--{flag(name)} must be at most {INT32_MAX}, got {getattr(args, name)}")
+    # Procgen adds the two as C ints; with --num-levels 0 (every level) it ignores --start-level.
+    refuse_unless(args.start_level + args.num_levels <= INT32_MAX, f"--start-level + --num-levels must be at most {INT32_MAX}")
+    refuse_unless(args.num_levels > 0 or args.start_level == 0, "--start-level has no effect with --num-levels 0 (every level)")
     refuse_unless(0 <= args.gamma <= 1 and 0 <= args.gae_lambda <= 1, "--gamma and --gae-lambda must lie in [0, 1]")
     refuse_unless(0 <= args.dropout < 1, f"--dropout must lie in [0, 1), got {args.dropout}")
     batch_size = args.num_envs * args.num_steps

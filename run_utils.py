@@ -8,6 +8,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import importlib.util
 import json
 import math
 import os
@@ -58,10 +59,12 @@ def cli(Args, main, script: str) -> None:
     """Parse the flags with tyro and run main(args); errors become one line and their exit code.
     With --resume DIR the saved run's flags are the defaults, so DIR alone continues it."""
     args = tyro.cli(Args)
-    if args.resume:
-        with contextlib.suppress(UsageError, TypeError):  # main() reports what is wrong with the run
-            args = tyro.cli(Args, default=Args(**{**saved_config(args.resume, script)["args"], "resume": args.resume}))
     try:
+        if args.resume:
+            if args.run_dir and os.path.realpath(args.run_dir) != os.path.realpath(args.resume):
+                raise UsageError(f"--resume continues {args.resume} in place; leave out --run-dir {args.run_dir}")
+            with contextlib.suppress(UsageError, TypeError):  # main() reports what is wrong with the run
+                args = tyro.cli(Args, default=Args(**{**saved_config(args.resume, script)["args"], "resume": args.resume}))
         main(args)
     except tuple(error_type for error_type, _ in EXIT_CODES) as error:
         print(str(error) if isinstance(error, Preempted) else f"error: {error}", file=sys.stderr)
@@ -80,6 +83,8 @@ def open_run_dir(args, script: str):
     checkpoint again continues it (as --resume does); a run stopped before its first checkpoint starts afresh."""
     if args.resume:
         saved_config(args.resume, script)  # a missing or foreign run fails here, before anything is written
+    if args.track and importlib.util.find_spec("wandb") is None:
+        raise UsageError("--track needs Weights & Biases: pip install wandb")
     run_dir = args.resume or args.run_dir or f"runs/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     lock = lock_run_dir(run_dir)
     if not args.resume and os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
@@ -398,11 +403,8 @@ def source_commit() -> str:
 
 
 def start_tracking(args, run_dir: str) -> None:
-    """Mirror the TensorBoard logs to Weights & Biases."""
-    try:
-        import wandb
-    except ImportError:
-        raise UsageError("--track needs Weights & Biases: pip install wandb") from None
+    """Mirror the TensorBoard logs to Weights & Biases (open_run_dir has checked that it is installed)."""
+    import wandb
     wandb.tensorboard.patch(root_logdir=run_dir)
     name = os.path.basename(run_dir.rstrip("/"))
     wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=name, id=name,

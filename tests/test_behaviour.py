@@ -670,12 +670,15 @@ def bad_input_cases(script):
         (["--seed", str(2**32)], "--seed must lie in [0, "),
         (["--num-levels", str(2**31)], "--num-levels must be at most 2147483647"),
         (["--start-level", str(2**31)], "--start-level must be at most 2147483647"),
+        (["--start-level", "5", "--num-levels", str(2**31 - 1)], "--start-level + --num-levels must be at most 2147483647"),
+        (["--start-level", "5", "--num-levels", "0"], "--start-level has no effect with --num-levels 0"),
+        (["--resume", "elsewhere"], "--resume continues elsewhere in place; leave out --run-dir"),
         ([], "cannot write the run directory"),
     ]
     for flag in ("total-timesteps", "num-envs", "num-steps", "num-minibatches", "update-epochs", "eval-interval",
-                 "eval-episodes", "checkpoint-interval"):
+                 "eval-episodes", "checkpoint-interval", "max-grad-norm"):
         cases.append(([f"--{flag}", "0"], f"--{flag} must be positive"))
-    negatives = ["num-levels", "start-level", "ent-coef", "vf-coef", "clip-coef", "max-grad-norm"]
+    negatives = ["num-levels", "start-level", "ent-coef", "vf-coef", "clip-coef"]
     negatives += ["l2-coef"] + (["alpha"] if script == "mdpo.py" else [])
     for flag in negatives:
         cases.append(([f"--{flag}=-1"], f"--{flag} must not be negative"))

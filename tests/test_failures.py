@@ -3,6 +3,7 @@ any moment, and two processes on one run directory."""
 
 import contextlib
 import errno
+import importlib.util
 import json
 import os
 import signal
@@ -275,6 +276,16 @@ def test_resume_refuses_what_is_not_a_run_before_writing_anything(module, tmp_pa
     (run_dir / "config.json").write_text(json.dumps({"script": module.SCRIPT}))
     with pytest.raises(module.UsageError, match="is not a run's config"):
         run_utils.saved_config(str(run_dir), module.SCRIPT)
+
+
+@pytest.mark.parametrize("module", [ppo, mdpo])
+def test_track_without_wandb_is_refused_before_writing_anything(module, tmp_path, monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+    run_dir = tmp_path / "run"
+    with pytest.raises(module.UsageError, match="--track needs Weights & Biases: pip install wandb"):
+        module.main(module_args(module, str(run_dir), 64, track=True))
+    assert not run_dir.exists()
 
 
 @pytest.mark.parametrize("module, field", [(ppo, "l2_coef"), (mdpo, "alpha")])
