@@ -9,6 +9,7 @@ import pytest
 import torch
 from gymnasium.vector import AutoresetMode
 
+import drac
 import mdpo
 import ppo
 from helpers import tiny_args
@@ -36,9 +37,10 @@ def test_dropout_follows_every_convolution_with_one_mask_per_layer_of_its_featur
     assert not any(isinstance(m, ppo.SharedDropout) for m in ppo.Agent(dropout=0.0).modules())
 
 
-def test_dropout_mask_is_shared_by_the_batch_and_off_in_eval_mode():
+@pytest.mark.parametrize("module", [ppo, mdpo, drac])
+def test_dropout_mask_is_shared_by_the_batch_and_off_in_eval_mode(module):
     torch.manual_seed(0)
-    agent = ppo.Agent(dropout=0.5)
+    agent = module.Agent(dropout=0.5)
     frame = torch.randint(0, 256, (1, 64, 64, 3), dtype=torch.uint8)
     with torch.no_grad():
         batch_logits, _ = agent(frame.repeat(4, 1, 1, 1))
@@ -46,7 +48,7 @@ def test_dropout_mask_is_shared_by_the_batch_and_off_in_eval_mode():
         torch.testing.assert_close(batch_logits, batch_logits[:1].expand(4, -1))
         agent.eval()
         eval_logits, _ = agent(frame)
-        plain = ppo.Agent(dropout=0.0)
+        plain = module.Agent(dropout=0.0)
         plain.load_state_dict({k: v for k, v in agent.state_dict().items() if not k.endswith("mask")})
         plain_logits, _ = plain(frame)
     torch.testing.assert_close(eval_logits, plain_logits)

@@ -102,9 +102,10 @@ def scripted_episodes(num_envs, steps, scale=2.0, first_step=0):
 
 @pytest.fixture
 def scripted(monkeypatch):
-    """Both scripts build the scripted envs instead of Procgen's."""
+    """The scripts build the scripted envs instead of Procgen's."""
     ScriptedProcgen.made = []
     monkeypatch.setattr(ppo, "ProcgenVecEnv", ScriptedProcgen)
+    monkeypatch.setattr(drac, "ProcgenVecEnv", ScriptedProcgen)
     monkeypatch.setattr(mdpo, "ProcgenVecEnv", ScriptedProcgen)
     return ScriptedProcgen
 
@@ -407,17 +408,17 @@ def constant_policy(obs):
 
 
 def one_rollout(module, policy, args, seed):
-    """(rollout, global step, episodes, batch) of one rollout of one agent on fresh envs, in either script."""
+    """(rollout, global step, episodes, batch) of one rollout of one agent on fresh envs, in any script."""
     envs = module.make_envs(args, seed=seed)
     rollout = module.Rollout(args, CPU)
     rollout.start(envs)
-    if module is ppo:
-        return (rollout, *ppo.collect_rollout(policy, envs, rollout, args, CPU, 0))
+    if module is not mdpo:
+        return (rollout, *module.collect_rollout(policy, envs, rollout, args, CPU, 0))
     global_step, (episodes,), (batch,) = mdpo.collect_rollouts([policy], [envs], [rollout], args, CPU, 0, False)
     return rollout, global_step, episodes, batch
 
 
-@pytest.mark.parametrize("module", [ppo, mdpo])
+@pytest.mark.parametrize("module", [ppo, drac, mdpo])
 def test_rollout_stores_normalised_clipped_rewards_and_reports_raw_episode_scores(module, scripted):
     args = module.validate_args(module.Args(num_envs=4, num_steps=16, num_minibatches=2, total_timesteps=64))
     assert args.gamma == 0.999  # the paper's, not the wrapper's default 0.99
@@ -440,7 +441,7 @@ def frame_valued_policy(obs):
     return torch.zeros(n, dtype=torch.long), torch.zeros(n), (obs.sum(dim=(1, 2, 3)) % 11).float() / 5
 
 
-@pytest.mark.parametrize("module", [ppo, mdpo])
+@pytest.mark.parametrize("module", [ppo, drac, mdpo])
 def test_rollout_advantages_are_gae_of_its_rewards_values_and_episode_ends(module, scripted):
     # 2 envs x 8 steps: env 1's episodes (4 steps) end on the rollout's last step, env 0's (3 steps) do not.
     args = module.validate_args(module.Args(num_envs=2, num_steps=8, num_minibatches=2, total_timesteps=16,
@@ -456,7 +457,7 @@ def test_rollout_advantages_are_gae_of_its_rewards_values_and_episode_ends(modul
     np.testing.assert_allclose(batch["advantages"].view(8, 2).numpy(), expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize("module", [ppo, mdpo])
+@pytest.mark.parametrize("module", [ppo, drac, mdpo])
 def test_agent_state_carries_the_reward_normaliser_so_a_resumed_run_scales_rewards_alike(module, scripted):
     args = module.validate_args(module.Args(num_envs=2, num_steps=8, num_minibatches=2, total_timesteps=16))
     stay = module.make_envs(args, seed=0)
@@ -497,7 +498,7 @@ def impala_by_hand(weights, frames):
     return hidden, logits, value
 
 
-@pytest.mark.parametrize("module", [ppo, mdpo])
+@pytest.mark.parametrize("module", [ppo, drac, mdpo])
 def test_network_matches_an_impala_cnn_written_from_the_spec(module):
     torch.manual_seed(0)
     agent = module.make_agent(module.validate_args(module.Args(num_envs=4, num_steps=16, num_minibatches=2,

@@ -67,7 +67,7 @@ def test_ppo_fast_path_matches_plain_path():
 @pytest.mark.parametrize("detach_peer", [False, True])
 def test_mdpo_fast_path_matches_plain_path(detach_peer):
     torch.manual_seed(0)
-    args = tiny_args(mdpo, alpha=0.7, detach_peer=detach_peer)
+    args = tiny_args(mdpo, alpha=0.7, detach_peer=detach_peer, l2_coef=1e-3)
     fast = [mdpo.make_agent(args, torch.device("cpu")) for _ in range(2)]
     for agent in fast:
         agent.actor.weight.data *= 100
@@ -85,7 +85,8 @@ def test_mdpo_fast_path_matches_plain_path(detach_peer):
         if detach_peer:
             peer_logits = peer_logits.detach()
         kl = kl_divergence(Categorical(logits=peer_logits), Categorical(logits=logits)).mean()
-        expected.append(plain_ppo_loss(logits, value, batches[i], inds, args) + args.alpha * kl)
+        l2 = args.l2_coef * sum((p ** 2).sum() / 2 for n, p in plain[i].named_parameters() if n.endswith("weight"))
+        expected.append(plain_ppo_loss(logits, value, batches[i], inds, args) + l2 + args.alpha * kl)
     ((expected[0] + expected[1]) / 2).backward()
     for got, want in zip(losses, expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

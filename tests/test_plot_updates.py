@@ -55,6 +55,16 @@ def test_no_stall_while_the_value_loss_stays_high_or_the_entropy_stays_low():
     assert plot.stall_update(updates(30), [0.1] * 30, [2.7] * 10 + [2.3] * 20) is None  # entropy never back above
 
 
+def test_the_thresholds_are_strict():
+    # Means exactly at a threshold do not cross it (8 equal floats average to themselves exactly).
+    # A value loss mean of 0.5 is not below 0.5:
+    assert plot.stall_update(updates(20), [1.0] * 10 + [0.5] * 10, [2.3] * 10 + [2.62] * 10) is None
+    # an entropy mean of 2.45 is not a fall below 2.45, so its later rise is no stall:
+    assert plot.stall_update(updates(20), [0.1] * 20, [2.45] * 10 + [2.62] * 10) is None
+    # and an entropy mean of 2.45 after a fall is not above it:
+    assert plot.stall_update(updates(30), [0.1] * 30, [2.3] * 10 + [2.45] * 20) is None
+
+
 def test_a_series_shorter_than_one_window_has_no_stall():
     assert plot.stall_update(updates(7), [0.1] * 7, [2.3] * 3 + [2.7] * 4) is None
     assert plot.stall_update([], [], []) is None

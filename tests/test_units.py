@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import drac
 import mdpo
 import ppo
 from helpers import ROOT, random_batch, tiny_args
@@ -90,7 +91,7 @@ def test_gae_matches_a_plain_python_loop(seed):
     expected = np.array(reference_gae(rewards.tolist(), values.tolist(), starts.tolist(), next_value.tolist(),
                                       next_start.tolist(), gamma, lam))
     t = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
-    for module in (ppo, mdpo):
+    for module in (ppo, mdpo, drac):
         adv, ret = module.compute_gae(t(rewards), t(values), t(starts.astype(float)), t(next_value),
                                       t(next_start.astype(float)), gamma, lam)
         np.testing.assert_allclose(adv.numpy(), expected, rtol=1e-12, atol=1e-12)
@@ -157,10 +158,12 @@ def test_l2_penalty_is_tf_l2_loss_of_the_weights_only():
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[3.0, 4.0]]))
         layer.bias.fill_(5.0)
-    assert ppo.l2_penalty(layer).item() == 12.5
-    agent = ppo.Agent()
-    expected = sum(float((p.detach().double() ** 2).sum()) / 2 for name, p in agent.named_parameters() if name.endswith("weight"))
-    assert ppo.l2_penalty(agent).item() == pytest.approx(expected, rel=1e-5)
+    for module in (ppo, mdpo, drac):
+        assert module.l2_penalty(layer).item() == 12.5
+        agent = module.Agent()
+        expected = sum(float((p.detach().double() ** 2).sum()) / 2 for name, p in agent.named_parameters()
+                       if name.endswith("weight"))
+        assert module.l2_penalty(agent).item() == pytest.approx(expected, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +212,7 @@ def test_which_gradients_cross_between_agents(alpha, detach_peer, crosses):
         assert all(g is None for g in agent_grads(agents[1]))
 
 
-@pytest.mark.parametrize("module", [ppo, mdpo])
+@pytest.mark.parametrize("module", [ppo, drac, mdpo])
 def test_explained_variance_is_one_minus_residual_variance_over_return_variance(module):
     returns = torch.tensor([1.0, 2.0, 3.0, 4.0])  # variance 5/3 (ddof=1)
     assert module.explained_variance(returns, returns) == pytest.approx(1.0)
