@@ -175,3 +175,14 @@ def test_agreement_tool_refuses_runs_at_other_steps_or_games_in_one_line(tmp_pat
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
     assert b  # a second seed is what makes a pair: see the test above
+
+
+def test_the_table_gives_the_cka_change_as_trained_minus_untrained_with_a_t_interval():
+    rows = [{"cka": 0.9, "cka_untrained": 0.8, "tv": 0.3, "tv_untrained": 0.1, "a": "x", "b": "y"},
+            {"cka": 0.7, "cka_untrained": 0.75, "tv": 0.2, "tv_untrained": 0.1, "a": "x", "b": "z"}]
+    mean, low, high = agreement.summary_row(rows)["cka_change"]
+    # Changes +0.10 and -0.05: mean 0.025, sample std 0.15 / sqrt(2); t(0.975, 1 degree of freedom) = 12.7062047.
+    half = 12.706204736174707 * (0.15 / np.sqrt(2)) / np.sqrt(2)
+    assert (mean, low, high) == pytest.approx((0.025, 0.025 - half, 0.025 + half))
+    row, = [line for line in agreement.markdown({"k": rows}, "t").splitlines() if line.startswith("| k |")]
+    assert row.split(" | ")[4] == f"0.025 [{0.025 - half:.3f}, {0.025 + half:.3f}]"  # the CKA change column

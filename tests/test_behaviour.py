@@ -605,6 +605,12 @@ MUST_MATCH_OF = {ppo: MUST_MATCH, drac: MUST_MATCH | {"augment", "drac_coef"},
                  mdpo: MUST_MATCH | {"num_agents", "alpha", "detach_peer"}}
 
 
+# What docs/usage.md promises a resume may change: where the run is logged, its budget, its evaluation and its speed.
+MAY_CHANGE = {"cuda", "track", "wandb_project_name", "wandb_entity", "capture_video", "run_dir", "resume",
+              "checkpoint_interval", "total_timesteps", "num_iterations", "eval_interval", "eval_episodes",
+              "bf16", "compile"}
+
+
 def another_value(value):
     if isinstance(value, bool):
         return not value
@@ -622,6 +628,7 @@ def test_resume_refuses_every_field_outside_the_resumable_ones(module, tmp_path)
     run_utils.check_compatible(args, config)
     names = {field.name for field in dataclasses.fields(module.Args)}
     assert MUST_MATCH_OF[module] <= names - run_utils.RESUMABLE_FIELDS
+    assert MAY_CHANGE <= run_utils.RESUMABLE_FIELDS
     for name in sorted(names):
         changed = dataclasses.replace(args, **{name: another_value(getattr(args, name))})
         if name in run_utils.RESUMABLE_FIELDS:

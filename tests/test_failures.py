@@ -360,3 +360,32 @@ def test_resume_restores_which_envs_ended_on_the_rollouts_last_step(module, monk
         module.main(module_args(module, None, 192, resume=run_dir))
     expected = [ended] if module is ppo else [ended, 1 - ended]
     assert len(seen) == len(expected) and all(torch.equal(a, b) for a, b in zip(seen, expected))
+
+
+def test_write_durably_fsyncs_the_data_then_renames_then_fsyncs_the_directory(monkeypatch, tmp_path):
+    calls, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        calls.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(source, target):
+        calls.append(("replace", os.path.realpath(source)))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = os.path.join(os.path.realpath(tmp_path), "checkpoint.pt")
+    run_utils.write_durably(path, lambda f: f.write(b"data"))
+    assert calls == [("fsync", path + ".tmp"), ("replace", path + ".tmp"), ("fsync", os.path.dirname(path))]
+    assert open(path, "rb").read() == b"data"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_nan_or_infinite_loss_stops_the_run(tmp_path, bad):
+    agent = ppo.Agent()
+    run_utils.stop_if_diverged(str(tmp_path), 2, 128, [{"policy_loss": 0.1, "value_loss": 1e30}], [agent])  # finite
+    with pytest.raises(run_utils.Diverged, match=f"iteration 3 .*value_loss is {bad}"):
+        run_utils.stop_if_diverged(str(tmp_path), 3, 192, [{"policy_loss": 0.1, "value_loss": bad}], [agent])
+    assert json.load(open(tmp_path / "diverged.json")) == {"iteration": 3, "global_step": 192,
+                                                          "what": f"value_loss is {bad}"}

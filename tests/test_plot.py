@@ -1,5 +1,6 @@
 """plot.py on tiny hand-written run directories: every number against a hand computation."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -622,6 +623,25 @@ def test_the_published_reference_is_in_the_project_with_its_header():
     assert open(path).readline().startswith("# PPO on Procgen, hard mode, 500 training levels")
     reference = plot.read_reference(path)
     assert sorted(reference) == sorted(plot.HARD_MODE_RANGES) and all(len(c) == 3 for c in reference.values())
+
+
+# sha256 of the data rows (header lines left out) of results/reference/'s two files, as copied from the source.
+REFERENCE_ROWS_SHA256 = {
+    "openai_ppo_hard500.csv": "c2178b82a2bb65265ebd7b4b7ec9222560805280c2e7b659ae60058e2c759fea",
+    "openai_ppo_hard500_updates.csv": "8de2e96e0986cd2b4406281930031285111d10a55e64c2672293fb3a56f4345b",
+}
+
+
+def test_the_published_reference_rows_are_the_copied_ones():
+    def rows(path):
+        return [line for line in open(path) if not line.startswith("#")]
+
+    for name, digest in REFERENCE_ROWS_SHA256.items():
+        ours = rows(os.path.join(ROOT, "results", "reference", name))
+        assert hashlib.sha256("".join(ours).encode()).hexdigest() == digest, name
+    shared = os.path.join(ROOT, "..", "shared", "reference", "openai_ppo_hard500.csv")
+    if os.path.isfile(shared):  # the project's copy of the band, where the checkout sits beside it
+        assert rows(os.path.join(ROOT, "results", "reference", "openai_ppo_hard500.csv")) == rows(shared)
 
 
 def test_reference_band_is_nan_before_every_run_started():

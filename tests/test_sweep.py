@@ -728,3 +728,14 @@ def test_the_budget_does_not_relabel_runs_an_outside_signal_already_stopped(monk
     forwarder.received = signal.SIGTERM  # e.g. Slurm's, before the budget ran out
     forwarder.stop_for_time()
     assert forwarder.out_of_time is False
+
+
+@pytest.mark.parametrize("flags", ["--run-dir elsewhere", "--run_dir=elsewhere", "--resume elsewhere",
+                                   "--env-id starpilot", "--l2-coef 1e-3", "--drac-coef 0.2"])
+def test_flags_that_would_move_or_relabel_every_job_are_refused(tmp_path, flags):
+    name = flags.split()[0].split("=")[0].replace("_", "-")
+    with pytest.raises(sweep.UsageError, match=f"must not set {name}"):
+        # dry: a sweep that let the flag through must not train
+        sweep.main(sweep_args(tmp_path, methods=["ppo", "ppo_l2", "ppo_drac_crop"], flags=f"{TINY_FLAGS} {flags}",
+                              dry_run=True))
+    assert not (tmp_path / "runs").exists()
