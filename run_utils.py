@@ -61,10 +61,11 @@ def cli(Args, main, script: str) -> None:
     args = tyro.cli(Args)
     try:
         if args.resume:
+            saved = saved_config(args.resume, script)  # a missing or foreign run is refused first
             if args.run_dir and os.path.realpath(args.run_dir) != os.path.realpath(args.resume):
                 raise UsageError(f"--resume continues {args.resume} in place; leave out --run-dir {args.run_dir}")
-            with contextlib.suppress(UsageError, TypeError):  # main() reports what is wrong with the run
-                args = tyro.cli(Args, default=Args(**{**saved_config(args.resume, script)["args"], "resume": args.resume}))
+            with contextlib.suppress(TypeError):  # another version's flags: main() says which
+                args = tyro.cli(Args, default=Args(**{**saved["args"], "resume": args.resume}))
         main(args)
     except tuple(error_type for error_type, _ in EXIT_CODES) as error:
         print(str(error) if isinstance(error, Preempted) else f"error: {error}", file=sys.stderr)

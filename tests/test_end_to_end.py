@@ -151,6 +151,10 @@ def test_bad_resumes_fail_and_overwrite_nothing(tmp_path):
     # The same directory with other flags: continuing it would mix two configs in one run.
     assert_one_line_error(run_cli("ppo.py", "--run-dir", run_dir), "cannot resume: --num-envs is 4 in the run, 64 here")
     assert_one_line_error(run_cli("ppo.py", "--resume", str(tmp_path)), "holds no checkpoint")
+    # A resume continues its run where it lies: another --run-dir would be silently ignored.
+    assert_one_line_error(run_cli("ppo.py", "--resume", run_dir, "--run-dir", str(tmp_path / "other")),
+                          f"--resume continues {run_dir} in place; leave out --run-dir")
+    assert not (tmp_path / "other").exists()
     os.makedirs(tmp_path / "torn_run")
     (tmp_path / "torn_run" / "config.json").write_text(open(os.path.join(run_dir, "config.json")).read())
     (tmp_path / "torn_run" / "checkpoint.pt").write_bytes(b"not a checkpoint")
