@@ -33,6 +33,11 @@ def plain_ppo_loss(logits, value, batch, inds, args):
     return pg - args.ent_coef * dist.entropy().mean() + args.vf_coef * v_loss
 
 
+def plain_l2(plain, args):
+    """Cobbe et al.'s L2: l2_weight * sum over weight tensors of tf.nn.l2_loss(w) = sum(w**2) / 2."""
+    return args.l2_coef * sum((p ** 2).sum() / 2 for n, p in plain.named_parameters() if n.endswith("weight"))
+
+
 def plain_copy(agent):
     plain = copy.deepcopy(agent)
     for p in plain.parameters():
@@ -57,8 +62,7 @@ def test_ppo_fast_path_matches_plain_path():
     loss.backward()
     logits, value = plain_forward(plain, batch["obs"][inds])
     expected = plain_ppo_loss(logits, value, batch, inds, args)
-    # Cobbe et al.'s L2: l2_weight * sum over weight tensors of tf.nn.l2_loss(w) = sum(w**2) / 2.
-    expected = expected + args.l2_coef * sum((p ** 2).sum() / 2 for n, p in plain.named_parameters() if n.endswith("weight"))
+    expected = expected + plain_l2(plain, args)
     expected.backward()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     assert_same_gradients(fast, plain)
@@ -85,8 +89,7 @@ def test_mdpo_fast_path_matches_plain_path(detach_peer):
         if detach_peer:
             peer_logits = peer_logits.detach()
         kl = kl_divergence(Categorical(logits=peer_logits), Categorical(logits=logits)).mean()
-        l2 = args.l2_coef * sum((p ** 2).sum() / 2 for n, p in plain[i].named_parameters() if n.endswith("weight"))
-        expected.append(plain_ppo_loss(logits, value, batches[i], inds, args) + l2 + args.alpha * kl)
+        expected.append(plain_ppo_loss(logits, value, batches[i], inds, args) + plain_l2(plain[i], args) + args.alpha * kl)
     ((expected[0] + expected[1]) / 2).backward()
     for got, want in zip(losses, expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
