@@ -537,7 +537,10 @@ def log_iteration(writer, stats: dict, batch: dict, episodes: list, global_step:
 
 
 def main(args: Args) -> str:
-    args, run_dir, lock = run_utils.open_run_dir(validate_args(args), SCRIPT)
+    args = validate_args(args)
+    run_utils.check_memory(games=args.num_agents * args.num_envs + args.eval_episodes,
+                           frames=args.num_agents * args.num_envs * args.num_steps, cuda=args.cuda)
+    args, run_dir, lock = run_utils.open_run_dir(args, SCRIPT)
     with lock, run_utils.interrupt_reported(run_dir, SCRIPT, args.checkpoint_interval):
         train(args, run_dir)
     return run_dir

@@ -70,6 +70,10 @@ def cli(Args, main, script: str) -> None:
     except tuple(error_type for error_type, _ in EXIT_CODES) as error:
         print(str(error) if isinstance(error, Preempted) else f"error: {error}", file=sys.stderr)
         sys.exit(next(code for error_type, code in EXIT_CODES if isinstance(error, error_type)))
+    except torch.OutOfMemoryError as error:  # check_memory's bound leaves out the networks and their activations
+        reason = ". ".join(str(error).split(". ")[:2])  # "CUDA out of memory. Tried to allocate 2.00 GiB"
+        print(f"error: {reason}; lower --num-envs or --num-steps, or raise --num-minibatches", file=sys.stderr)
+        sys.exit(1)
     except OSError as error:  # the disk filled up or the run directory became unwritable while logging
         if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
             raise
@@ -324,6 +328,36 @@ def stop_if_diverged(run_dir: str, iteration: int, global_step: int, stats: list
                                                                 "what": what})
             raise Diverged(f"diverged at iteration {iteration} (step {global_step}): {what}; "
                            f"the last good checkpoint in {run_dir} is kept")
+
+
+# ---- Memory ---------------------------------------------------------------------------------------------
+# Lower bounds, so that a refused run could never have fit: a Procgen game holds 52-101 KiB of host memory
+# before its first step (maze in memory mode to plunder), and a rollout keeps every 64x64x3 frame of an iteration.
+GAME_BYTES, FRAME_BYTES = 48 * 1024, 64 * 64 * 3
+
+
+def check_memory(games: int, frames: int, cuda: bool) -> None:
+    """Refuse a run whose games and rollout frames cannot fit in this machine's memory, before anything is built:
+    past it, Procgen spends minutes building games and the kernel then kills the run without a word."""
+    frame_bytes = frames * FRAME_BYTES
+    on_gpu = cuda and torch.cuda.is_available()
+    needs = [("memory", games * GAME_BYTES + (0 if on_gpu else frame_bytes), host_memory())]
+    if on_gpu:
+        needs.append(("GPU memory", frame_bytes, torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory))
+    for kind, needed, available in needs:
+        if available is not None and needed > available:
+            raise UsageError(f"{games:,} games and {frames:,} rollout frames need at least {needed / 2**30:.1f} GiB of "
+                             f"{kind}, more than this machine's {available / 2**30:.1f} GiB: lower --num-envs or --num-steps")
+
+
+def host_memory(meminfo: str = "/proc/meminfo") -> Optional[int]:
+    """RAM plus swap in bytes, None where Linux's meminfo does not say (then the host is not checked)."""
+    try:
+        with open(meminfo) as file:
+            fields = dict(line.split(":", 1) for line in file if ":" in line)
+        return sum(int(fields[name].split()[0]) * 1024 for name in ("MemTotal", "SwapTotal"))
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
 
 
 # ---- Speed, and what a run logs about itself ------------------------------------------------------------

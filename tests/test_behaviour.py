@@ -681,6 +681,9 @@ def bad_input_cases(script):
         (["--start-level", "5", "--num-levels", str(2**31 - 1)], "--start-level + --num-levels must be at most 2147483647"),
         (["--start-level", "5", "--num-levels", "0"], "--start-level has no effect with --num-levels 0"),
         ([], "cannot write the run directory"),
+        # Frames past any machine's memory: refused before a game is built.
+        (["--num-envs", "1000000", "--num-steps", "10000000", "--total-timesteps", str(10**13)],
+         "rollout frames need at least"),
     ]
     for flag in ("total-timesteps", "num-envs", "num-steps", "num-minibatches", "update-epochs", "eval-interval",
                  "eval-episodes", "checkpoint-interval", "max-grad-norm"):

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import types
 from dataclasses import asdict
 
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import drac
 import mdpo
 import ppo
 import run_utils
@@ -286,6 +288,87 @@ def test_track_without_wandb_is_refused_before_writing_anything(module, tmp_path
     with pytest.raises(module.UsageError, match="--track needs Weights & Biases: pip install wandb"):
         module.main(module_args(module, str(run_dir), 64, track=True))
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("module, agents", [(ppo, 1), (drac, 1), (mdpo, 2)])
+def test_a_run_past_the_machines_memory_is_refused_before_writing_anything(module, agents, tmp_path, monkeypatch):
+    # Counted by hand: every agent's games and rollout frames of 64x64x3 bytes, and the evaluation's games.
+    games, frames = agents * TINY["num_envs"] + TINY["eval_episodes"], agents * TINY["num_envs"] * TINY["num_steps"]
+    needed = games * run_utils.GAME_BYTES + frames * 64 * 64 * 3
+    monkeypatch.setattr(run_utils, "host_memory", lambda: needed - 1)
+    run_dir = tmp_path / "run"
+    with pytest.raises(module.UsageError, match=f"{games} games and {frames} rollout frames need at least .* GiB of memory"):
+        module.main(module_args(module, str(run_dir), 64 * agents))
+    assert not run_dir.exists()
+    monkeypatch.setattr(run_utils, "host_memory", lambda: needed)  # just enough: on to the (unwritable) run directory
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(module.UsageError, match="cannot write the run directory"):
+        module.main(module_args(module, str(blocker / "run"), 64 * agents))
+
+
+def test_on_a_gpu_the_frames_are_checked_against_its_memory_and_the_games_against_the_hosts(monkeypatch):
+    frame_bytes = 64 * 64 * 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: types.SimpleNamespace(total_memory=100 * frame_bytes))
+    monkeypatch.setattr(run_utils, "host_memory", lambda: 10 * run_utils.GAME_BYTES)
+    run_utils.check_memory(games=10, frames=100, cuda=True)
+    with pytest.raises(run_utils.UsageError, match="of GPU memory"):
+        run_utils.check_memory(games=10, frames=101, cuda=True)
+    with pytest.raises(run_utils.UsageError, match="of memory"):
+        run_utils.check_memory(games=11, frames=1, cuda=True)
+    with pytest.raises(run_utils.UsageError, match="of memory"):  # --no-cuda: the frames are the host's
+        run_utils.check_memory(games=1, frames=100, cuda=False)
+    monkeypatch.setattr(run_utils, "host_memory", lambda: None)  # a host that does not say: not checked
+    run_utils.check_memory(games=10**9, frames=1, cuda=False)
+
+
+
+def test_the_hosts_memory_is_its_ram_and_swap(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:        1000 kB\nMemFree:          500 kB\nSwapTotal:         24 kB\nHugePages_Total:       0\n")
+    assert run_utils.host_memory(str(meminfo)) == 1024 * 1024
+    meminfo.write_text("MemFree:          500 kB\n")
+    assert run_utils.host_memory(str(meminfo)) is None
+    assert run_utils.host_memory(str(tmp_path / "missing")) is None
+
+# Procgen's games alone: a run's wrappers and spaces only add to them.
+MEASURE_GAMES = """
+import os, sys
+from procgen import ProcgenGym3Env
+def resident():
+    with open("/proc/self/statm") as file:
+        return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+game, mode = sys.argv[1:]
+make = lambda num: ProcgenGym3Env(num=num, env_name=game, distribution_mode=mode, num_levels=0, start_level=0, num_threads=4)
+make(4)  # the library's one-off allocations
+before = resident()
+games = make(200)
+print((resident() - before) / 200)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="measures resident memory through Linux's /proc")
+@pytest.mark.parametrize("game, mode", [("maze", "memory"), ("jumper", "easy")])  # the smallest games
+def test_check_memory_counts_no_more_per_game_than_procgen_holds(game, mode):
+    # check_memory refuses only runs that cannot fit, so its bytes per game must not exceed Procgen's.
+    result = subprocess.run([sys.executable, "-c", MEASURE_GAMES, game, mode],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.split()[-1]) >= run_utils.GAME_BYTES
+
+
+def test_running_out_of_gpu_memory_is_one_line_with_exit_code_1(monkeypatch, capsys):
+    def main(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                                     "79.19 GiB of which 1.06 GiB is free. Of the allocated memory 70.3 GiB is allocated")
+    monkeypatch.setattr(sys, "argv", ["ppo.py"])
+    with pytest.raises(SystemExit) as stopped:
+        run_utils.cli(ppo.Args, main, ppo.SCRIPT)
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err == ("error: CUDA out of memory. Tried to allocate 2.00 GiB; lower --num-envs or "
+                                       "--num-steps, or raise --num-minibatches\n")
 
 
 @pytest.mark.parametrize("module, field", [(ppo, "l2_coef"), (mdpo, "alpha")])
