@@ -1,8 +1,10 @@
 """plot.py --x-axis updates: the stall rule on hand-made series, the per-update reading of run directories and of
 OpenAI's progress CSV, the stall table and the figure. Expected values are worked out by hand in the comments."""
 
+import bisect
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -143,11 +145,54 @@ def test_our_updates_are_steps_over_num_envs_x_num_steps_and_episodes_the_last_1
     np.testing.assert_allclose(curve["series"]["value_loss"][1], [0.9, 0.8, 0.7], rtol=1e-6)
     np.testing.assert_allclose(curve["series"]["episode_return"][1], [1.5, 7 / 3, 3.25], rtol=1e-6)
     np.testing.assert_allclose(curve["series"]["episode_length"][1], [15, 20, 25], rtol=1e-6)
+    # each panel reads its own tag (write_losses logs 0.01, 0.1 and 0.5 for these three)
+    for key, logged in (("approx_kl", 0.01), ("clipfrac", 0.1), ("explained_variance", 0.5), ("entropy", None)):
+        expected = [2.7, 2.6, 2.5] if logged is None else [logged] * 3
+        np.testing.assert_allclose(curve["series"][key][1], expected, rtol=1e-6, err_msg=key)
     # with the last 2 episodes only: (1 + 2) / 2, (2 + 4) / 2, (4 + 6) / 2
     steps, values = np.array([3, 8, 9, 20]), np.array([1.0, 2.0, 4.0, 6.0])
     np.testing.assert_allclose(plot.last_episodes_mean(steps, values, [1, 2, 3], 8, count=2), [1.5, 3.0, 5.0])
     assert np.isnan(plot.last_episodes_mean(steps, values, [0], 8)[0])  # before the first episode ended
 
+
+def test_the_episode_panels_average_the_last_100_of_every_episode_logged(tmp_path):
+    # 12,000 episodes, more than TensorBoard's default of 10,000 kept per tag, three at each step (episodes of
+    # different envs end on the same vector step); returns 0, 1, 2, ... so that each mean says which were counted.
+    # By hand: update u ends at step 8u; the episodes ended by then are those at steps 1 ... 8u.
+    episodes = [(1 + i // 3, float(i), 1 + i % 7) for i in range(12_000)]
+    run_dir = write_update_run(tmp_path / "runs", "ppo", "coinrun", 1, [0.9] * 500, [2.7] * 500, episodes=episodes)
+    [curve] = plot.update_curves(loaded_run(run_dir))
+    ended_steps = [step for step, _, _ in episodes]
+    for u in (1, 2, 13, 250, 500):
+        ended = bisect.bisect_right(ended_steps, 8 * u)
+        last = episodes[max(0, ended - 100):ended]
+        assert curve["series"]["episode_return"][1][u - 1] == pytest.approx(statistics.mean(r for _, r, _ in last))
+        assert curve["series"]["episode_length"][1][u - 1] == pytest.approx(statistics.mean(n for _, _, n in last))
+
+
+def test_the_reference_band_is_the_mean_and_range_of_openais_runs(tmp_path):
+    # Three runs with value losses 0.1, 0.2 and 0.6 throughout: the line at their mean 0.3 (the median would be 0.2),
+    # the band from 0.1 to 0.6, from update 8 (the first full 8-update window) to 12.
+    rows = [("coinrun", run, u, loss, 2.5) for run, loss in enumerate((0.1, 0.2, 0.6)) for u in range(1, 13)]
+    reference = plot.read_updates_reference(write_reference(tmp_path / "ref.csv", rows))["coinrun"]
+    fig, ax = plot.plt.subplots()
+    plot.draw_reference_updates(ax, reference, "value_loss")
+    [mean] = [line for line in ax.get_lines() if line.get_label() == "OpenAI PPO (mean)"]
+    np.testing.assert_array_equal(mean.get_xdata(), np.arange(8, 13))
+    np.testing.assert_allclose(mean.get_ydata(), [0.3] * 5)
+    [band] = ax.collections
+    vertices = band.get_paths()[0].vertices
+    assert vertices[:, 0].min() == 8 and vertices[:, 0].max() == 12
+    assert vertices[:, 1].min() == pytest.approx(0.1) and vertices[:, 1].max() == pytest.approx(0.6)
+    plot.plt.close(fig)
+
+
+def test_no_stall_is_reported_by_the_last_logged_update_not_by_the_count(tmp_path):
+    # Updates 1-10 and 12 (11 never logged): "none by 12", not "none by 11".
+    logged = list(range(1, 11)) + [12]
+    curve = {"game": "coinrun", "name": "run", "method": "PPO", "samples": 8,
+             "series": {"value_loss": (np.array(logged), np.ones(11)), "entropy": (np.array(logged), np.full(11, 2.3))}}
+    assert plot.stall_row(curve) == {"game": "coinrun", "name": "run", "method": "PPO", "stall": None, "last": 12}
 
 def test_an_mdpo_run_gives_one_curve_per_agent(tmp_path):
     run_dir = write_update_run(tmp_path / "runs", "mdpo", "coinrun", 1, [0.9, 0.8], [2.7, 2.6])
@@ -193,7 +238,10 @@ def test_the_updates_reference_is_read_per_game_and_run(tmp_path):
     curve = reference["coinrun"][0]
     assert curve["samples"] == 65536 and curve["method"] == plot.OPENAI
     np.testing.assert_array_equal(curve["series"]["entropy"][0], np.arange(1, 31))
-    assert curve["series"]["episode_return"][1][0] == 5.0  # eprewmean
+    # each panel reads its own column of OpenAI's progress file (write_reference's fixed values)
+    first_row = {"episode_length": 100.0, "episode_return": 5.0, "approx_kl": 0.004, "clipfrac": 0.05,
+                 "explained_variance": 0.9, "value_loss": 0.1, "entropy": 2.7}  # eplenmean, eprewmean, loss/approxkl, ...
+    assert {key: values[0] for key, (_, values) in curve["series"].items()} == first_row
     assert plot.stall_row(curve)["stall"] == 24
     assert plot.stall_row(reference["coinrun"][1]) == {"game": "coinrun", "name": "hard-500-run1",
                                                        "method": plot.OPENAI, "stall": None, "last": 12}
