@@ -103,15 +103,17 @@ class Recorder:
         self.scalars[tag] = value
 
 
-def test_agreement_logs_mean_pairwise_cka_and_the_policies_tv_distance():
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_agreement_logs_mean_pairwise_cka_and_the_policies_tv_distance(dropout):
     torch.manual_seed(0)
-    agents = [mdpo.Agent() for _ in range(3)]
+    agents = [mdpo.Agent(dropout=dropout) for _ in range(3)]
     agents[2].load_state_dict(agents[0].state_dict())  # agents 1 and 3 are the same network
     frames = torch.randint(0, 256, (32, 64, 64, 3), dtype=torch.uint8)
     writer = Recorder()
     mdpo.log_agreement(writer, agents, frames, 0, bf16=False)
-    with torch.no_grad():
-        features = [agent.hidden(frames) for agent in agents]
+    assert all(agent.training for agent in agents)  # evaluated in eval mode, then restored
+    with torch.no_grad():  # the networks as evaluated: in eval mode, dropout (where there is any) off
+        features = [agent.eval().hidden(frames) for agent in agents]
         probs = [agent.actor(h).softmax(-1).double() for agent, h in zip(agents, features)]
     assert writer.scalars["eval/debiased_cka_1_3"] == pytest.approx(1.0, abs=1e-9)
     expected_tv = [0.5 * float((probs[i] - probs[j]).abs().sum(-1).mean()) for i, j in ((0, 1), (0, 2), (1, 2))]
@@ -119,7 +121,6 @@ def test_agreement_logs_mean_pairwise_cka_and_the_policies_tv_distance():
     assert writer.scalars["eval/policy_tv"] == pytest.approx(np.mean(expected_tv), rel=1e-5)
     ckas = [writer.scalars[f"eval/debiased_cka_{i}_{j}"] for i, j in ((1, 2), (1, 3), (2, 3))]
     assert writer.scalars["eval/debiased_cka"] == pytest.approx(np.mean(ckas))
-    assert all(agent.training for agent in agents)  # evaluated in eval mode, then restored
 
 
 TINY = dict(env_id="bigfish", num_envs=4, num_steps=16, num_minibatches=2, update_epochs=1, eval_episodes=2, cuda=False)
@@ -158,12 +159,35 @@ def test_agreement_tool_reads_the_untrained_level_a_run_logged_and_pairs_runs_by
     assert within_first["cka_untrained"] == pytest.approx(logged_start, abs=1e-4)
     (_, logged_end), = [(s, v) for s, v in scalar_steps(runs[0], "eval/debiased_cka") if s == 64]
     assert within_first["cka"] == pytest.approx(logged_end, abs=1e-4)
+    # and the policies' total variation, which MDPO logs beside it on the same probe frames
+    logged_tv = dict(scalar_steps(runs[0], "eval/policy_tv"))
+    assert within_first["tv_untrained"] == pytest.approx(logged_tv[0], abs=1e-4)
+    assert within_first["tv"] == pytest.approx(logged_tv[64], abs=1e-4)
+    # across runs, the first agent of each
+    assert all(row[side].endswith(" agent 1") for kind, rows in table.items() if kind.endswith("two seeds")
+               for row in rows for side in ("a", "b"))
     assert all(-1 <= row[key] <= 1 for rows in table.values() for row in rows for key in ("cka", "cka_untrained"))
     saved = json.load(open(tmp_path / "fig" / "agreement_bigfish.json"))
     assert saved["pairs"] == json.loads(json.dumps(table))
     text = open(tmp_path / "fig" / "agreement_bigfish.md").read()
     assert "| mdpo: agents of one run | 2 |" in text and "at 64 steps per agent" in text
 
+
+def test_the_untrained_level_of_a_dropout_run_is_the_network_it_started_from(tmp_path):
+    # Dropout's masks are drawn as the network is built: the tool must rebuild it with the run's dropout.
+    run = tiny_run(mdpo, tmp_path / "mdpo_dropout", 1, dropout=0.1)
+    table = agreement.main(agreement.AgreementArgs(runs=[run], probe_seed=1, out=str(tmp_path / "fig")))
+    [[row]] = table.values()  # the one pair: its two agents
+    (_, logged_start), *_ = scalar_steps(run, "eval/debiased_cka")
+    assert row["cka_untrained"] == pytest.approx(logged_start, abs=1e-4)
+
+
+def test_the_probe_frames_come_from_the_probe_seed_not_the_runs(tmp_path, monkeypatch):
+    seeds, real = [], evaluation.probe_frames
+    monkeypatch.setattr(evaluation, "probe_frames", lambda *args: seeds.append(args[-1]) or real(*args))
+    runs = [tiny_run(ppo, tmp_path / "ppo1", 1), tiny_run(ppo, tmp_path / "ppo2", 2)]
+    agreement.main(agreement.AgreementArgs(runs=runs, probe_seed=5, out=str(tmp_path / "fig")))
+    assert seeds == [5]
 
 def test_agreement_tool_refuses_runs_at_other_steps_or_games_in_one_line(tmp_path):
     a, b = tiny_run(ppo, tmp_path / "a", 1), tiny_run(ppo, tmp_path / "b", 2)

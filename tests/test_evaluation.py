@@ -49,3 +49,11 @@ def test_evaluation_is_reproducible_and_leaves_training_rng_alone():
     first = evaluation.evaluate(agent, ppo.ProcgenVecEnv("bigfish", args.eval_episodes, 0, 0, "hard", 7), torch.device("cpu"), seed=7)[0]
     assert torch.rand(1) == before
     assert evaluation.evaluate(agent, ppo.ProcgenVecEnv("bigfish", args.eval_episodes, 0, 0, "hard", 7), torch.device("cpu"), seed=7)[0] == first
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_evaluation_runs_the_network_in_bfloat16_only_when_asked(bf16):
+    agent, seen = ppo.Agent(), []
+    agent.actor.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    evaluation.evaluate(agent, ScriptedEnv([2, 3]), torch.device("cpu"), seed=0, bf16=bf16)
+    assert seen and set(seen) == {torch.bfloat16 if bf16 else torch.float32}

@@ -85,6 +85,11 @@ def test_export_never_overwrites_and_appends_its_readme(tmp_path):
     export.main(export.ExportArgs(weights=False, runs=[str(tmp_path / "a")], to=to, how="first slice"))
     with pytest.raises(export.UsageError, match="exists already: results are never overwritten"):
         export.main(export.ExportArgs(weights=False, runs=[str(tmp_path / "a")], to=to, how="again"))
+    # nor when only one of the runs is there already: nothing of the others is written either
+    write_run(tmp_path / "c", "ppo", 3, [1.0], T0, 60)
+    with pytest.raises(export.UsageError, match="starpilot__ppo__1 exists already"):
+        export.main(export.ExportArgs(weights=False, runs=[str(tmp_path / "a"), str(tmp_path / "c")], to=to, how="mixed"))
+    assert not os.path.exists(os.path.join(to, "starpilot__ppo__3"))
     export.main(export.ExportArgs(weights=False, runs=[str(tmp_path / "b")], to=to, how="second slice"))
     readme = open(os.path.join(to, "README.md")).read()
     assert readme.count("## Exported") == 2 and readme.index("first slice") < readme.index("second slice")
@@ -271,26 +276,33 @@ def test_a_diverged_run_is_called_diverged_even_if_its_status_says_finished(tmp_
     assert export.describe_run(run_dir)["state"] == "diverged"
 
 
-def test_a_runs_final_weights_are_kept_in_half_precision_without_the_optimiser(tmp_path):
+@pytest.mark.parametrize("script, num_agents", [("ppo", 1), ("mdpo", 2)])
+def test_a_runs_final_weights_are_kept_in_half_precision_without_the_optimiser(tmp_path, script, num_agents):
+    import importlib
+
     import ppo
     import run_utils
 
-    run_dir = str(tmp_path / "runs" / "bigfish__ppo__1")
-    ppo.main(ppo.Args(env_id="bigfish", num_envs=4, num_steps=16, num_minibatches=2, update_epochs=1,
-                      total_timesteps=64, eval_episodes=2, cuda=False, run_dir=run_dir))
+    module = importlib.import_module(script)
+    run_dir = str(tmp_path / "runs" / f"bigfish__{script}__1")
+    module.main(module.Args(env_id="bigfish", num_envs=4, num_steps=16, num_minibatches=2, update_epochs=1,
+                            total_timesteps=64, eval_episodes=2, cuda=False, run_dir=run_dir))
     to = tmp_path / "results" / "x"
     export.main(export.ExportArgs(runs=[str(tmp_path / "runs")], to=str(to), how="a tiny run"))
-    weights = torch.load(to / "bigfish__ppo__1" / "weights.pt", weights_only=False)
+    weights = torch.load(to / f"bigfish__{script}__1" / "weights.pt", weights_only=False)
     checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
     assert sorted(weights) == ["agents", "args", "global_step", "iteration", "script"]
     assert weights["global_step"] == checkpoint["global_step"] == 64 and weights["args"] == checkpoint["args"]
-    [saved], [trained] = run_utils.agent_weights(weights), run_utils.agent_weights(checkpoint)
-    assert saved.keys() == trained.keys() and all(value.dtype == torch.float16 for value in saved.values())
-    for name, value in trained.items():
-        torch.testing.assert_close(saved[name].float(), value, rtol=1e-3, atol=1e-4)
+    saved_agents, trained_agents = run_utils.agent_weights(weights), run_utils.agent_weights(checkpoint)
+    assert len(saved_agents) == len(trained_agents) == num_agents  # every agent, each its own
+    for saved, trained in zip(saved_agents, trained_agents):
+        assert saved.keys() == trained.keys() and all(value.dtype == torch.float16 for value in saved.values())
+        for name, value in trained.items():
+            torch.testing.assert_close(saved[name].float(), value, rtol=1e-3, atol=1e-4)
     assert "- final weights: weights.pt of 1 run (half precision, no optimiser state)" in (to / "README.md").read_text()
     agent = ppo.Agent()
-    agent.load_state_dict(saved)  # a float32 network takes them as they are
+    agent.load_state_dict(saved_agents[-1])  # a float32 network takes them as they are
+    assert len(run_data.load_agents(str(to / f"bigfish__{script}__1"))["agents"]) == num_agents
 
 
 EPISODES = ("charts/episodic_return", "charts/episodic_length")

@@ -112,6 +112,33 @@ def test_measure_agent_drops_are_clean_minus_perturbed_with_the_same_draws_for_e
     assert seeds[4:] == seeds[:4]
 
 
+def test_a_dropout_agent_is_measured_as_the_same_network_without_dropout():
+    # In eval mode dropout is the identity, so every number must be the dropout-free copy's: none may be measured
+    # with the agent's masks on (ppo_dropout's runs go through here).
+    torch.manual_seed(0)
+    with_dropout = ppo.Agent(dropout=0.1).eval()
+    without = ppo.Agent().eval()
+    without.load_state_dict({name: value for name, value in with_dropout.state_dict().items() if not name.endswith("mask")})
+    args = robustness.RobustnessArgs(runs=["unused"], episodes=2, frames=3, copies=2, seed=0)
+    frames = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    measured = [robustness.measure_agent(agent, "bigfish", "hard", frames, [("random_conv", 1.0)], args)
+                for agent in (with_dropout, without)]
+    def flat(result):
+        return {"clean_return": result["clean_return"], "entropy": result["entropy"], **result["perturbations"]["random_conv:1"]}
+
+    assert flat(measured[0]) == pytest.approx(flat(measured[1]), rel=1e-5)
+    assert not with_dropout.training
+
+
+@pytest.mark.parametrize("name, strength, low, high", [("brightness", 0.3, 0.7, 1.3), ("saturation", 0.5, 0.5, 1.5),
+                                                       ("hue", 0.1, -0.1, 0.1)])
+def test_colour_factors_are_drawn_uniformly_around_the_identity(name, strength, low, high):
+    # U[1 - s, 1 + s] (hue: U[-s, s]): 20,000 draws reach within 0.01 of each end, and their mean is the centre
+    # (its standard error is (high - low) / sqrt(12 x 20,000) < 0.003).
+    params = robustness.EpisodePerturbation(name, strength, 20_000, seed=0).params.double()
+    assert low <= params.min() < low + 0.01 and high - 0.01 < params.max() <= high
+    assert float(params.mean()) == pytest.approx((low + high) / 2, abs=0.01)
+
 def agent_result(clean, perturbed):
     return {"clean_return": clean, "entropy": 1.0, "perturbations": {"hue:0.5": {
         "return": perturbed, "drop": clean - perturbed, "tv_mean": 0.1, "tv_max": 0.2, "spread": 0.5}}}
@@ -253,11 +280,14 @@ def test_frames_and_test_episodes_come_from_unseen_levels_with_the_evaluation_se
     monkeypatch.setattr(ppo, "ProcgenVecEnv", RecordingEnv)
     robustness.test_frames(ppo.ProcgenVecEnv, "bigfish", "hard", 3, 2, seed=7)
     assert RecordingEnv.made == [("bigfish", 3, 0, 0, "hard", 7)]  # num_levels 0: unseen levels, not the training's
-    monkeypatch.setattr(evaluation, "evaluate", lambda agent, env, device, seed, perturb=None: (1.0,))
+    action_seeds = []
+    monkeypatch.setattr(evaluation, "evaluate", lambda agent, env, device, seed, perturb=None: action_seeds.append(seed)
+                        or (1.0,))
     args = robustness.RobustnessArgs(runs=["unused"], episodes=5, frames=2, copies=2, seed=3)
     frames = torch.zeros(2, 64, 64, 3, dtype=torch.uint8)
     robustness.measure_agent(ppo.Agent().eval(), "bigfish", "easy", frames, [("hue", 0.5)], args)
     assert RecordingEnv.made[1:] == [("bigfish", 5, 0, 0, "easy", 1_000_003)] * 2  # clean and perturbed: same levels
+    assert action_seeds == [1_000_003] * 2  # and the same actions' random stream: the returns are paired
 
 
 def test_budget_text_names_the_smallest_and_largest_budget():

@@ -220,7 +220,8 @@ def test_tsne_accepts_as_many_perturbed_frames_as_clean_ones():
 
 def test_each_frame_gets_its_own_frame_and_its_own_filters(tmp_path, monkeypatch):
     frames = torch.arange(3).view(3, 1, 1, 1).expand(3, 64, 64, 3).to(torch.uint8).clone()  # frame i is all i
-    monkeypatch.setattr(tsne, "test_frames", lambda *args: frames)
+    frame_seeds = []
+    monkeypatch.setattr(tsne, "test_frames", lambda *args: frame_seeds.append(args[-1]) or frames)
     calls, real = [], tsne.random_conv_copies
 
     def recording(frame, copies, seed):
@@ -231,6 +232,7 @@ def test_each_frame_gets_its_own_frame_and_its_own_filters(tmp_path, monkeypatch
     run = write_checkpoint(tmp_path / "a", "ppo")
     tsne.main(tsne.TsneArgs(checkpoints=[run], copies=3, clean_frames=3, frames=3, seeds=[0, 1], figure=False,
                             out=str(tmp_path / "fig")))
+    assert frame_seeds == [0, 1]  # each seed its own levels' frames
     assert [frame for frame, _ in calls] == [0, 1, 2, 0, 1, 2]
     assert len({seed for _, seed in calls}) == 6  # no two frames share filters, within or across seeds
 
