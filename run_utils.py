@@ -346,8 +346,8 @@ def check_memory(games: int, frames: int, cuda: bool) -> None:
         needs.append(("GPU memory", frame_bytes, torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory))
     for kind, needed, available in needs:
         if available is not None and needed > available:
-            raise UsageError(f"{games:,} games and {frames:,} rollout frames need at least {needed / 2**30:.1f} GiB of "
-                             f"{kind}, more than this machine's {available / 2**30:.1f} GiB: lower --num-envs or --num-steps")
+            raise UsageError(f"{games:,} games and {frames:,} rollout frames need at least {needed / 2**30:,.1f} GiB of "
+                             f"{kind}, more than this machine's {available / 2**30:,.1f} GiB: lower --num-envs or --num-steps")
 
 
 def host_memory(meminfo: str = "/proc/meminfo") -> Optional[int]:
