@@ -199,8 +199,58 @@ def test_a_second_process_on_a_run_directory_is_refused(tmp_path):
         assert result.stderr.strip().splitlines() == [f"error: {run_dir} is in use by {json.dumps(owner)}"]
     finally:
         lock.close()
-    run_utils.lock_run_dir(run_dir).close()  # released: the directory is free again
+    again = run_utils.lock_run_dir(run_dir)  # released: the directory is free again
+    assert json.loads(open(os.path.join(run_dir, "lock")).read())["pid"] == os.getpid()  # one owner, not two
+    again.close()
 
+
+def test_the_command_of_a_finished_run_run_again_finishes_at_once(tmp_path, monkeypatch):
+    # As a sweep does with a run killed between its last checkpoint and its status.json.
+    without_evaluation(ppo, monkeypatch)
+    run_dir = str(tmp_path / "run")
+    ppo.main(module_args(ppo, run_dir, 64))
+    written = os.path.getmtime(os.path.join(run_dir, "checkpoint.pt"))
+    ppo.main(module_args(ppo, run_dir, 64))
+    assert load(run_dir)["iteration"] == 1 and os.path.getmtime(os.path.join(run_dir, "checkpoint.pt")) == written
+    assert json.load(open(os.path.join(run_dir, "status.json")))["finished"]
+
+
+def test_checkpoints_come_every_checkpoint_interval_and_at_the_last_iteration(tmp_path, monkeypatch):
+    without_evaluation(ppo, monkeypatch)
+    iterations, real = [], run_utils.save_checkpoint
+    monkeypatch.setattr(run_utils, "save_checkpoint", lambda run_dir, checkpoint: iterations.append(checkpoint["iteration"])
+                        or real(run_dir, checkpoint))
+    ppo.main(module_args(ppo, str(tmp_path / "run"), 64 * 5, checkpoint_interval=2))
+    assert iterations == [2, 4, 5]
+
+
+def test_ctrl_c_is_handled_as_before_once_a_checkpoint_has_been_written():
+    before = signal.getsignal(signal.SIGINT)
+    with run_utils.interrupts_deferred():
+        assert signal.getsignal(signal.SIGINT) is not before  # deferred while the checkpoint is written
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.parametrize("number, message", [
+    (errno.ENOSPC, "error: could not write the run (No space left on device); continue from its last checkpoint "
+                   "with --resume"),
+    (errno.EACCES, "error: could not write the run (Permission denied); continue from its last checkpoint with --resume"),
+])
+def test_a_full_disk_or_a_lost_permission_while_logging_is_one_line_with_exit_code_1(monkeypatch, capsys, number, message):
+    def main(args):
+        raise OSError(number, os.strerror(number))
+    monkeypatch.setattr(sys, "argv", ["ppo.py"])
+    with pytest.raises(SystemExit) as stopped:
+        run_utils.cli(ppo.Args, main, ppo.SCRIPT)
+    assert stopped.value.code == 1 and capsys.readouterr().err == message + "\n"
+
+
+def test_other_os_errors_are_not_mistaken_for_a_full_disk(monkeypatch):
+    def main(args):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+    monkeypatch.setattr(sys, "argv", ["ppo.py"])
+    with pytest.raises(FileNotFoundError):
+        run_utils.cli(ppo.Args, main, ppo.SCRIPT)
 
 def test_a_run_stopped_before_its_first_checkpoint_starts_afresh_with_the_same_command(tmp_path):
     run_dir = str(tmp_path / "run")

@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 from dataclasses import asdict
@@ -117,6 +118,11 @@ def test_list_methods_prints_every_method_with_a_line_on_it(capsys):
             "ppo_drac_crop", "ppo_drac_flip", "ppo_drac_rotate", "ppo_drac_random-conv",
             "ppo_drac_color-jitter"} == set(sweep.METHODS)
 
+
+def test_the_default_grid_is_the_eight_methods_the_docs_list():
+    # docs/usage.md: the paper's 4 methods, PPO 2x samples, MDPO alpha=0 and two DrAC methods.
+    assert sweep.SweepArgs(root="unused").methods == ["ppo", "ppo_l2", "ppo_dropout", "ppo_2x", "ppo_drac_best",
+                                                      "ppo_ucb_drac", "mdpo", "mdpo_alpha0"]
 
 def test_method_flags_are_the_contracts():
     assert sweep.METHODS["ppo_l2"].flags == ("--l2-coef", "1e-4")
@@ -237,7 +243,7 @@ def test_sweep_rejects_unknown_names(tmp_path):
 ])
 def test_sweep_rejects_bad_flags_before_any_job_starts(tmp_path, flags, message):
     with pytest.raises(sweep.UsageError, match=message):
-        sweep.main(sweep_args(tmp_path, flags=flags))
+        sweep.main(sweep_args(tmp_path, flags=flags, dry_run=True))  # a flag wrongly accepted starts no training
     assert not (tmp_path / "runs").exists() and not (tmp_path / "logs").exists()
 
 
@@ -427,12 +433,26 @@ def test_a_stop_signal_reaches_the_training_process_before_submitit_requeues(tmp
     previous = signal.signal(signum, submitit_handler)
     try:
         outcome = job()
+        assert signal.getsignal(signum) is submitit_handler  # the job put submitit's handler back
     finally:
         signal.signal(signum, previous)
     assert outcome.kind == "preempted"
     assert requeued == [(signum, True)]
-    assert signal.getsignal(signum) is previous  # handlers restored
 
+
+def test_a_stop_signal_arriving_as_the_training_process_starts_still_reaches_it(tmp_path, monkeypatch):
+    real_popen = subprocess.Popen
+
+    class SignalledAsItStarts(real_popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            sweep.FORWARDER.received = signal.SIGTERM  # after run()'s first check, before the child is registered
+
+    monkeypatch.setattr(sweep.FORWARDER, "received", None)
+    monkeypatch.setattr(sweep.subprocess, "Popen", SignalledAsItStarts)
+    with open(tmp_path / "log", "w") as log:
+        code = sweep.FORWARDER.run([sys.executable, "-c", "import time; time.sleep(20)"], log, dict(os.environ))
+    assert code == -signal.SIGTERM
 
 def test_a_stop_signal_to_the_local_sweep_stops_its_jobs_and_starts_no_more(tmp_path, fake_train, monkeypatch, capsys):
     monkeypatch.setenv("FAKE_SIGNAL", str(int(signal.SIGTERM)))
