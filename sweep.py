@@ -9,7 +9,8 @@ Every job trains into {root}/runs/{game}__{method}__{seed}, so running the same 
 - a run that diverged (exit code 3, diverged.json) is reported with where it diverged, and never rerun;
 - a run stopped by SIGTERM/SIGUSR2 (exit code 4, checkpoint written) is reported as preempted and
   resumes the next time; on Slurm, submitit requeues it. The sweep passes these signals on to its
-  training processes, and lets submitit requeue only once the training process has checkpointed;
+  training processes, and lets submitit requeue only once the training process has checkpointed (a job
+  signalled before its training process started is requeued too);
 - with --stop-after-min (local), the sweep stops its runs the same way when that much time has passed
   and reports them as stopped: the time-boxed side-by-side comparison of a GPU slice;
 - a run directory without a checkpoint, and not in use, starts afresh.
@@ -344,9 +345,9 @@ class Job:
                 return self.train(state.kind, env)  # the sweep's main thread forwards the signals
             with FORWARDER.installed() as previous:
                 outcome = self.train(state.kind, env)
-        if outcome.kind == "preempted" and callable(previous.get(FORWARDER.received)):
-            # Only now that the training process has checkpointed and exited, let the handler we replaced
-            # act: under submitit, it calls checkpoint() and requeues the job.
+        if outcome.kind in ("preempted", "not started") and callable(previous.get(FORWARDER.received)):
+            # Only now that the training process has checkpointed and exited (or never started), let the
+            # handler we replaced act: under submitit, it calls checkpoint() and requeues the job.
             previous[FORWARDER.received](FORWARDER.received, None)
         return outcome
 

@@ -440,6 +440,24 @@ def test_a_stop_signal_reaches_the_training_process_before_submitit_requeues(tmp
     assert requeued == [(signum, True)]
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR2])
+def test_a_job_stopped_before_its_training_process_starts_is_requeued_too(tmp_path, fake_train, monkeypatch, signum):
+    job, = fake_train(sweep_args(tmp_path), mode="0")
+    real_run = sweep.FORWARDER.run
+
+    def signalled_first(*args):  # the signal lands after the forwarder is installed, before the command starts
+        os.kill(os.getpid(), signum)
+        return real_run(*args)
+
+    monkeypatch.setattr(sweep.FORWARDER, "run", signalled_first)
+    requeued = []
+    previous = signal.signal(signum, lambda sig, frame: requeued.append(sig))  # submitit's handler
+    try:
+        outcome = job()
+    finally:
+        signal.signal(signum, previous)
+    assert outcome.kind == "not started" and requeued == [signum]
+
 def test_a_stop_signal_arriving_as_the_training_process_starts_still_reaches_it(tmp_path, monkeypatch):
     real_popen = subprocess.Popen
 
