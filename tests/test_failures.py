@@ -237,20 +237,22 @@ def test_ctrl_c_is_handled_as_before_once_a_checkpoint_has_been_written():
     (errno.EACCES, "error: could not write the run (Permission denied); continue from its last checkpoint with --resume"),
 ])
 def test_a_full_disk_or_a_lost_permission_while_logging_is_one_line_with_exit_code_1(monkeypatch, capsys, number, message):
-    def main(args):
-        raise OSError(number, os.strerror(number))
-    monkeypatch.setattr(sys, "argv", ["ppo.py"])
     with pytest.raises(SystemExit) as stopped:
-        run_utils.cli(ppo.Args, main, ppo.SCRIPT)
+        cli_where_main_raises(OSError(number, os.strerror(number)), monkeypatch)
     assert stopped.value.code == 1 and capsys.readouterr().err == message + "\n"
 
 
 def test_other_os_errors_are_not_mistaken_for_a_full_disk(monkeypatch):
-    def main(args):
-        raise FileNotFoundError(errno.ENOENT, "No such file or directory")
-    monkeypatch.setattr(sys, "argv", ["ppo.py"])
     with pytest.raises(FileNotFoundError):
-        run_utils.cli(ppo.Args, main, ppo.SCRIPT)
+        cli_where_main_raises(FileNotFoundError(errno.ENOENT, "No such file or directory"), monkeypatch)
+
+
+def cli_where_main_raises(error, monkeypatch):
+    """ppo.py's command line, with no flags, around a main() that raises `error`."""
+    def main(args):
+        raise error
+    monkeypatch.setattr(sys, "argv", ["ppo.py"])
+    run_utils.cli(ppo.Args, main, ppo.SCRIPT)
 
 def test_a_run_stopped_before_its_first_checkpoint_starts_afresh_with_the_same_command(tmp_path):
     run_dir = str(tmp_path / "run")
@@ -410,12 +412,10 @@ def test_check_memory_counts_no_more_per_game_than_procgen_holds(game, mode):
 
 
 def test_running_out_of_gpu_memory_is_one_line_with_exit_code_1(monkeypatch, capsys):
-    def main(args):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
-                                     "79.19 GiB of which 1.06 GiB is free. Of the allocated memory 70.3 GiB is allocated")
-    monkeypatch.setattr(sys, "argv", ["ppo.py"])
+    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                                   "79.19 GiB of which 1.06 GiB is free. Of the allocated memory 70.3 GiB is allocated")
     with pytest.raises(SystemExit) as stopped:
-        run_utils.cli(ppo.Args, main, ppo.SCRIPT)
+        cli_where_main_raises(error, monkeypatch)
     assert stopped.value.code == 1
     assert capsys.readouterr().err == ("error: CUDA out of memory. Tried to allocate 2.00 GiB; lower --num-envs or "
                                        "--num-steps, or raise --num-minibatches\n")
