@@ -337,7 +337,7 @@ GAME_BYTES, FRAME_BYTES = 48 * 1024, 64 * 64 * 3
 
 
 def check_memory(games: int, frames: int, cuda: bool) -> None:
-    """Refuse a run whose games and rollout frames cannot fit in this machine's memory, before anything is built:
+    """Refuse a run whose games and rollout frames cannot fit in the memory it may use, before anything is built:
     past it, Procgen spends minutes building games and the kernel then kills the run without a word."""
     frame_bytes = frames * FRAME_BYTES
     on_gpu = cuda and torch.cuda.is_available()
@@ -347,17 +347,51 @@ def check_memory(games: int, frames: int, cuda: bool) -> None:
     for kind, needed, available in needs:
         if available is not None and needed > available:
             raise UsageError(f"{games:,} games and {frames:,} rollout frames need at least {needed / 2**30:,.1f} GiB of "
-                             f"{kind}, more than this machine's {available / 2**30:,.1f} GiB: lower --num-envs or --num-steps")
+                             f"{kind}, more than the {available / 2**30:,.1f} GiB this run may use: lower --num-envs or --num-steps")
 
 
-def host_memory(meminfo: str = "/proc/meminfo") -> Optional[int]:
-    """RAM plus swap in bytes, None where Linux's meminfo does not say (then the host is not checked)."""
+def host_memory(meminfo: str = "/proc/meminfo", cgroups: str = "/proc/self/cgroup",
+                cgroup_root: str = "/sys/fs/cgroup") -> Optional[int]:
+    """The memory this process may use in bytes: RAM, or its control group's limit where lower (a Slurm job's
+    --mem, a container's), plus swap; None where Linux's meminfo does not say (then the host is not checked)."""
     try:
         with open(meminfo) as file:
             fields = dict(line.split(":", 1) for line in file if ":" in line)
-        return sum(int(fields[name].split()[0]) * 1024 for name in ("MemTotal", "SwapTotal"))
+        ram, swap = (int(fields[name].split()[0]) * 1024 for name in ("MemTotal", "SwapTotal"))
     except (OSError, KeyError, ValueError, IndexError):
         return None
+    limit = cgroup_memory_limit(cgroups, cgroup_root)
+    # Swap is added to the limit too: cgroups may cap it separately, and this bound must stay a lower bound.
+    return min(ram, limit if limit is not None else ram) + swap
+
+
+def cgroup_memory_limit(cgroups: str = "/proc/self/cgroup", cgroup_root: str = "/sys/fs/cgroup") -> Optional[int]:
+    """The lowest memory limit on this process's control group and the groups above it, in bytes (cgroup v2's
+    memory.max or v1's memory.limit_in_bytes); None where none is set or readable."""
+    try:
+        with open(cgroups) as file:
+            memberships = [line.rstrip("\n").split(":", 2) for line in file if line.count(":") >= 2]
+    except OSError:
+        return None
+    limits = []
+    for _, controllers, path in memberships:
+        if controllers == "":  # cgroup v2, one hierarchy for every controller
+            base, limit_file = cgroup_root, "memory.max"
+        elif "memory" in controllers.split(","):
+            base, limit_file = os.path.join(cgroup_root, "memory"), "memory.limit_in_bytes"
+        else:
+            continue
+        # In a container the group's path may not exist under the mount, whose root is then the container's own group.
+        parts = [part for part in path.split("/") if part]
+        for depth in range(len(parts), -1, -1):
+            try:
+                with open(os.path.join(base, *parts[:depth], limit_file)) as file:
+                    value = file.read().strip()
+            except OSError:
+                continue
+            if value.isdigit():  # "max" is no limit
+                limits.append(int(value))
+    return min(limits, default=None)
 
 
 # ---- Speed, and what a run logs about itself ------------------------------------------------------------

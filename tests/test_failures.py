@@ -377,13 +377,51 @@ def test_on_a_gpu_the_frames_are_checked_against_its_memory_and_the_games_agains
 
 
 
+def write_cgroups(tmp_path, memberships, limits):
+    """A /proc/self/cgroup naming `memberships` and a cgroup mount holding each {path: value} of `limits`."""
+    (tmp_path / "cgroup").write_text("".join(line + "\n" for line in memberships))
+    for path, value in limits.items():
+        (tmp_path / "fs" / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / path).write_text(value + "\n")
+    return str(tmp_path / "cgroup"), str(tmp_path / "fs")
+
+
 def test_the_hosts_memory_is_its_ram_and_swap(tmp_path):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:        1000 kB\nMemFree:          500 kB\nSwapTotal:         24 kB\nHugePages_Total:       0\n")
-    assert run_utils.host_memory(str(meminfo)) == 1024 * 1024
+    no_cgroups = str(tmp_path / "no_cgroup"), str(tmp_path / "no_fs")
+    assert run_utils.host_memory(str(meminfo), *no_cgroups) == 1024 * 1024
+    cgroups = write_cgroups(tmp_path, ["0::/job"], {"job/memory.max": str(600 * 1024)})
+    assert run_utils.host_memory(str(meminfo), *cgroups) == (600 + 24) * 1024  # a Slurm job's --mem, plus swap
+    cgroups = write_cgroups(tmp_path, ["0::/job"], {"job/memory.max": str(2000 * 1024)})
+    assert run_utils.host_memory(str(meminfo), *cgroups) == 1024 * 1024  # a limit above the RAM changes nothing
     meminfo.write_text("MemFree:          500 kB\n")
-    assert run_utils.host_memory(str(meminfo)) is None
-    assert run_utils.host_memory(str(tmp_path / "missing")) is None
+    assert run_utils.host_memory(str(meminfo), *no_cgroups) is None
+    assert run_utils.host_memory(str(tmp_path / "missing"), *no_cgroups) is None
+
+
+def test_a_cgroup_v2_limit_is_the_lowest_on_the_groups_path(tmp_path):
+    memberships = ["0::/slurm/job_7/step_0"]
+    assert run_utils.cgroup_memory_limit(*write_cgroups(tmp_path, memberships, {
+        "slurm/job_7/step_0/memory.max": "max", "slurm/job_7/memory.max": "4096", "slurm/memory.max": "8192",
+        "memory.max": "max"})) == 4096
+    assert run_utils.cgroup_memory_limit(*write_cgroups(tmp_path, memberships, {
+        "slurm/job_7/memory.max": "4096", "slurm/memory.max": "2048"})) == 2048  # a parent's lower limit binds
+    assert run_utils.cgroup_memory_limit(*write_cgroups(tmp_path, memberships, {
+        "slurm/job_7/step_0/memory.max": "max", "slurm/job_7/memory.max": "max", "slurm/memory.max": "max"})) is None
+
+
+def test_a_cgroup_v1_limit_is_read_from_the_memory_controllers_hierarchy(tmp_path):
+    memberships = ["9:pids:/docker/abc", "4:cpu,memory:/docker/abc", "0::/"]
+    assert run_utils.cgroup_memory_limit(*write_cgroups(tmp_path, memberships, {
+        "memory/docker/abc/memory.limit_in_bytes": "1024", "memory/memory.limit_in_bytes": "9223372036854771712",
+        "pids/docker/abc/memory.limit_in_bytes": "1", "memory.max": "max"})) == 1024
+
+
+def test_a_containers_own_cgroup_at_the_mounts_root_is_read(tmp_path):
+    # With a cgroup namespace the listed path may be the host's, absent from the container's mount.
+    assert run_utils.cgroup_memory_limit(*write_cgroups(tmp_path, ["0::/kubepods/pod1/ctr"], {"memory.max": "512"})) == 512
+    assert run_utils.cgroup_memory_limit(str(tmp_path / "missing"), str(tmp_path / "fs")) is None
 
 # Procgen's games alone: a run's wrappers and spaces only add to them.
 MEASURE_GAMES = """
