@@ -106,6 +106,11 @@ class SweepArgs:
     """slurm: GPUs per job"""
     cpus_per_job: int = 8
     """slurm: CPU cores per job"""
+    mem_gb_per_job: Optional[float] = None
+    """slurm: memory per job in GB (default: the cluster's); a run that could never fit in it stops in one line"""
+    account: Optional[str] = None
+    """slurm: the account the jobs are charged to, where the cluster asks for one (other sbatch options:
+    its SBATCH_* environment variables, e.g. SBATCH_QOS)"""
     max_parallel: int = 64
     """slurm: how many jobs of the array run at once"""
     signal_delay_s: int = 180
@@ -436,6 +441,8 @@ def check_settings(args: SweepArgs) -> List[str]:
     for name in ("jobs", "time_min", "cpus_per_job", "max_parallel", "signal_delay_s"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.mem_gb_per_job is not None and not args.mem_gb_per_job > 0:  # also nan
+        raise UsageError(f"--mem-gb-per-job must be positive, got {args.mem_gb_per_job}")
     if args.stop_after_min is not None:
         if not args.stop_after_min > 0:  # also nan
             raise UsageError(f"--stop-after-min must be positive, got {args.stop_after_min}")
@@ -609,6 +616,10 @@ def run_slurm(jobs: List[Job], args: SweepArgs) -> List[Outcome]:
     executor.update_parameters(timeout_min=args.time_min, name="mdpo-sweep", slurm_partition=args.partition,
                                gpus_per_node=args.gpus_per_job, cpus_per_task=args.cpus_per_job,
                                slurm_array_parallelism=args.max_parallel, slurm_signal_delay_s=args.signal_delay_s)
+    if args.mem_gb_per_job is not None:
+        executor.update_parameters(mem_gb=args.mem_gb_per_job)
+    if args.account is not None:
+        executor.update_parameters(slurm_account=args.account)
     with executor.batch():
         submitted = [executor.submit(job) for job in jobs]
     print(f"submitted {len(submitted)} jobs to slurm; job ids {submitted[0].job_id} ... {submitted[-1].job_id}; "

@@ -247,10 +247,15 @@ def test_sweep_rejects_bad_flags_before_any_job_starts(tmp_path, flags, message)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "logs").exists()
 
 
-@pytest.mark.parametrize("name", ["jobs", "time_min", "cpus_per_job", "max_parallel", "signal_delay_s"])
+@pytest.mark.parametrize("name", ["jobs", "time_min", "cpus_per_job", "max_parallel", "signal_delay_s", "mem_gb_per_job"])
 def test_sweep_rejects_non_positive_settings(tmp_path, name):
     with pytest.raises(sweep.UsageError, match=f"--{name.replace('_', '-')} must be positive, got 0"):
         sweep.main(sweep_args(tmp_path, **{name: 0}))
+
+
+def test_sweep_rejects_a_nan_memory(tmp_path):
+    with pytest.raises(sweep.UsageError, match="--mem-gb-per-job must be positive, got nan"):
+        sweep.main(sweep_args(tmp_path, mem_gb_per_job=float("nan")))
 
 
 def test_sweep_checks_flags_against_every_game_not_only_the_first(tmp_path):
@@ -644,6 +649,16 @@ def test_slurm_gets_the_sweeps_resources_and_the_signal_delay_in_one_array(tmp_p
         "timeout_min": 600, "slurm_partition": "gpu", "gpus_per_node": 2, "cpus_per_task": 6,
         "slurm_array_parallelism": 5, "slurm_signal_delay_s": 240}
     assert "submitted 3 jobs to slurm; job ids 77_0 ... 77_2" in capsys.readouterr().out
+    assert "mem_gb" not in executor.parameters and "slurm_account" not in executor.parameters  # the cluster's defaults
+
+
+def test_slurm_gets_the_sweeps_memory_and_account_when_given(tmp_path, monkeypatch):
+    import submitit
+
+    monkeypatch.setattr(submitit, "AutoExecutor", FakeSlurmExecutor)
+    sweep.run_slurm([RecordingJob("job", [])], sweep_args(tmp_path, launcher="slurm", mem_gb_per_job=24.5, account="rl-lab"))
+    assert FakeSlurmExecutor.last.parameters["mem_gb"] == 24.5
+    assert FakeSlurmExecutor.last.parameters["slurm_account"] == "rl-lab"
 
 
 # ---------------------------------------------------------------------------------------------
