@@ -652,8 +652,18 @@ def main(args: SweepArgs) -> int:
     return 1 if any(outcome.kind in UNSUCCESSFUL for outcome in [*states, *outcomes]) else 0
 
 
+def flags_attached(argv: List[str]) -> List[str]:
+    """argv with `--flags VALUE` as `--flags=VALUE`: tyro takes a separate value starting with -- for a flag."""
+    argv = list(argv)
+    for i in range(len(argv) - 1):
+        if argv[i] == "--flags":
+            argv[i:i + 2] = [f"--flags={argv[i + 1]}"]
+            break
+    return argv
+
+
 if __name__ == "__main__":
-    cli_args = tyro.cli(SweepArgs)
+    cli_args = tyro.cli(SweepArgs, args=flags_attached(sys.argv[1:]))
     try:
         sys.exit(main(cli_args))
     except UsageError as error:

@@ -287,6 +287,19 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
     assert result.stderr.startswith("error: unknown method or game 'pong'") and result.stderr.count("\n") == 1
 
 
+def test_flags_may_follow_their_option_as_a_separate_argument(tmp_path):
+    # docs/usage.md writes --flags "--bf16 --compile"; tyro alone would read "--bf16 --compile" as an option.
+    import subprocess
+
+    result = subprocess.run([sys.executable, "sweep.py", "--root", str(tmp_path), "--methods", "ppo", "--games", "bigfish",
+                             "--seeds", "1", "--flags", "--num-envs 4 --ent-coef 0.02", "--dry-run"],
+                            capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(sweep.__file__)))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip().endswith("--num-envs 4 --ent-coef 0.02")
+    assert sweep.flags_attached(["--flags", "--bf16", "--jobs", "2"]) == ["--flags=--bf16", "--jobs", "2"]
+    assert sweep.flags_attached(["--flags=--bf16", "--flags"]) == ["--flags=--bf16", "--flags"]  # tyro says what is wrong
+
+
 # ---------------------------------------------------------------------------------------------
 # Runs in use, diverged, preempted, made with other flags
 # ---------------------------------------------------------------------------------------------
