@@ -326,8 +326,9 @@ def stop_if_diverged(run_dir: str, iteration: int, global_step: int, stats: list
         if what:
             write_json(os.path.join(run_dir, "diverged.json"), {"iteration": iteration, "global_step": global_step,
                                                                 "what": what})
-            raise Diverged(f"diverged at iteration {iteration} (step {global_step}): {what}; "
-                           f"the last good checkpoint in {run_dir} is kept")
+            kept = (f"the last good checkpoint in {run_dir} is kept" if os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
+                    else "before the first checkpoint: nothing to resume")
+            raise Diverged(f"diverged at iteration {iteration} (step {global_step}): {what}; {kept}")
 
 
 # ---- Memory ---------------------------------------------------------------------------------------------

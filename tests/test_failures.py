@@ -552,6 +552,15 @@ def test_write_durably_fsyncs_the_data_then_renames_then_fsyncs_the_directory(mo
     assert open(path, "rb").read() == b"data"
 
 
+def test_a_divergence_says_whether_a_checkpoint_is_kept(tmp_path):
+    stats, agents = [{"policy_loss": float("nan")}], [ppo.Agent()]
+    with pytest.raises(run_utils.Diverged, match="policy_loss is nan; before the first checkpoint: nothing to resume$"):
+        run_utils.stop_if_diverged(str(tmp_path), 1, 64, stats, agents)
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(run_utils.Diverged, match=f"policy_loss is nan; the last good checkpoint in {tmp_path} is kept$"):
+        run_utils.stop_if_diverged(str(tmp_path), 2, 128, stats, agents)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_a_nan_or_infinite_loss_stops_the_run(tmp_path, bad):
     agent = ppo.Agent()
