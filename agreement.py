@@ -41,7 +41,7 @@ class AgreementArgs:
     probe_seed: int = 0
     """seed of the probe frames, the same for every pair"""
     out: str = "Fig"
-    """where agreement_{game}.md and .json go"""
+    """where agreement_{game}.md, .json and .png go"""
     label: str = ""
     """what made the runs, e.g. "CPU, 2 cores, 16,384 steps per agent"; added to the title"""
 

@@ -44,7 +44,7 @@ from run_data import UsageError, load_agents, run_tool, split_by_settings
 @dataclass
 class RobustnessArgs:
     runs: tyro.conf.Positional[List[str]]
-    """run directories (or their checkpoint.pt) of one game, any method"""
+    """run directories (or their checkpoint.pt or export.py's weights.pt) of one game, any method"""
     perturbations: List[str] = field(default_factory=lambda: list(PERTURBATION_STRENGTHS))
     """perturbations as NAME or NAME:STRENGTH (weak, medium, strong or a number), e.g. hue:strong brightness:0.3"""
     episodes: int = 64
