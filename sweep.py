@@ -638,8 +638,10 @@ def main(args: SweepArgs) -> int:
             print(f"{job.name}: {state}", flush=True)
     pending = [job for job, state in zip(jobs, states) if state.kind in ("new", "resume")]
     finished = sum(state.kind == "done" for state in states)
+    resuming = sum(state.kind == "resume" for state in states)
     skipped = len(jobs) - finished - len(pending)
     print(f"{len(jobs)} jobs, {finished} already finished, {len(pending)} to run"
+          + (f" ({resuming} from their checkpoints)" if resuming else "")
           + (f", {skipped} skipped (above)" if skipped else ""), flush=True)
     outcomes = []
     if args.dry_run:

@@ -696,7 +696,9 @@ def test_sweep_runs_skips_finished_and_resumes_extended_jobs(tmp_path, capsys):
     assert [job.state().kind for job in sweep.make_jobs(args)] == ["resume", "resume"]
     job = sweep.make_jobs(args)[0]
     assert "--resume" in job.command(job.state().kind)
+    capsys.readouterr()
     assert sweep.main(args) == 0
+    assert "2 jobs, 0 already finished, 2 to run (2 from their checkpoints)\n" in capsys.readouterr().out
     for job in sweep.make_jobs(args):
         assert json.load(open(os.path.join(job.run_dir, "status.json")))["global_step"] == 256
 
