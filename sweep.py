@@ -94,7 +94,7 @@ class SweepArgs:
     launcher: Literal["local", "slurm", "submitit-local"] = "local"
     """local: a pool of subprocesses here; slurm: one Slurm job per run; submitit-local: submitit's local executor"""
     jobs: int = 1
-    """local, submitit-local: how many jobs run at once"""
+    """local, submitit-local: how many jobs run at once (each job's torch gets an equal share of the cores)"""
     gpus: Optional[List[str]] = None
     """local, submitit-local: GPU ids to spread the jobs over, one per job at a time (default: the visible
     GPUs: CUDA_VISIBLE_DEVICES if set, else all; none on a CPU machine)"""
@@ -526,6 +526,16 @@ def job_gpus(args: SweepArgs) -> List[str]:
     return list(args.gpus)
 
 
+def cpu_share(running: int) -> Optional[str]:
+    """Each of `running` jobs' torch threads (OMP_NUM_THREADS), an equal share of this process's cores: each job's
+    torch would otherwise take every core, and spinning threads of several jobs slow each other far more than
+    the share costs. None with one job, or where the user set OMP_NUM_THREADS."""
+    if running < 2 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return str(max(1, cores // running))
+
+
 def run_pool(jobs: List[Job], slots: int, gpus: List[str], start: Callable,
              stop_after_s: Optional[float] = None) -> List[Outcome]:
     """Runs the jobs on `slots` workers, worker k on GPU gpus[k % len(gpus)]: start(job, env) runs one
@@ -541,8 +551,12 @@ def run_pool(jobs: List[Job], slots: int, gpus: List[str], start: Callable,
         print(f"[{time.time() - start_time:7.0f}s] {counts['ended']}/{len(jobs)} ended, "
               f"{counts['running']} running | {message}", flush=True)
 
+    threads_each = cpu_share(min(slots, len(jobs)))
+
     def worker(slot):
         env = {"CUDA_VISIBLE_DEVICES": gpus[slot % len(gpus)]} if gpus else {}
+        if threads_each:
+            env["OMP_NUM_THREADS"] = threads_each
         while not FORWARDER.received:
             try:
                 job = todo.get_nowait()
@@ -550,7 +564,7 @@ def run_pool(jobs: List[Job], slots: int, gpus: List[str], start: Callable,
                 return
             with lock:
                 counts["running"] += 1
-                report(f"start {job.name}" + (f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if env else ""))
+                report(f"start {job.name}" + (f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if gpus else ""))
             try:
                 outcome = start(job, env)
             except Exception as error:  # a failed job, or submitit's wrapping of one: the others go on

@@ -563,6 +563,24 @@ def test_local_jobs_use_the_inherited_cuda_visible_devices(tmp_path, monkeypatch
     assert sweep.job_gpus(sweep_args(tmp_path)) == ["0", "1"]
 
 
+def test_local_jobs_share_the_cores_unless_the_user_set_their_threads(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(sweep.os, "sched_getaffinity", lambda pid: set(range(8)))
+    log = []
+    sweep.run_local([RecordingJob(f"job{i}", log) for i in range(5)], sweep_args(tmp_path, jobs=3, gpus=[]))
+    assert [env.get("OMP_NUM_THREADS") for env in log] == ["2"] * 5  # 8 cores // 3 jobs at once
+    log.clear()
+    sweep.run_local([RecordingJob(f"job{i}", log) for i in range(2)], sweep_args(tmp_path, jobs=4, gpus=[]))
+    assert [env.get("OMP_NUM_THREADS") for env in log] == ["4"] * 2  # only 2 jobs, so 2 at once
+    log.clear()
+    sweep.run_local([RecordingJob(f"job{i}", log) for i in range(2)], sweep_args(tmp_path, jobs=1, gpus=[]))
+    assert log == [{}, {}]  # one at a time: torch's own default, every core
+    monkeypatch.setattr(sweep.os, "sched_getaffinity", lambda pid: {0})
+    assert sweep.cpu_share(2) == "1"  # never 0
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice reaches the jobs as it is
+    assert sweep.cpu_share(4) is None
+
+
 class FakeExecutor:
     """submitit's local executor as far as the sweep uses it: a job starts when it is submitted."""
 
