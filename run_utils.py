@@ -353,22 +353,28 @@ def check_memory(games: int, frames: int, cuda: bool) -> None:
 
 def host_memory(meminfo: str = "/proc/meminfo", cgroups: str = "/proc/self/cgroup",
                 cgroup_root: str = "/sys/fs/cgroup") -> Optional[int]:
-    """The memory this process may use in bytes: RAM, or its control group's limit where lower (a Slurm job's
-    --mem, a container's), plus swap; None where Linux's meminfo does not say (then the host is not checked)."""
+    """The memory this process may use in bytes: RAM and swap, each capped by its control group's limits where
+    lower (a Slurm job's --mem, a container's); None where Linux's meminfo does not say (then it is not checked)."""
     try:
         with open(meminfo) as file:
             fields = dict(line.split(":", 1) for line in file if ":" in line)
         ram, swap = (int(fields[name].split()[0]) * 1024 for name in ("MemTotal", "SwapTotal"))
     except (OSError, KeyError, ValueError, IndexError):
         return None
-    limit = cgroup_memory_limit(cgroups, cgroup_root)
-    # Swap is added to the limit too: cgroups may cap it separately, and this bound must stay a lower bound.
-    return min(ram, limit if limit is not None else ram) + swap
+    # cgroup v2 caps memory and swap separately, v1 memory and memory plus swap.
+    total = (capped(ram, cgroup_limit("memory.max", "memory.limit_in_bytes", cgroups, cgroup_root))
+             + capped(swap, cgroup_limit("memory.swap.max", None, cgroups, cgroup_root)))
+    return capped(total, cgroup_limit(None, "memory.memsw.limit_in_bytes", cgroups, cgroup_root))
 
 
-def cgroup_memory_limit(cgroups: str = "/proc/self/cgroup", cgroup_root: str = "/sys/fs/cgroup") -> Optional[int]:
-    """The lowest memory limit on this process's control group and the groups above it, in bytes (cgroup v2's
-    memory.max or v1's memory.limit_in_bytes); None where none is set or readable."""
+def capped(value: int, limit: Optional[int]) -> int:
+    return value if limit is None else min(value, limit)
+
+
+def cgroup_limit(v2_file: Optional[str], v1_file: Optional[str], cgroups: str = "/proc/self/cgroup",
+                 cgroup_root: str = "/sys/fs/cgroup") -> Optional[int]:
+    """The lowest of a memory limit (cgroup v2's file v2_file, v1's v1_file in its memory hierarchy) on this
+    process's control group and the groups above it, in bytes; None where none is set or readable."""
     try:
         with open(cgroups) as file:
             memberships = [line.rstrip("\n").split(":", 2) for line in file if line.count(":") >= 2]
@@ -376,14 +382,16 @@ def cgroup_memory_limit(cgroups: str = "/proc/self/cgroup", cgroup_root: str = "
         return None
     limits = []
     for _, controllers, path in memberships:
-        if controllers == "":  # cgroup v2, one hierarchy for every controller
-            base, limit_file = cgroup_root, "memory.max"
-        elif "memory" in controllers.split(","):
-            base, limit_file = os.path.join(cgroup_root, "memory"), "memory.limit_in_bytes"
+        if controllers == "" and v2_file:  # cgroup v2, one hierarchy for every controller
+            base, limit_file = cgroup_root, v2_file
+        elif "memory" in controllers.split(",") and v1_file:
+            base, limit_file = os.path.join(cgroup_root, "memory"), v1_file
         else:
             continue
-        # In a container the group's path may not exist under the mount, whose root is then the container's own group.
         parts = [part for part in path.split("/") if part]
+        if ".." in parts:  # a group outside this cgroup namespace: none of its files is under the mount
+            continue
+        # In a container the group's path may not exist under the mount, whose root is then the container's own group.
         for depth in range(len(parts), -1, -1):
             try:
                 with open(os.path.join(base, *parts[:depth], limit_file)) as file:

@@ -6,6 +6,7 @@ import errno
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -395,33 +396,59 @@ def test_the_hosts_memory_is_its_ram_and_swap(tmp_path):
     assert run_utils.host_memory(str(meminfo), *cgroups) == (600 + 24) * 1024  # a Slurm job's --mem, plus swap
     cgroups = write_cgroups(tmp_path, ["0::/job"], {"job/memory.max": str(2000 * 1024)})
     assert run_utils.host_memory(str(meminfo), *cgroups) == 1024 * 1024  # a limit above the RAM changes nothing
+    cgroups = write_cgroups(tmp_path, ["0::/job"], {"job/memory.max": str(600 * 1024), "job/memory.swap.max": "0"})
+    assert run_utils.host_memory(str(meminfo), *cgroups) == 600 * 1024  # Docker, or Slurm's AllowedSwapSpace=0
+    cgroups = write_cgroups(tmp_path, ["0::/job"], {"job/memory.max": "max", "job/memory.swap.max": str(10 * 1024)})
+    assert run_utils.host_memory(str(meminfo), *cgroups) == (1000 + 10) * 1024
     meminfo.write_text("MemFree:          500 kB\n")
     assert run_utils.host_memory(str(meminfo), *no_cgroups) is None
     assert run_utils.host_memory(str(tmp_path / "missing"), *no_cgroups) is None
 
 
+def memory_limit(cgroups, cgroup_root):
+    return run_utils.cgroup_limit("memory.max", "memory.limit_in_bytes", cgroups, cgroup_root)
+
+
 def test_a_cgroup_v2_limit_is_the_lowest_on_the_groups_path(tmp_path):
     memberships = ["0::/slurm/job_7/step_0"]
-    assert run_utils.cgroup_memory_limit(*write_cgroups(tmp_path, memberships, {
+    assert memory_limit(*write_cgroups(tmp_path, memberships, {
         "slurm/job_7/step_0/memory.max": "max", "slurm/job_7/memory.max": "4096", "slurm/memory.max": "8192",
         "memory.max": "max"})) == 4096
-    assert run_utils.cgroup_memory_limit(*write_cgroups(tmp_path, memberships, {
+    assert memory_limit(*write_cgroups(tmp_path, memberships, {
         "slurm/job_7/memory.max": "4096", "slurm/memory.max": "2048"})) == 2048  # a parent's lower limit binds
-    assert run_utils.cgroup_memory_limit(*write_cgroups(tmp_path, memberships, {
+    assert memory_limit(*write_cgroups(tmp_path, memberships, {
         "slurm/job_7/step_0/memory.max": "max", "slurm/job_7/memory.max": "max", "slurm/memory.max": "max"})) is None
 
 
 def test_a_cgroup_v1_limit_is_read_from_the_memory_controllers_hierarchy(tmp_path):
     memberships = ["9:pids:/docker/abc", "4:cpu,memory:/docker/abc", "0::/"]
-    assert run_utils.cgroup_memory_limit(*write_cgroups(tmp_path, memberships, {
+    assert memory_limit(*write_cgroups(tmp_path, memberships, {
         "memory/docker/abc/memory.limit_in_bytes": "1024", "memory/memory.limit_in_bytes": "9223372036854771712",
         "pids/docker/abc/memory.limit_in_bytes": "1", "memory.max": "max"})) == 1024
 
 
+def test_a_cgroup_v1_limit_on_memory_and_swap_together_caps_both(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:        1000 kB\nSwapTotal:        500 kB\n")
+    cgroups = write_cgroups(tmp_path, ["4:memory:/slurm/job_7"], {
+        "memory/slurm/job_7/memory.limit_in_bytes": str(400 * 1024),
+        "memory/slurm/job_7/memory.memsw.limit_in_bytes": str(450 * 1024)})
+    assert run_utils.host_memory(str(meminfo), *cgroups) == 450 * 1024
+    cgroups = write_cgroups(tmp_path, ["4:memory:/slurm/job_7"], {
+        "memory/slurm/job_7/memory.limit_in_bytes": str(400 * 1024),
+        "memory/slurm/job_7/memory.memsw.limit_in_bytes": "9223372036854771712"})  # v1's "unlimited"
+    assert run_utils.host_memory(str(meminfo), *cgroups) == 400 * 1024 + 500 * 1024
+
+
+def test_a_cgroup_outside_the_namespace_is_not_read(tmp_path):
+    # "/../other" names a group above the namespace's root: its files are not under the mount.
+    assert memory_limit(*write_cgroups(tmp_path, ["0::/../other"], {"memory.max": "512", "../memory.max": "256"})) is None
+
+
 def test_a_containers_own_cgroup_at_the_mounts_root_is_read(tmp_path):
     # With a cgroup namespace the listed path may be the host's, absent from the container's mount.
-    assert run_utils.cgroup_memory_limit(*write_cgroups(tmp_path, ["0::/kubepods/pod1/ctr"], {"memory.max": "512"})) == 512
-    assert run_utils.cgroup_memory_limit(str(tmp_path / "missing"), str(tmp_path / "fs")) is None
+    assert memory_limit(*write_cgroups(tmp_path, ["0::/kubepods/pod1/ctr"], {"memory.max": "512"})) == 512
+    assert memory_limit(str(tmp_path / "missing"), str(tmp_path / "fs")) is None
 
 # Procgen's games alone: a run's wrappers and spaces only add to them.
 MEASURE_GAMES = """
@@ -557,7 +584,7 @@ def test_a_divergence_says_whether_a_checkpoint_is_kept(tmp_path):
     with pytest.raises(run_utils.Diverged, match="policy_loss is nan; before the first checkpoint: nothing to resume$"):
         run_utils.stop_if_diverged(str(tmp_path), 1, 64, stats, agents)
     (tmp_path / "checkpoint.pt").write_bytes(b"")
-    with pytest.raises(run_utils.Diverged, match=f"policy_loss is nan; the last good checkpoint in {tmp_path} is kept$"):
+    with pytest.raises(run_utils.Diverged, match=f"policy_loss is nan; the last good checkpoint in {re.escape(str(tmp_path))} is kept$"):
         run_utils.stop_if_diverged(str(tmp_path), 2, 128, stats, agents)
 
 
