@@ -34,6 +34,7 @@ ppo_2x gets twice the --num-envs and twice the --total-timesteps that --flags gi
 import contextlib
 import fcntl
 import json
+import math
 import os
 import queue
 import shlex
@@ -441,11 +442,12 @@ def check_settings(args: SweepArgs) -> List[str]:
     for name in ("jobs", "time_min", "cpus_per_job", "max_parallel", "signal_delay_s"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.mem_gb_per_job is not None and not args.mem_gb_per_job > 0:  # also nan
-        raise UsageError(f"--mem-gb-per-job must be positive, got {args.mem_gb_per_job}")
+    # Slurm reads --mem=0 (below 1 MB once in MB) as all of a node's memory.
+    if args.mem_gb_per_job is not None and not 1 / 1024 <= args.mem_gb_per_job < math.inf:  # also nan
+        raise UsageError(f"--mem-gb-per-job must be a finite number of GB, at least 1/1024, got {args.mem_gb_per_job}")
     if args.stop_after_min is not None:
-        if not args.stop_after_min > 0:  # also nan
-            raise UsageError(f"--stop-after-min must be positive, got {args.stop_after_min}")
+        if not 0 < args.stop_after_min < math.inf:  # also nan
+            raise UsageError(f"--stop-after-min must be positive and finite, got {args.stop_after_min}")
         if args.launcher != "local":
             raise UsageError(f"--stop-after-min is for the local launcher (--launcher {args.launcher}: "
                              "--time-min limits a job's time)")
@@ -488,7 +490,7 @@ def parse_flags(method: str, flags: List[str], games: List[str]):
     script, flags = METHODS[method].script, [*METHODS[method].flags, *flags]
     module = SCRIPTS[script]
     # An unknown or malformed flag: tyro prints what is wrong and exits with 2.
-    args = tyro.cli(module.Args, args=flags, prog=f"{script}.py (the sweep's --flags)")
+    args = tyro.cli(module.Args, args=flags, prog=f"{script}.py, in the sweep --flags")  # no quote: tyro's help splits prog
     try:
         for game in games:
             module.validate_args(replace(args, env_id=game))
@@ -669,18 +671,20 @@ def main(args: SweepArgs) -> int:
 
 
 def flags_attached(argv: List[str]) -> List[str]:
-    """argv with `--flags VALUE` as `--flags=VALUE`: tyro takes a separate value starting with -- for a flag."""
-    argv = list(argv)
-    for i in range(len(argv) - 1):
-        if argv[i] == "--flags":
-            argv[i:i + 2] = [f"--flags={argv[i + 1]}"]
-            break
-    return argv
+    """argv with `--flags VALUE` as `--flags=VALUE`: tyro takes a separate value starting with -- for a flag.
+    A second --flags is refused: tyro would keep the last and drop the first without a word."""
+    attached, rest = [], list(argv)
+    while rest:
+        word = rest.pop(0)
+        attached.append(f"--flags={rest.pop(0)}" if word == "--flags" and rest else word)
+    if sum(word == "--flags" or word.startswith("--flags=") for word in attached) > 1:
+        raise UsageError("--flags is given more than once: put every flag in one --flags \"...\"")
+    return attached
 
 
 if __name__ == "__main__":
-    cli_args = tyro.cli(SweepArgs, args=flags_attached(sys.argv[1:]))
     try:
+        cli_args = tyro.cli(SweepArgs, args=flags_attached(sys.argv[1:]))
         sys.exit(main(cli_args))
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)

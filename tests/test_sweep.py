@@ -247,15 +247,17 @@ def test_sweep_rejects_bad_flags_before_any_job_starts(tmp_path, flags, message)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "logs").exists()
 
 
-@pytest.mark.parametrize("name", ["jobs", "time_min", "cpus_per_job", "max_parallel", "signal_delay_s", "mem_gb_per_job"])
+@pytest.mark.parametrize("name", ["jobs", "time_min", "cpus_per_job", "max_parallel", "signal_delay_s"])
 def test_sweep_rejects_non_positive_settings(tmp_path, name):
     with pytest.raises(sweep.UsageError, match=f"--{name.replace('_', '-')} must be positive, got 0"):
         sweep.main(sweep_args(tmp_path, **{name: 0}))
 
 
-def test_sweep_rejects_a_nan_memory(tmp_path):
-    with pytest.raises(sweep.UsageError, match="--mem-gb-per-job must be positive, got nan"):
-        sweep.main(sweep_args(tmp_path, mem_gb_per_job=float("nan")))
+@pytest.mark.parametrize("gb", [0.0, -1.0, 0.0009, float("nan"), float("inf")])  # 0.0009 GB: Slurm's --mem=0, all
+def test_sweep_rejects_a_memory_slurm_would_misread(tmp_path, gb):
+    with pytest.raises(sweep.UsageError, match=f"--mem-gb-per-job must be a finite number of GB, at least 1/1024, got {gb}"):
+        sweep.main(sweep_args(tmp_path, mem_gb_per_job=gb, dry_run=True))
+    sweep.check_settings(sweep_args(tmp_path, mem_gb_per_job=1 / 1024))  # 1 MB: accepted
 
 
 def test_sweep_checks_flags_against_every_game_not_only_the_first(tmp_path):
@@ -297,7 +299,19 @@ def test_flags_may_follow_their_option_as_a_separate_argument(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.rstrip().endswith("--num-envs 4 --ent-coef 0.02")
     assert sweep.flags_attached(["--flags", "--bf16", "--jobs", "2"]) == ["--flags=--bf16", "--jobs", "2"]
-    assert sweep.flags_attached(["--flags=--bf16", "--flags"]) == ["--flags=--bf16", "--flags"]  # tyro says what is wrong
+    assert sweep.flags_attached(["--jobs", "2", "--flags"]) == ["--jobs", "2", "--flags"]  # tyro says what is missing
+    for twice in (["--flags", "--bf16", "--flags", "--compile"], ["--flags=--bf16", "--flags", "--compile"]):
+        with pytest.raises(sweep.UsageError, match="--flags is given more than once"):
+            sweep.flags_attached(twice)
+
+
+def test_help_on_the_flags_of_a_method_is_help_not_a_traceback(tmp_path):
+    import subprocess
+
+    result = subprocess.run([sys.executable, "sweep.py", "--root", str(tmp_path), "--methods", "ppo", "--flags", "--help"],
+                            capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(sweep.__file__)))
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    assert "ppo.py, in the sweep --flags" in result.stdout and "--num-envs" in result.stdout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,8 +535,9 @@ def test_stop_after_min_with_every_job_running_is_a_success(tmp_path, fake_train
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"stop_after_min": 0.0}, "--stop-after-min must be positive, got 0.0"),
-    ({"stop_after_min": float("nan")}, "--stop-after-min must be positive, got nan"),
+    ({"stop_after_min": 0.0}, "--stop-after-min must be positive and finite, got 0.0"),
+    ({"stop_after_min": float("nan")}, "--stop-after-min must be positive and finite, got nan"),
+    ({"stop_after_min": float("inf")}, "--stop-after-min must be positive and finite, got inf"),
     ({"stop_after_min": 5.0, "launcher": "slurm"}, "--stop-after-min is for the local launcher"),
     ({"stop_after_min": 5.0, "launcher": "submitit-local"}, "--stop-after-min is for the local launcher")])
 def test_stop_after_min_is_refused_where_it_cannot_work(tmp_path, settings, message):
@@ -577,8 +592,10 @@ def test_local_jobs_share_the_cores_unless_the_user_set_their_threads(tmp_path, 
     assert log == [{}, {}]  # one at a time: torch's own default, every core
     monkeypatch.setattr(sweep.os, "sched_getaffinity", lambda pid: {0})
     assert sweep.cpu_share(2) == "1"  # never 0
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice reaches the jobs as it is
-    assert sweep.cpu_share(4) is None
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice: the jobs inherit it as it is
+    log.clear()
+    sweep.run_local([RecordingJob(f"job{i}", log) for i in range(2)], sweep_args(tmp_path, jobs=2, gpus=[]))
+    assert log == [{}, {}]
 
 
 class FakeExecutor:
@@ -646,6 +663,12 @@ class FakeSlurmExecutor:
         FakeSlurmExecutor.last = self
 
     def update_parameters(self, **kw):
+        from submitit.auto.auto import AutoExecutor
+        from submitit.slurm.slurm import SlurmExecutor
+
+        # The names submitit's AutoExecutor accepts: a wrong one (account= for slurm_account=) is an error there.
+        known = AutoExecutor._valid_parameters() | {f"slurm_{name}" for name in SlurmExecutor._valid_parameters()}
+        assert set(kw) <= known, set(kw) - known
         self.parameters.update(kw)
 
     @contextlib.contextmanager
