@@ -609,8 +609,9 @@ def run_submitit_local(jobs: List[Job], args: SweepArgs) -> List[Outcome]:
     worker and waits for it, so that --jobs bound what runs at once."""
     import submitit
 
-    executor = submitit.AutoExecutor(folder=os.path.join(args.root, "submitit", "%j"), cluster="local")
-    executor.update_parameters(timeout_min=args.time_min, name="mdpo-sweep")
+    # LocalExecutor itself: AutoExecutor refuses visible_gpus, the local executor's way to pick a job's GPU.
+    executor = submitit.LocalExecutor(folder=os.path.join(args.root, "submitit", "%j"))
+    executor.update_parameters(timeout_min=args.time_min)
     submitting = threading.Lock()
 
     def start(job, env):

@@ -601,8 +601,7 @@ def test_local_jobs_share_the_cores_unless_the_user_set_their_threads(tmp_path, 
 class FakeExecutor:
     """submitit's local executor as far as the sweep uses it: a job starts when it is submitted."""
 
-    def __init__(self, folder, cluster):
-        assert cluster == "local"
+    def __init__(self, folder):
         self.parameters, self.started, self.collected, self.running, self.most_running = {}, [], [], 0, 0
         FakeExecutor.last = self
 
@@ -627,7 +626,7 @@ class FakeExecutor:
 def test_submitit_local_runs_at_most_jobs_at_once_on_the_visible_gpus(tmp_path, monkeypatch):
     import submitit
 
-    monkeypatch.setattr(submitit, "AutoExecutor", FakeExecutor)
+    monkeypatch.setattr(submitit, "LocalExecutor", FakeExecutor)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     pools = []
 
@@ -652,6 +651,32 @@ def test_submitit_local_runs_at_most_jobs_at_once_on_the_visible_gpus(tmp_path, 
         assert parameters["gpus_per_node"] == 1
         assert parameters["visible_gpus"] == (int(env["CUDA_VISIBLE_DEVICES"]),)
         assert env["CUDA_VISIBLE_DEVICES"] in ("2", "3")
+
+
+class EnvRecordingJob:
+    """A job submitit can run in its own process: writes the env it was given beside what that process sees."""
+
+    def __init__(self, name, path):
+        self.name, self.path = name, path
+
+    def __call__(self, env):
+        with open(self.path, "w") as file:
+            json.dump({"given": env, "seen": os.environ.get("CUDA_VISIBLE_DEVICES")}, file)
+        return sweep.Outcome("trained")
+
+
+def test_submitit_local_runs_jobs_with_the_real_submitit(tmp_path, monkeypatch):
+    # The fake above accepts any parameter; the real local executor is what refused one before.
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([tests_dir, os.path.dirname(tests_dir)]))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(sweep.os, "sched_getaffinity", lambda pid: set(range(4)))
+    jobs = [EnvRecordingJob(f"job{i}", str(tmp_path / f"job{i}.json")) for i in range(2)]
+    outcomes = sweep.run_submitit_local(jobs, sweep_args(tmp_path, jobs=2, gpus=[], launcher="submitit-local"))
+    assert [o.kind for o in outcomes] == ["trained", "trained"]
+    for i in range(2):
+        record = json.load(open(tmp_path / f"job{i}.json"))
+        assert record == {"given": {"OMP_NUM_THREADS": "2"}, "seen": ""}  # no GPU given: submitit hides them all
 
 
 class FakeSlurmExecutor:
