@@ -485,5 +485,7 @@ def start_tracking(args, run_dir: str) -> None:
     import wandb
     wandb.tensorboard.patch(root_logdir=run_dir)
     name = os.path.basename(run_dir.rstrip("/"))
+    # W&B's own files go beside the run directory: inside it, its watcher of the run directory's events reads
+    # the copies W&B makes of them, copies of copies without end, and drops MDPO's run-level stream.
     wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=name, id=name,
-               resume="allow", dir=run_dir, save_code=True)
+               resume="allow", dir=os.path.dirname(os.path.abspath(run_dir)), save_code=True)

@@ -343,6 +343,19 @@ def test_track_without_wandb_is_refused_before_writing_anything(module, tmp_path
     assert not run_dir.exists()
 
 
+def test_tracking_keeps_wandbs_files_out_of_the_tensorboard_logs_it_watches(tmp_path, monkeypatch):
+    calls = {}
+    fake = types.SimpleNamespace(tensorboard=types.SimpleNamespace(patch=lambda **kw: calls.update(patch=kw)),
+                                 init=lambda **kw: calls.update(init=kw))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run_dir = str(tmp_path / "runs" / "bigfish__mdpo__1")
+    run_utils.start_tracking(mdpo.Args(track=True), run_dir)
+    assert calls["patch"]["root_logdir"] == run_dir  # agent1/, agent2/ and the run's own stream, each named
+    wandb_dir = os.path.abspath(calls["init"]["dir"])
+    assert os.path.commonpath([wandb_dir, os.path.abspath(run_dir)]) != os.path.abspath(run_dir)
+    assert calls["init"]["id"] == "bigfish__mdpo__1" and calls["init"]["resume"] == "allow"
+
+
 @pytest.mark.parametrize("module, agents", [(ppo, 1), (drac, 1), (mdpo, 2)])
 def test_a_run_past_the_machines_memory_is_refused_before_writing_anything(module, agents, tmp_path, monkeypatch):
     # Counted by hand: every agent's games and rollout frames of 64x64x3 bytes, and the evaluation's games.
