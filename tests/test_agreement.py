@@ -189,6 +189,7 @@ def test_the_probe_frames_come_from_the_probe_seed_not_the_runs(tmp_path, monkey
     agreement.main(agreement.AgreementArgs(runs=runs, probe_seed=5, out=str(tmp_path / "fig")))
     assert seeds == [5]
 
+
 def test_agreement_tool_refuses_runs_at_other_steps_or_games_in_one_line(tmp_path):
     a, b = tiny_run(ppo, tmp_path / "a", 1), tiny_run(ppo, tmp_path / "b", 2)
     ppo.main(ppo.Args(total_timesteps=128, eval_interval=100, seed=3, run_dir=str(tmp_path / "c"), **TINY))

@@ -255,6 +255,7 @@ def cli_where_main_raises(error, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["ppo.py"])
     run_utils.cli(ppo.Args, main, ppo.SCRIPT)
 
+
 def test_a_run_stopped_before_its_first_checkpoint_starts_afresh_with_the_same_command(tmp_path):
     run_dir = str(tmp_path / "run")
     os.makedirs(run_dir)
@@ -390,7 +391,6 @@ def test_on_a_gpu_the_frames_are_checked_against_its_memory_and_the_games_agains
     run_utils.check_memory(games=10**9, frames=1, cuda=False)
 
 
-
 def write_cgroups(tmp_path, memberships, limits):
     """A /proc/self/cgroup naming `memberships` and a cgroup mount holding each {path: value} of `limits`."""
     (tmp_path / "cgroup").write_text("".join(line + "\n" for line in memberships))
@@ -462,6 +462,7 @@ def test_a_containers_own_cgroup_at_the_mounts_root_is_read(tmp_path):
     # With a cgroup namespace the listed path may be the host's, absent from the container's mount.
     assert memory_limit(*write_cgroups(tmp_path, ["0::/kubepods/pod1/ctr"], {"memory.max": "512"})) == 512
     assert memory_limit(str(tmp_path / "missing"), str(tmp_path / "fs")) is None
+
 
 # Procgen's games alone: a run's wrappers and spaces only add to them.
 MEASURE_GAMES = """

@@ -932,7 +932,6 @@ def test_the_mean_curve_starts_where_every_seed_has_begun():
     np.testing.assert_allclose(std, [statistics.stdev([2.0, 4.0]), statistics.stdev([3.0, 6.0])])
 
 
-
 def test_seeds_evaluated_at_other_steps_are_read_on_the_first_seeds_steps():
     # seed 1 at 1,000 ... 4,000; seed 2 at 1,500 and 3,500 only (1.0 and 5.0): the grid is seed 1's steps inside
     # [1,500, 3,500], i.e. 2,000 and 3,000, where seed 2 interpolates to 1 + 4 x 500/2,000 = 2.0 and
@@ -941,6 +940,7 @@ def test_seeds_evaluated_at_other_steps_are_read_on_the_first_seeds_steps():
                                           (np.array([1500, 3500]), np.array([1.0, 5.0]))])
     assert steps.tolist() == [2000, 3000]
     np.testing.assert_allclose(mean, [2.0, 3.5])
+
 
 def test_read_reference_refuses_a_non_finite_return_and_a_file_that_is_not_text(tmp_path):
     rows = three_runs("bigfish", [1000, 2000], [[1.0, "inf"], [1.0, 2.0], [1.0, 2.0]])

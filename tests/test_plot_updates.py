@@ -194,6 +194,7 @@ def test_no_stall_is_reported_by_the_last_logged_update_not_by_the_count(tmp_pat
              "series": {"value_loss": (np.array(logged), np.ones(11)), "entropy": (np.array(logged), np.full(11, 2.3))}}
     assert plot.stall_row(curve) == {"game": "coinrun", "name": "run", "method": "PPO", "stall": None, "last": 12}
 
+
 def test_an_mdpo_run_gives_one_curve_per_agent(tmp_path):
     run_dir = write_update_run(tmp_path / "runs", "mdpo", "coinrun", 1, [0.9, 0.8], [2.7, 2.6])
     curves = plot.update_curves(loaded_run(run_dir))

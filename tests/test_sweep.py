@@ -124,6 +124,7 @@ def test_the_default_grid_is_the_eight_methods_the_docs_list():
     assert sweep.SweepArgs(root="unused").methods == ["ppo", "ppo_l2", "ppo_dropout", "ppo_2x", "ppo_drac_best",
                                                       "ppo_ucb_drac", "mdpo", "mdpo_alpha0"]
 
+
 def test_method_flags_are_the_contracts():
     assert sweep.METHODS["ppo_l2"].flags == ("--l2-coef", "1e-4")
     assert sweep.METHODS["ppo_dropout"].flags == ("--dropout", "0.1")
@@ -490,6 +491,7 @@ def test_a_job_stopped_before_its_training_process_starts_is_requeued_too(tmp_pa
         signal.signal(signum, previous)
     assert outcome.kind == "not started" and requeued == [signum]
 
+
 def test_a_stop_signal_arriving_as_the_training_process_starts_still_reaches_it(tmp_path, monkeypatch):
     real_popen = subprocess.Popen
 
@@ -503,6 +505,7 @@ def test_a_stop_signal_arriving_as_the_training_process_starts_still_reaches_it(
     with open(tmp_path / "log", "w") as log:
         code = sweep.FORWARDER.run([sys.executable, "-c", "import time; time.sleep(20)"], log, dict(os.environ))
     assert code == -signal.SIGTERM
+
 
 def test_a_stop_signal_to_the_local_sweep_stops_its_jobs_and_starts_no_more(tmp_path, fake_train, monkeypatch, capsys):
     monkeypatch.setenv("FAKE_SIGNAL", str(int(signal.SIGTERM)))
