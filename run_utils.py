@@ -464,9 +464,16 @@ def hyperparameter_table(args) -> str:
     return "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: a Slurm job or `taskset` allows fewer than the machine has."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def machine_description(device) -> str:
     """What this process trains on, logged as text at each start, so a run resumed elsewhere says so."""
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
+    cores, machine_cores = usable_cores(), os.cpu_count() or 1
+    cpu = f"CPU, {cores} cores" if cores >= machine_cores else f"CPU, {cores} of {machine_cores} cores"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     return f"{where}; torch {torch.__version__}; Python {sys.version.split()[0]}; commit {source_commit()}"
 
 

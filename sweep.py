@@ -534,8 +534,7 @@ def cpu_share(running: int) -> Optional[str]:
     the share costs. None with one job, or where the user set OMP_NUM_THREADS."""
     if running < 2 or "OMP_NUM_THREADS" in os.environ:
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return str(max(1, cores // running))
+    return str(max(1, run_utils.usable_cores() // running))
 
 
 def run_pool(jobs: List[Job], slots: int, gpus: List[str], start: Callable,

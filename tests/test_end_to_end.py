@@ -72,7 +72,9 @@ def test_tiny_run_writes_every_tag_and_a_checkpoint(module, game, tmp_path):
     # The run's own stream says what it trained on, with the commit of the scripts.
     (step, machine), = machine_texts(run_dir)
     head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    assert step == 0 and machine.startswith(f"CPU, {os.cpu_count()} cores; torch {torch.__version__}; Python ")
+    cores, machine_cores = len(os.sched_getaffinity(0)), os.cpu_count()
+    cpu = f"CPU, {cores} cores" if cores == machine_cores else f"CPU, {cores} of {machine_cores} cores"
+    assert step == 0 and machine.startswith(f"{cpu}; torch {torch.__version__}; Python ")
     assert re.search(r"; commit (\w{7}(\+changes)?|unknown)$", machine)
     if head.returncode == 0:
         assert f"; commit {head.stdout.strip()}" in machine
@@ -257,12 +259,17 @@ def test_source_commit_says_whether_tracked_files_changed(module):
 def test_machine_description_names_the_gpu_model_and_counts_cores_not_threads(module, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     assert run_utils.machine_description(torch.device("cuda", 0)).startswith("NVIDIA H100 80GB HBM3; torch ")
+    monkeypatch.setattr(run_utils.os, "sched_getaffinity", lambda pid: set(range(os.cpu_count())))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         assert run_utils.machine_description(torch.device("cpu")).startswith(f"CPU, {os.cpu_count()} cores;")
     finally:
         torch.set_num_threads(threads)
+    # A Slurm job or taskset given 4 of the machine's 64 cores: the run says both.
+    monkeypatch.setattr(run_utils.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(run_utils.os, "sched_getaffinity", lambda pid: set(range(4)))
+    assert run_utils.machine_description(torch.device("cpu")).startswith("CPU, 4 of 64 cores; torch ")
 
 
 def test_a_resumed_run_logs_its_machine_again_at_the_step_it_resumed(tmp_path):

@@ -123,6 +123,7 @@ def test_a_dropout_agent_is_measured_as_the_same_network_without_dropout():
     frames = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     measured = [robustness.measure_agent(agent, "bigfish", "hard", frames, [("random_conv", 1.0)], args)
                 for agent in (with_dropout, without)]
+
     def flat(result):
         return {"clean_return": result["clean_return"], "entropy": result["entropy"], **result["perturbations"]["random_conv:1"]}
 
@@ -138,6 +139,7 @@ def test_colour_factors_are_drawn_uniformly_around_the_identity(name, strength, 
     params = robustness.EpisodePerturbation(name, strength, 20_000, seed=0).params.double()
     assert low <= params.min() < low + 0.01 and high - 0.01 < params.max() <= high
     assert float(params.mean()) == pytest.approx((low + high) / 2, abs=0.01)
+
 
 def agent_result(clean, perturbed):
     return {"clean_return": clean, "entropy": 1.0, "perturbations": {"hue:0.5": {
