@@ -615,9 +615,9 @@ def validate_args(args: Args) -> Args:
     if args.eval_episodes is None:
         args = replace(args, eval_episodes=args.num_envs)
     for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs",
-                 "eval_interval", "eval_episodes", "checkpoint_interval", "learning_rate", "max_grad_norm"):
+                 "eval_interval", "eval_episodes", "checkpoint_interval", "learning_rate", "max_grad_norm", "clip_coef"):
         refuse_unless(getattr(args, name) > 0, f"--{flag(name)} must be positive, got {getattr(args, name)}")
-    for name in ("num_levels", "start_level", "ent_coef", "vf_coef", "clip_coef", "l2_coef"):
+    for name in ("num_levels", "start_level", "ent_coef", "vf_coef", "l2_coef"):
         refuse_unless(getattr(args, name) >= 0, f"--{flag(name)} must not be negative, got {getattr(args, name)}")
     for name in ("num_levels", "start_level", "num_envs", "eval_episodes"):
         refuse_unless(getattr(args, name) <= INT32_MAX, f"--{flag(name)} must be at most {INT32_MAX}, got {getattr(args, name)}")
@@ -637,6 +637,8 @@ def validate_args(args: Args) -> Args:
                   f"least 2 samples (their advantages' std), got {batch_size // args.num_minibatches}")
     refuse_unless(args.total_timesteps >= batch_size, f"--total-timesteps ({args.total_timesteps}) is less than one batch ({batch_size})")
     num_iterations = args.total_timesteps // batch_size
+    refuse_unless(num_iterations <= INT32_MAX - SEED_OFFSETS, f"--total-timesteps must be at most "
+                  f"{(INT32_MAX - SEED_OFFSETS) * batch_size:,} at {batch_size} steps an iteration (Procgen's seeds are C ints)")
     highest_seed = INT32_MAX - SEED_OFFSETS - num_iterations
     refuse_unless(0 <= args.seed <= highest_seed, f"--seed must lie in [0, {highest_seed}], got {args.seed}")
     return replace(args, batch_size=batch_size, minibatch_size=batch_size // args.num_minibatches,

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -86,19 +87,59 @@ def cli(Args, main, script: str) -> None:
 def open_run_dir(args, script: str):
     """The run directory, locked, and the args to run with: running the command of a run that holds a
     checkpoint again continues it (as --resume does); a run stopped before its first checkpoint starts afresh."""
+    for flag, value in (("--resume", args.resume), ("--run-dir", args.run_dir)):
+        if value is not None and not value.strip():  # an unset shell variable: never the default directory
+            raise UsageError(f"{flag} is empty: give a run directory")
     if args.resume:
         saved_config(args.resume, script)  # a missing or foreign run fails here, before anything is written
     if args.track and importlib.util.find_spec("wandb") is None:
         raise UsageError("--track needs Weights & Biases: pip install wandb")
     run_dir = args.resume or args.run_dir or f"runs/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    if not args.resume and not os.path.isfile(checkpoint_path):
+        refuse_foreign_files(run_dir)  # before the lock file is written into a directory that is not a run's
     lock = lock_run_dir(run_dir)
-    if not args.resume and os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+    if not args.resume and os.path.isfile(checkpoint_path):  # looked at again under the lock
         check_compatible(args, saved_config(run_dir, script))
         print(f"{run_dir} holds a checkpoint: continuing it", file=sys.stderr)
         args = replace(args, resume=run_dir)
     elif not args.resume:
         discard_unfinished_run(run_dir)
     return args, run_dir, lock
+
+
+# What a run writes before its first checkpoint, with the temporary files of writes a kill interrupted;
+# agent<k>/ holds MDPO's per-agent event files.
+LOGGED_FILES = ("config.json", "diverged.json", "config.json.tmp", "diverged.json.tmp", "checkpoint.pt.tmp")
+UNFINISHED_RUN_FILES = ("lock", *LOGGED_FILES)
+
+
+def is_unfinished_runs_file(run_dir: str, name: str) -> bool:
+    path = os.path.join(run_dir, name)
+    if os.path.isdir(path):
+        return name == "videos" or (re.fullmatch(r"agent\d+", name) is not None
+                                    and all(inner.startswith("events.out.tfevents.") for inner in os.listdir(path)))
+    return name in UNFINISHED_RUN_FILES or name.startswith("events.out.tfevents.")
+
+
+def refuse_foreign_files(run_dir: str) -> None:
+    """A new run goes into a new or empty directory, or one where the same command stopped before its first
+    checkpoint: never among other files, which a later start afresh would delete with the run's."""
+    if not os.path.isdir(run_dir):
+        return
+    try:
+        entries = sorted(os.listdir(run_dir))
+    except OSError as error:
+        raise UsageError(f"cannot read the run directory {run_dir} ({error.strerror})") from None
+    if "checkpoint.pt" in entries:  # written since this process looked: the lock says by whom
+        return
+    if "status.json" in entries:  # written only beside a checkpoint
+        raise UsageError(f"{run_dir} holds a run without its checkpoint.pt (an exported run, or its checkpoint was "
+                         "removed): it cannot be continued; give a new --run-dir")
+    foreign = [name for name in entries if not is_unfinished_runs_file(run_dir, name)]
+    if foreign:
+        raise UsageError(f"{run_dir} is not a run directory (it holds {foreign[0]}"
+                         f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}): give a new or empty --run-dir")
 
 
 def lock_run_dir(run_dir: str):
@@ -131,10 +172,14 @@ def discard_unfinished_run(run_dir: str) -> None:
     if not os.path.isfile(os.path.join(run_dir, "config.json")):
         return
     print(f"{run_dir} holds a run stopped before its first checkpoint: starting it afresh", file=sys.stderr)
-    for directory, _, files in os.walk(run_dir):
-        for name in files:
-            if name.startswith("events.out.tfevents.") or name in ("config.json", "status.json", "diverged.json"):
-                os.remove(os.path.join(directory, name))
+    for name in os.listdir(run_dir):  # not below agent<k>/: a directory of other runs is never walked
+        path = os.path.join(run_dir, name)
+        if re.fullmatch(r"agent\d+", name) and os.path.isdir(path):
+            for inner in os.listdir(path):
+                if inner.startswith("events.out.tfevents."):
+                    os.remove(os.path.join(path, inner))
+        elif name.startswith("events.out.tfevents.") or name in LOGGED_FILES:
+            os.remove(path)
 
 
 def start_run(args, run_dir: str, script: str, checkpoint) -> None:
@@ -151,8 +196,12 @@ def saved_config(run_dir: str, script: str) -> dict:
     """The config.json of a run directory, or a UsageError saying why it cannot be resumed."""
     path = os.path.join(run_dir, "config.json")
     if not os.path.isdir(run_dir):
-        raise UsageError(f"cannot resume: {run_dir} does not exist")
+        raise UsageError(f"cannot resume: {run_dir} " + ("is a file, not a run directory" if os.path.exists(run_dir)
+                                                         else "does not exist"))
     if not os.path.isfile(path) or not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+        if os.path.isfile(os.path.join(run_dir, "status.json")):
+            raise UsageError(f"cannot resume: {run_dir} holds a run without its checkpoint.pt (an exported run, or its "
+                             "checkpoint was removed)")
         raise UsageError(f"cannot resume: {run_dir} holds no checkpoint of a run "
                          "(a run stopped before its first checkpoint starts afresh without --resume)")
     try:

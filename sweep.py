@@ -2,8 +2,8 @@
 
 Every job trains into {root}/runs/{game}__{method}__{seed}, so running the same sweep again is safe:
 - a finished run is skipped, if it was made with the same flags (all of them, except the ones a run may
-  resume with changed: run_utils.RESUMABLE_FIELDS); one made with other flags is reported in one line and
-  skipped, never overwritten: move it away or use another --root;
+  resume with changed: run_utils.RESUMABLE_FIELDS), also once its checkpoint.pt is removed; one made with
+  other flags is reported in one line and skipped, never overwritten: move it away or use another --root;
 - a run with a checkpoint resumes (also when --total-timesteps grew: the run is extended);
 - a run in use (another sweep or training process holds its lock) is reported and left alone;
 - a run that diverged (exit code 3, diverged.json) is reported with where it diverged, and never rerun;
@@ -13,9 +13,10 @@ Every job trains into {root}/runs/{game}__{method}__{seed}, so running the same 
   signalled before its training process started is requeued too);
 - with --stop-after-min (local), the sweep stops its runs the same way when that much time has passed
   and reports them as stopped: the time-boxed side-by-side comparison of a GPU slice;
-- a run directory without a checkpoint, and not in use, starts afresh.
-The sweep exits with 1 when a job failed, diverged, was preempted, was made with other flags or never
-started, else 0.
+- a run directory without a checkpoint, and not in use, starts afresh, unless its status.json says it once
+  had one: an unfinished run whose checkpoint.pt was removed is reported and left as it is.
+The sweep exits with 1 when a job failed, diverged, was preempted, was made with other flags, lost its
+checkpoint unfinished or never started, else 0.
 
     python sweep.py --list-methods      # every method, with what it controls for
     # 2 jobs at a time on this machine (spread over the visible GPUs: CUDA_VISIBLE_DEVICES, if set)
@@ -140,7 +141,7 @@ class Outcome:
 
 
 # Outcomes after which the sweep has not got what it was asked for (a locked run is being trained elsewhere).
-UNSUCCESSFUL = {"diverged", "mismatch", "preempted", "failed", "not started"}
+UNSUCCESSFUL = {"diverged", "mismatch", "no checkpoint", "preempted", "failed", "not started"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,20 +314,26 @@ class Job:
         diverged = os.path.join(self.run_dir, "diverged.json")
         if os.path.exists(diverged):
             return Outcome("diverged", describe_divergence(read_json(diverged)) + "; not rerun")
-        if not os.path.isfile(os.path.join(self.run_dir, "checkpoint.pt")):
+        has_checkpoint = os.path.isfile(os.path.join(self.run_dir, "checkpoint.pt"))
+        status_path = os.path.join(self.run_dir, "status.json")  # written only beside a checkpoint
+        if not has_checkpoint and not os.path.isfile(status_path):
             return Outcome("new")
         difference = config_difference(read_json(os.path.join(self.run_dir, "config.json")), self.expected,
                                        self.script)
         if difference:
             return Outcome("mismatch", f"{self.run_dir} was made with other flags ({difference}); "
                                        "left as it is: move it away or use another --root")
-        status = read_json(os.path.join(self.run_dir, "status.json")) or {}
+        status = read_json(status_path)
+        status = status if isinstance(status, dict) else {}
         saved_total = read_json(os.path.join(self.run_dir, "config.json"))["args"]["total_timesteps"]
         # status.json's own iteration, not only its "finished": a resume killed as it began may have left
         # config.json with the new total beside the status of the shorter run
         reached = isinstance(status.get("iteration"), int) and status["iteration"] >= self.expected["num_iterations"]
         if status.get("finished") and reached and saved_total == self.expected["total_timesteps"]:
-            return Outcome("done")
+            return Outcome("done")  # with or without its checkpoint.pt, which a user may remove to save space
+        if not has_checkpoint:
+            return Outcome("no checkpoint", f"{self.run_dir} holds an unfinished run without its checkpoint.pt; "
+                                            "left as it is: move it away to train it again")
         return Outcome("resume")
 
     def command(self, state: str) -> List[str]:

@@ -673,6 +673,7 @@ def bad_input_cases(script):
         (["--num-envs", "3", "--num-steps", "5"], "does not divide into 2 minibatches"),
         (["--num-envs", "1", "--num-steps", "2"], "--norm-adv needs minibatches of at least 2 samples"),
         (["--total-timesteps", "32"], "--total-timesteps (32) is less than one batch (64)"),
+        (["--total-timesteps", str(10**15)], "--total-timesteps must be at most 137,246,953,408 at 64 steps"),
         # What numpy, torch or Procgen would reject after the checks above, and a run directory that cannot be made.
         (["--seed=-1"], "--seed must lie in [0, "),
         (["--seed", str(2**32)], "--seed must lie in [0, "),
@@ -681,14 +682,17 @@ def bad_input_cases(script):
         (["--start-level", "5", "--num-levels", str(2**31 - 1)], "--start-level + --num-levels must be at most 2147483647"),
         (["--start-level", "5", "--num-levels", "0"], "--start-level has no effect with --num-levels 0"),
         ([], "cannot write the run directory"),
+        (["--run-dir", ""], "--run-dir is empty"),  # an unset shell variable: not the default directory
+        (["--resume", ""], "--resume is empty"),
+        (["--resume", "README.md"], "cannot resume: README.md is a file, not a run directory"),
         # Frames past any machine's memory: refused before a game is built.
         (["--num-envs", "1000000", "--num-steps", "10000000", "--total-timesteps", str(10**13)],
          "rollout frames need at least"),
     ]
     for flag in ("total-timesteps", "num-envs", "num-steps", "num-minibatches", "update-epochs", "eval-interval",
-                 "eval-episodes", "checkpoint-interval", "max-grad-norm"):
+                 "eval-episodes", "checkpoint-interval", "max-grad-norm", "clip-coef"):
         cases.append(([f"--{flag}", "0"], f"--{flag} must be positive"))
-    negatives = ["num-levels", "start-level", "ent-coef", "vf-coef", "clip-coef"]
+    negatives = ["num-levels", "start-level", "ent-coef", "vf-coef"]
     negatives += ["l2-coef"] + (["alpha"] if script == "mdpo.py" else [])
     for flag in negatives:
         cases.append(([f"--{flag}=-1"], f"--{flag} must not be negative"))

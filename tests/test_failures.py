@@ -267,6 +267,54 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_afresh_with_the_same_c
     assert load(run_dir)["iteration"] == 1
 
 
+def test_an_mdpo_run_stopped_before_its_first_checkpoint_is_a_run_directory_not_foreign_files(tmp_path):
+    run_dir = tmp_path / "run"
+    for name in ("lock", "config.json", "diverged.json", "events.out.tfevents.1", "agent1/events.out.tfevents.2",
+                 "agent2/events.out.tfevents.3", "videos/episode.mp4", "checkpoint.pt.tmp", "config.json.tmp"):
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_text("{}")
+    run_utils.refuse_foreign_files(str(run_dir))  # what mdpo.py writes before its first checkpoint
+
+
+def files_under(directory) -> dict:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("contents, message", [
+    # --run-dir given the directory of other runs: starting afresh there would delete their records
+    ({"bigfish__ppo__1/config.json": "{}", "bigfish__ppo__1/events.out.tfevents.1": "x"},
+     "is not a run directory (it holds bigfish__ppo__1): give a new or empty --run-dir"),
+    ({"notes.txt": "", "data.csv": "", "z": ""}, "is not a run directory (it holds data.csv and 2 more)"),
+    ({"agent1/results.csv": "", "config.json": "{}"}, "is not a run directory (it holds agent1)"),
+    # an exported run, or one whose checkpoint was removed: its records are all that is left of it
+    ({"config.json": "{}", "status.json": "{}", "events.out.tfevents.1": "x"},
+     "holds a run without its checkpoint.pt (an exported run, or its checkpoint was removed)"),
+])
+def test_a_new_run_never_starts_among_other_files_and_writes_nothing_there(tmp_path, contents, message):
+    run_dir = tmp_path / "dir"
+    for name, text in contents.items():
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_text(text)
+    before = files_under(run_dir)
+    result = subprocess.run([sys.executable, "ppo.py", *tiny_flags(str(run_dir), 64)], capture_output=True,
+                            text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {run_dir} ") and message in line
+    assert files_under(run_dir) == before  # not even a lock file
+
+
+def test_starting_afresh_removes_the_runs_own_files_and_never_walks_other_directories(tmp_path):
+    run_dir = tmp_path / "run"
+    for name in ("config.json", "diverged.json", "events.out.tfevents.1", "agent1/events.out.tfevents.2",
+                 "checkpoint.pt.tmp", "other/events.out.tfevents.3", "other/config.json", "other/agent1/events.out.tfevents.4"):
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_text("{}")
+    run_utils.discard_unfinished_run(str(run_dir))
+    assert sorted(files_under(run_dir)) == ["other/agent1/events.out.tfevents.4", "other/config.json",
+                                            "other/events.out.tfevents.3"]
+
+
 # ---------------------------------------------------------------------------------------------
 # The pieces of a stop and a resume, one at a time
 # ---------------------------------------------------------------------------------------------
@@ -327,6 +375,9 @@ def test_resume_refuses_what_is_not_a_run_before_writing_anything(module, tmp_pa
     run_dir.mkdir()
     (run_dir / "config.json").write_text(json.dumps({"script": module.SCRIPT, "args": {}}))
     with pytest.raises(module.UsageError, match="holds no checkpoint of a run"):
+        run_utils.saved_config(str(run_dir), module.SCRIPT)
+    (run_dir / "status.json").write_text("{}")  # an exported run: not one to start afresh
+    with pytest.raises(module.UsageError, match=r"holds a run without its checkpoint.pt \(an exported run"):
         run_utils.saved_config(str(run_dir), module.SCRIPT)
     (run_dir / "checkpoint.pt").write_bytes(b"")
     (run_dir / "config.json").write_text(json.dumps({"script": module.SCRIPT}))
@@ -520,7 +571,7 @@ def test_the_iterations_never_exceed_the_budget(module):
 def test_a_fresh_start_discards_the_unfinished_runs_records(module, tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "agent1").mkdir(parents=True)
-    for name in ("config.json", "status.json", "diverged.json", "events.out.tfevents.1", "agent1/events.out.tfevents.2"):
+    for name in ("config.json", "diverged.json", "events.out.tfevents.1", "agent1/events.out.tfevents.2"):
         (run_dir / name).write_text("{}")
     (run_dir / "notes.txt").write_text("the user's")
     run_utils.discard_unfinished_run(str(run_dir))  # a stale diverged.json would have the sweep report "diverged" forever

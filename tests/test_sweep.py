@@ -438,6 +438,24 @@ def test_a_run_without_checkpoint_and_not_in_use_starts_afresh(tmp_path, fake_tr
     assert "--run-dir" in json.load(open(os.path.join(job.run_dir, "argv.json")))
 
 
+@pytest.mark.parametrize("finished", [True, False])
+def test_a_run_whose_checkpoint_was_removed_is_never_deleted(tmp_path, fake_train, capsys, finished):
+    args = sweep_args(tmp_path)
+    job, = sweep.make_jobs(args)
+    write_run(job, finished=finished)
+    os.remove(os.path.join(job.run_dir, "checkpoint.pt"))  # removed to save space, or an exported run copied in
+    before = sorted(os.listdir(job.run_dir))
+    if finished:  # status.json says it reached the end: nothing left to do
+        assert job.state().kind == "done" and job().kind == "done"
+        assert sweep.main(args) == 0
+    else:
+        assert job.state().kind == job().kind == "no checkpoint"
+        assert sweep.main(args) == 1
+        assert f"bigfish__ppo__1: no checkpoint: {job.run_dir} holds an unfinished run without its checkpoint.pt; " \
+               "left as it is" in capsys.readouterr().out
+    assert sorted(os.listdir(job.run_dir)) == before
+
+
 def test_a_failed_job_says_why_in_one_line(tmp_path, fake_train, capsys):
     args = sweep_args(tmp_path)
     job, = fake_train(args, mode="2")
