@@ -34,6 +34,7 @@ ppo_2x gets twice the --num-envs and twice the --total-timesteps that --flags gi
 
 import contextlib
 import fcntl
+import importlib.util
 import json
 import math
 import os
@@ -449,6 +450,13 @@ def check_settings(args: SweepArgs) -> List[str]:
     for name in ("jobs", "time_min", "cpus_per_job", "max_parallel", "signal_delay_s"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.gpus_per_job < 0:  # 0: CPU jobs
+        raise UsageError(f"--gpus-per-job must not be negative, got {args.gpus_per_job}")
+    for name in ("methods", "games", "seeds"):
+        if not getattr(args, name):
+            raise UsageError(f"--{name} is empty: name at least one")
+    if os.path.exists(args.root) and not os.path.isdir(args.root):
+        raise UsageError(f"--root {args.root} is a file, not a directory")
     # Slurm reads --mem=0 (below 1 MB once in MB) as all of a node's memory.
     if args.mem_gb_per_job is not None and not 1 / 1024 <= args.mem_gb_per_job < math.inf:  # also nan
         raise UsageError(f"--mem-gb-per-job must be a finite number of GB, at least 1/1024, got {args.mem_gb_per_job}")
@@ -463,7 +471,10 @@ def check_settings(args: SweepArgs) -> List[str]:
     if unknown:
         raise UsageError(f"unknown method or game {unknown[0]!r}; methods: {', '.join(known)} "
                          f"(--list-methods says what each is); games: {', '.join(PROCGEN_GAMES)}")
-    flags = shlex.split(args.flags)
+    try:
+        flags = shlex.split(args.flags)
+    except ValueError as error:  # an unclosed quote
+        raise UsageError(f"--flags {args.flags!r}: {str(error).lower()}") from None
     for flag in flags:
         name = flag.split("=", 1)[0].replace("_", "-")
         if name in JOB_FLAGS:
@@ -481,12 +492,15 @@ def make_jobs(args: SweepArgs) -> List[Job]:
     flags_of = {method: method_flags(method, flags, games) for method, games in games_of.items()}
     parsed = {method: parse_flags(method, flags_of[method], games) for method, games in games_of.items()}
     jobs = []
-    for game in args.games:
+    for game in dict.fromkeys(args.games):  # a game or seed named twice is one run directory
         for method in methods_of[game]:
             module = SCRIPTS[METHODS[method].script]
-            for seed in args.seeds:
-                expected = asdict(module.validate_args(replace(parsed[method], env_id=game, seed=seed,
-                                                               exp_name=method)))
+            for seed in dict.fromkeys(args.seeds):
+                try:
+                    expected = asdict(module.validate_args(replace(parsed[method], env_id=game, seed=seed,
+                                                                   exp_name=method)))
+                except module.UsageError as error:  # the seed: the rest was checked by parse_flags
+                    raise UsageError(f"--seeds {seed}: {error}") from None
                 jobs.append(Job(args.root, method, game, seed, flags_of[method], expected))
     return jobs
 
@@ -503,6 +517,8 @@ def parse_flags(method: str, flags: List[str], games: List[str]):
             module.validate_args(replace(args, env_id=game))
     except module.UsageError as error:
         raise UsageError(f"--flags for {method}: {error}") from None
+    if args.track and importlib.util.find_spec("wandb") is None:  # each job would fail with it
+        raise UsageError("--flags --track needs Weights & Biases: pip install wandb")
     return args
 
 
@@ -634,6 +650,7 @@ def run_submitit_local(jobs: List[Job], args: SweepArgs) -> List[Outcome]:
 
 def run_slurm(jobs: List[Job], args: SweepArgs) -> List[Outcome]:
     import submitit
+    from submitit.core.utils import FailedJobError
 
     executor = submitit.AutoExecutor(folder=os.path.join(args.root, "submitit", "%j"), cluster="slurm")
     executor.update_parameters(timeout_min=args.time_min, name="mdpo-sweep", slurm_partition=args.partition,
@@ -643,8 +660,11 @@ def run_slurm(jobs: List[Job], args: SweepArgs) -> List[Outcome]:
         executor.update_parameters(mem_gb=args.mem_gb_per_job)
     if args.account is not None:
         executor.update_parameters(slurm_account=args.account)
-    with executor.batch():
-        submitted = [executor.submit(job) for job in jobs]
+    try:
+        with executor.batch():
+            submitted = [executor.submit(job) for job in jobs]
+    except FailedJobError as error:  # sbatch's own line: a partition, gres or account it refused
+        raise UsageError(f"Slurm refused the jobs: {str(error).strip().splitlines()[-1]}") from None
     print(f"submitted {len(submitted)} jobs to slurm; job ids {submitted[0].job_id} ... {submitted[-1].job_id}; "
           "run this command again later: it skips what is finished or running and resubmits the rest", flush=True)
     return []  # the cluster runs them

@@ -248,6 +248,35 @@ def test_sweep_rejects_bad_flags_before_any_job_starts(tmp_path, flags, message)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "logs").exists()
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"seeds": [-1]}, r"--seeds -1: --seed must lie in \[0, "),  # checked per seed, as the scripts will
+    ({"flags": 'unbalanced "quote'}, "--flags 'unbalanced \"quote': no closing quotation"),
+    ({"gpus_per_job": -1}, "--gpus-per-job must not be negative, got -1"),
+    ({"methods": []}, "--methods is empty: name at least one"),
+    ({"games": []}, "--games is empty"),
+    ({"seeds": []}, "--seeds is empty"),
+])
+def test_sweep_rejects_bad_settings_in_one_line(tmp_path, settings, message):
+    with pytest.raises(sweep.UsageError, match=message):
+        sweep.main(sweep_args(tmp_path, dry_run=True, **settings))
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "logs").exists()
+
+
+def test_sweep_refuses_a_root_that_is_a_file_and_track_without_wandb(tmp_path, monkeypatch):
+    (tmp_path / "notes.md").write_text("")
+    with pytest.raises(sweep.UsageError, match="--root .*notes.md is a file, not a directory"):
+        sweep.main(sweep_args(tmp_path / "notes.md", dry_run=True))
+    real_find_spec = sweep.importlib.util.find_spec
+    monkeypatch.setattr(sweep.importlib.util, "find_spec", lambda name: None if name == "wandb" else real_find_spec(name))
+    with pytest.raises(sweep.UsageError, match="--flags --track needs Weights & Biases"):  # before, every job failed
+        sweep.main(sweep_args(tmp_path, flags="--track", dry_run=True))
+
+
+def test_a_game_or_seed_named_twice_is_one_job(tmp_path):
+    jobs = sweep.make_jobs(sweep_args(tmp_path, games=["bigfish", "bigfish"], seeds=[1, 2, 1]))
+    assert [job.name for job in jobs] == ["bigfish__ppo__1", "bigfish__ppo__2"]
+
+
 @pytest.mark.parametrize("name", ["jobs", "time_min", "cpus_per_job", "max_parallel", "signal_delay_s"])
 def test_sweep_rejects_non_positive_settings(tmp_path, name):
     with pytest.raises(sweep.UsageError, match=f"--{name.replace('_', '-')} must be positive, got 0"):
@@ -731,6 +760,23 @@ class FakeSlurmExecutor:
         self.submitted.append(job)
         self.handles.append(type("Handle", (), {})())
         return self.handles[-1]
+
+
+def test_a_submission_slurm_refuses_is_one_line(tmp_path, monkeypatch):
+    import submitit
+    from submitit.core.utils import FailedJobError
+
+    class RefusingExecutor(FakeSlurmExecutor):
+        @contextlib.contextmanager
+        def batch(self):  # submitit runs sbatch as the batch closes
+            self.in_batch, self.handles = True, []
+            yield
+            raise FailedJobError("sbatch: error: Batch job submission failed: Invalid partition name specified")
+
+    monkeypatch.setattr(submitit, "AutoExecutor", RefusingExecutor)
+    with pytest.raises(sweep.UsageError, match="^Slurm refused the jobs: sbatch: error: Batch job submission failed: "
+                                               "Invalid partition name specified$"):
+        sweep.run_slurm([RecordingJob("job0", [])], sweep_args(tmp_path, launcher="slurm", partition="nope"))
 
 
 def test_slurm_gets_the_sweeps_resources_and_the_signal_delay_in_one_array(tmp_path, monkeypatch, capsys):
