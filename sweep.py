@@ -548,6 +548,10 @@ def job_gpus(args: SweepArgs) -> List[str]:
         if hidden:
             inherited = os.environ["CUDA_VISIBLE_DEVICES"]
             raise UsageError(f"--gpus {hidden[0]} is not among CUDA_VISIBLE_DEVICES={inherited}")
+    elif visible:  # an index past nvidia-smi's GPUs: the job's torch would see none and train on the CPU
+        missing = [gpu for gpu in args.gpus if gpu.isdigit() and gpu not in visible]
+        if missing:
+            raise UsageError(f"--gpus {missing[0]}: nvidia-smi lists GPUs 0 to {len(visible) - 1} only")
     return list(args.gpus)
 
 

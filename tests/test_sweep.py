@@ -626,6 +626,9 @@ def test_local_jobs_use_the_inherited_cuda_visible_devices(tmp_path, monkeypatch
     assert sweep.job_gpus(sweep_args(tmp_path)) == []
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert sweep.job_gpus(sweep_args(tmp_path)) == ["0", "1"]
+    assert sweep.job_gpus(sweep_args(tmp_path, gpus=["1", "GPU-8f2a"])) == ["1", "GPU-8f2a"]  # a UUID passes as given
+    with pytest.raises(sweep.UsageError, match="--gpus 7: nvidia-smi lists GPUs 0 to 1 only"):
+        sweep.job_gpus(sweep_args(tmp_path, gpus=["0", "7"]))
 
 
 def test_local_jobs_share_the_cores_unless_the_user_set_their_threads(tmp_path, monkeypatch):
