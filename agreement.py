@@ -31,7 +31,8 @@ import tyro
 
 import evaluation
 import ppo
-from run_data import UsageError, load_agents, run_tool
+from run_data import (UsageError, check_seed, load_agents, refuse_one_seed_twice, run_tool,
+                      split_by_settings)
 
 
 @dataclass
@@ -63,6 +64,7 @@ def check_runs(runs: list) -> None:
     places = [os.path.realpath(run["run"]) for run in runs]
     if len(set(places)) < len(places):
         raise UsageError("a run is given twice; give each run once")
+    refuse_one_seed_twice(split_by_settings(runs), "run")  # a copy of a run would make a second pair of each kind
 
 
 def pairs(runs: list) -> list:
@@ -151,8 +153,7 @@ def draw(table: dict, title: str, path: str) -> None:
 def main(args: AgreementArgs) -> dict:
     if not args.runs:
         raise UsageError("give the run directories to compare")
-    if not 0 <= args.probe_seed <= 2**31 - 1 - 2_000_000:  # Procgen's seeds are 32-bit; the probe's lies 2,000,000 up
-        raise UsageError(f"--probe-seed must lie in [0, {2**31 - 1 - 2_000_000}], got {args.probe_seed}")
+    check_seed("--probe-seed", args.probe_seed, 2_000_000)  # evaluation.probe_frames seeds its games 2,000,000 up
     runs = [load_run(path) for path in args.runs]
     check_runs(runs)
     if not pairs(runs):

@@ -21,6 +21,7 @@ It prints markdown tables last. Defaults: a small config on the CPU, the paper's
     python bench.py --agent-counts 2 3 4 --no-bf16   # what more agents cost per iteration
 """
 
+import math
 import os
 import sys
 import tempfile
@@ -161,8 +162,8 @@ def check(bench: BenchArgs) -> None:
     """Bad settings fail here, in one line, before minutes of measuring."""
     if bench.iterations < 1:
         raise ppo.UsageError(f"--iterations must be at least 1, got {bench.iterations}")
-    if bench.floor_seconds <= 0:
-        raise ppo.UsageError(f"--floor-seconds must be positive, got {bench.floor_seconds}")
+    if not 0 < bench.floor_seconds < math.inf:  # nan fails this too: it would divide by zero, inf never stop
+        raise ppo.UsageError(f"--floor-seconds must be positive and finite, got {bench.floor_seconds}")
     if not bench.agent_counts or min(bench.agent_counts) < 2:
         raise ppo.UsageError(f"--agent-counts must list one or more counts, each at least 2, got {bench.agent_counts}")
 

@@ -25,6 +25,7 @@ import os
 import shutil
 import struct
 import sys
+import tempfile
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -122,9 +123,9 @@ def copy_scalars(run_dir: str, destination: str, episodes: bool = True) -> int:
             if left_out:
                 raise UsageError(f"{directory} holds per-episode records twice: in its event files and in {saved}")
             if episodes:  # copied as it is
+                earlier = run_data.read_episodes(saved)  # refused in one line if it cannot be read whole
                 shutil.copy2(saved, os.path.join(target, run_data.EPISODES_FILE))
-                with np.load(saved) as earlier:
-                    count += sum(len(earlier[key]) for key in earlier.files if key.endswith("/step"))
+                count += sum(len(earlier[key]) for key in earlier if key.endswith("/step"))
         elif left_out and episodes:
             save_episodes(left_out, target)
         count += len(left_out)
@@ -222,6 +223,28 @@ def readme_section(runs: List[dict], how: str, commit: Optional[str], episodes: 
     return "\n".join(lines) + "\n"
 
 
+def copy_runs(run_dirs: List[str], args: ExportArgs) -> tuple:
+    """Copy every run into args.to, all or none: each into a staging directory inside args.to, renamed into
+    place once all are copied, so that a failure (an unreadable checkpoint, a full disk) leaves args.to as it
+    was and the same command can be run again. The number of per-episode records, and of weights.pt written."""
+    created = not os.path.isdir(args.to)
+    os.makedirs(args.to, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".export-", dir=args.to)  # on args.to's file system: a rename, not a copy
+    done = False
+    try:
+        staged = [os.path.join(staging, os.path.basename(d)) for d in run_dirs]
+        episodes = sum(copy_scalars(d, to, args.episodes) for d, to in zip(run_dirs, staged))
+        weights = sum(save_weights(d, to) for d, to in zip(run_dirs, staged)) if args.weights else 0
+        for to in staged:
+            os.rename(to, os.path.join(args.to, os.path.basename(to)))
+        done = True
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not done:
+            shutil.rmtree(args.to, ignore_errors=True)
+    return episodes, weights
+
+
 def main(args: ExportArgs) -> List[dict]:
     if not args.how.strip():
         raise UsageError("--how must say what command made the runs")
@@ -235,9 +258,8 @@ def main(args: ExportArgs) -> List[dict]:
     if there:
         raise UsageError(f"{os.path.join(args.to, there[0])} exists already: results are never overwritten")
     runs = [describe_run(d) for d in run_dirs]
-    episodes = sum(copy_scalars(d, os.path.join(args.to, os.path.basename(d)), args.episodes) for d in run_dirs)
-    weights = [save_weights(d, os.path.join(args.to, os.path.basename(d))) for d in run_dirs] if args.weights else []
-    section = readme_section(runs, args.how, args.commit, episodes, args.episodes, sum(weights))
+    episodes, weights = copy_runs(run_dirs, args)
+    section = readme_section(runs, args.how, args.commit, episodes, args.episodes, weights)
     readme = os.path.join(args.to, "README.md")
     with open(readme, "a") as f:
         f.write(("\n" if os.path.getsize(readme) else "") + section)

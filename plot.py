@@ -51,7 +51,8 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from run_data import (CKA, METHOD_COLOURS, OTHER_COLOURS, TEST, TRAIN, UsageError, at_own_steps,  # noqa: E402
-                      display_name, find_runs, last_per_step, load_run, read_events, run_tool, split_by_settings)
+                      damaged_event_files, display_name, find_runs, last_per_step, load_run, read_events,
+                      refuse_one_seed_twice, run_tool, split_by_settings)
 
 MDPO = "MDPO"
 # (R_min, R_max) of each game in hard mode, from the Procgen paper (Cobbe et al. 2020).
@@ -105,18 +106,46 @@ class PlotArgs:
 
 def named_runs(runs: List[dict]) -> List[dict]:
     """The runs that were evaluated, a run of a method trained with other settings named as a method of its
-    own (split_by_settings: "PPO (num_envs=256)" beside "PPO")."""
+    own (split_by_settings: "PPO (num_envs=256)" beside "PPO"). A run with a corrupt event file is refused: the
+    reader stops at the damage without a word, so its curves would end there."""
     evaluated = []
     for run in runs:
+        damaged = [damage for directory in stream_dirs(run) for damage in damaged_event_files(directory)]
+        corrupt = [(path, offset) for path, what, offset in damaged if what == "corrupt"]
+        if corrupt:
+            path, offset = corrupt[0]
+            raise UsageError(f"{path} is corrupt from byte {offset:,} on (no TensorBoard record there): its scalars "
+                             "after it cannot be read; move the run, or that file, out of --runs")
         if TEST in run["curves"]:
             evaluated.append(run)
         else:
-            print(f"skipping {run['dir']}: no {TEST} logged yet", file=sys.stderr)
+            cut_short = [path for path, _, _ in damaged]
+            print(f"skipping {run['dir']}: {why_not_evaluated(run, cut_short)}", file=sys.stderr)
     return split_by_settings(evaluated)
 
 
+def stream_dirs(run: dict) -> List[str]:
+    """The run's event directories: its own and, with K agents, agent1/ ... agentK/."""
+    return list(dict.fromkeys([run["dir"]] + [event_dir for _, event_dir in agent_event_dirs(run)]))
+
+
+def why_not_evaluated(run: dict, cut_short: List[str]) -> str:
+    """Why a run has no test curve: an agent's stream is missing, an event file ends in a record cut short
+    (its complete records are read), or it has not evaluated yet."""
+    missing = [os.path.basename(event_dir) for _, event_dir in agent_event_dirs(run) if not os.path.isdir(event_dir)]
+    if missing:
+        return (f"the event stream of its {' and '.join(missing)} is missing (no directory), so its agents have no "
+                f"mean {TEST}")
+    if cut_short:
+        return (f"no {TEST} in the complete records of its event files; {cut_short[0]} ends in a record cut short "
+                "(being written now, or the writer was killed or the file truncated)")
+    return f"no {TEST} logged yet"
+
+
 def group(runs: List[dict]) -> Dict[str, Dict[str, List[dict]]]:
-    """game -> method -> runs (the seeds, in seed order), of runs as named_runs leaves them."""
+    """game -> method -> runs (the seeds, in seed order), of runs as named_runs leaves them; two runs of one
+    seed are refused (refuse_one_seed_twice)."""
+    refuse_one_seed_twice(runs, "dir")
     grouped = defaultdict(lambda: defaultdict(list))
     for run in sorted(runs, key=lambda run: run["seed"]):
         grouped[run["game"]][run["method"]].append(run)
@@ -589,6 +618,17 @@ def window_means(grouped, first: int, last: int) -> dict:
                             means[tag].append(row[tag])
                 rows.append(row)
             table[game][method] = {"runs": rows, "test": means[TEST], "train": means[TRAIN]}
+    return table
+
+
+def checked_window(grouped, first: int, last: int, x_unit: str) -> dict:
+    """window_means, refused in one line, before anything is written, where no run that reaches `last` has an
+    evaluation from `first` to `last`: every cell of the table would be blank."""
+    table = window_means(grouped, first, last)
+    if not any(row["test"] for by_method in table.values() for row in by_method.values()):
+        steps = np.concatenate([run["curves"][TEST][0] for run in all_runs(grouped)])
+        raise UsageError(f"--window {first} {last} holds no evaluation of a run that reaches {last:,} {x_unit} (the "
+                         f"runs evaluate from {int(steps.min()):,} to {int(steps.max()):,}); give a window inside that")
     return table
 
 
@@ -1216,6 +1256,7 @@ def main(args: PlotArgs) -> dict:
                          + (" (only finished runs were asked for)" if args.finished_only else ""))
     methods = ordered_methods(grouped)
     reference = checked_reference(grouped, args.reference) if args.reference else None
+    window = checked_window(grouped, *args.window, unit(args.x_axis)) if args.window else None
     step = comparison_step(grouped)
     short = short_runs(grouped, step)
     if short:
@@ -1235,8 +1276,8 @@ def main(args: PlotArgs) -> dict:
     print(table)
     if args.reference:
         summary["reference"] = compare_with_reference(grouped, methods, reference, args)
-    if args.window:
-        summary["window"] = window_means(grouped, *args.window)
+    if window is not None:
+        summary["window"] = window
         with open(os.path.join(args.out, "window_returns.md"), "w") as f:
             f.write(window_table(summary["window"], *args.window, unit(args.x_axis),
                                  args.label or "hardware not stated (--label)"))

@@ -38,7 +38,7 @@ import evaluation
 import ppo
 from drac import adjust_colour, convolve, random_conv_weights, uniform
 from evaluation import interval95, spread, test_frames, tv_distance
-from run_data import UsageError, load_agents, run_tool, split_by_settings
+from run_data import UsageError, check_seed, load_agents, refuse_one_seed_twice, run_tool, split_by_settings
 
 
 @dataclass
@@ -65,6 +65,8 @@ class RobustnessArgs:
     """draw the figure (else only the table and JSON)"""
 
 
+# The test levels' seed is --seed + this, as the training's evaluations use seed + 1_000_000 + iteration.
+EVAL_SEED_OFFSET = 1_000_000
 # The robustness tests' perturbations and the largest strength each takes.
 PERTURBATION_MAX_STRENGTH = {"random_conv": 1.0, "brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.5}
 # Named strengths of each perturbation; a number up to PERTURBATION_MAX_STRENGTH works too.
@@ -134,6 +136,11 @@ class EpisodePerturbation:
 
 def check(args: RobustnessArgs) -> list:
     """The parsed perturbations; bad settings fail here, before any checkpoint is loaded."""
+    if not args.runs:
+        raise UsageError("give the run directories (or checkpoints) to measure")
+    if not args.perturbations:  # `--perturbations` with nothing after it would measure the clean frames alone
+        raise UsageError(f"--perturbations must name at least one; choose from: {', '.join(PERTURBATION_STRENGTHS)}")
+    check_seed("--seed", args.seed, EVAL_SEED_OFFSET)
     if args.episodes < 1:
         raise UsageError(f"--episodes must be positive, got {args.episodes}")
     if args.frames < 2:  # the spread is relative to the clean frames' spread, which is 0 for one frame
@@ -158,7 +165,9 @@ def load_runs(paths) -> list:
         values = sorted({run[key] for run in runs})
         if len(values) > 1:
             raise UsageError(f"the runs are of different {what}: {', '.join(values)}; give runs of one")
-    return split_by_settings(runs)  # a control trained with other settings is not another seed
+    runs = split_by_settings(runs)  # a control trained with other settings is not another seed
+    refuse_one_seed_twice(runs, "run")  # nor is a copy of a run
+    return runs
 
 
 @torch.no_grad()
@@ -183,7 +192,7 @@ def perturbation_key(name, strength) -> str:
 def measure_agent(agent, game, mode, frames, perturbations, args: RobustnessArgs) -> dict:
     """Clean return, entropy and, per perturbation, return, drop, TV and spread of one agent."""
     device = torch.device("cpu")
-    eval_seed = args.seed + 1_000_000  # the training's evaluations use seed + 1_000_000 + iteration
+    eval_seed = args.seed + EVAL_SEED_OFFSET
 
     def test_return(perturb=None):
         with contextlib.closing(ppo.ProcgenVecEnv(game, args.episodes, 0, 0, mode, eval_seed)) as env:

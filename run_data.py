@@ -5,14 +5,16 @@ agents (from a checkpoint or an exported weights.pt)."""
 
 import json
 import os
+import struct
 import sys
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import tyro
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
 import ppo
 import run_utils
@@ -152,6 +154,20 @@ def split_by_settings(runs: List[dict]) -> List[dict]:
     return split
 
 
+def refuse_one_seed_twice(runs: List[dict], place: str) -> None:
+    """Runs as split_by_settings names them, each with its directory at run[place]: two directories holding
+    one seed of one method, game and mode with the same settings (a run and its export or copy, or a seed
+    trained twice) are one seed, not two; taken together they would narrow every spread and interval.
+    Refused in one line naming both."""
+    first = {}
+    for run in runs:
+        key = (run["game"], run["mode"], run["method"], run["seed"])
+        if key in first:
+            raise UsageError(f"{first[key]} and {run[place]} are both seed {run['seed']} of {run['method']} on "
+                             f"{run['game']} with the same settings: one seed, not two; give one of them")
+        first[key] = run[place]
+
+
 def with_settings(method: str, settings: List[str]) -> str:
     """'PPO' with ['num_envs=256'] -> 'PPO (num_envs=256)'; a name with settings of its own keeps one bracket."""
     if not settings:
@@ -182,13 +198,14 @@ EPISODES_FILE = "episodes.npz"  # export.py keeps an exported stream's per-episo
 
 
 def find_runs(roots: List[str]) -> List[str]:
-    """Every directory below the roots whose config.json was written by ppo.py, drac.py or mdpo.py."""
-    found = []
+    """Every directory below the roots whose config.json was written by ppo.py, drac.py or mdpo.py, each once:
+    a directory reached twice (a root given twice, or inside another root) would count as two seeds."""
+    found = {}  # real path -> the path it was first reached by
     for root in roots:
         for directory, _, files in os.walk(root):
-            if "config.json" in files and is_run(directory):
-                found.append(directory)
-    return sorted(found)
+            if "config.json" in files and os.path.realpath(directory) not in found and is_run(directory):
+                found[os.path.realpath(directory)] = directory
+    return sorted(found.values())
 
 
 def read_json(path: str):
@@ -196,13 +213,45 @@ def read_json(path: str):
         return json.load(f)
 
 
+# What every tool reads from a run's config.json, and its type; every other field has a default.
+REQUIRED_ARGS = {"env_id": str, "seed": int}
+
+
 def is_run(directory: str) -> bool:
+    """Whether the directory's config.json is a run's; one that names a script of ours but cannot be read as a
+    run's is skipped saying why (another tool's config.json is skipped silently)."""
     try:
         config = read_json(os.path.join(directory, "config.json"))
     except (OSError, ValueError) as error:
         print(f"skipping {directory}: its config.json is unreadable ({type(error).__name__})", file=sys.stderr)
         return False
-    return isinstance(config, dict) and config.get("script") in METHOD_FIELDS and isinstance(config.get("args"), dict)
+    if not isinstance(config, dict):
+        print(f"skipping {directory}: its config.json is not a JSON object", file=sys.stderr)
+        return False
+    if config.get("script") not in METHOD_FIELDS:
+        return False
+    args = config.get("args")
+    lacking = [f"{name} ({kind.__name__})" for name, kind in REQUIRED_ARGS.items()
+               if not isinstance(args, dict) or not isinstance(args.get(name), kind)]
+    if lacking:
+        print(f"skipping {directory}: its config.json lacks {', '.join(lacking)} in its args", file=sys.stderr)
+        return False
+    return True
+
+
+def read_status(run_dir: str) -> dict:
+    """The run's status.json ({} before its first checkpoint); a UsageError naming it where it is not a JSON object."""
+    path = os.path.join(run_dir, "status.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        status = read_json(path)
+    except ValueError:  # not JSON, or not UTF-8
+        status = None
+    if not isinstance(status, dict):
+        raise UsageError(f"{path} is not a JSON object: resume the run to rewrite it at its next checkpoint, or "
+                         "remove it to read the run as unfinished")
+    return status
 
 
 def display_name(method: str) -> str:
@@ -224,7 +273,7 @@ def read_scalars(event_dir: str, tags) -> Dict[str, tuple]:
 def read_events(event_dir: str, wanted) -> Dict[str, tuple]:
     """tag -> (steps, values) of every event of the tags `wanted(tag)` accepts, in the order written
     (a per-episode tag holds many events at one step), the per-episode ones of an exported run from its
-    episodes.npz."""
+    episodes.npz (read only when one of them is wanted)."""
     accumulator = EventAccumulator(event_dir, size_guidance={"scalars": 0})
     accumulator.Reload()
     events = {}
@@ -234,15 +283,70 @@ def read_events(event_dir: str, wanted) -> Dict[str, tuple]:
             events[tag] = (np.array([e.step for e in scalars], dtype=np.int64),
                            np.array([e.value for e in scalars], dtype=np.float64))
     path = os.path.join(event_dir, EPISODES_FILE)
-    if os.path.isfile(path):
-        with np.load(path) as episodes:
-            for tag in filter(wanted, PER_EPISODE_TAGS):
-                if f"{tag}/step" not in episodes.files:  # a tag the stream never logged
-                    continue
-                if tag in events:
-                    raise UsageError(f"{event_dir} holds its {tag} records twice: in its event files and in {path}")
-                events[tag] = (episodes[f"{tag}/step"].astype(np.int64), episodes[f"{tag}/value"].astype(np.float64))
+    wanted_episodes = list(filter(wanted, PER_EPISODE_TAGS))
+    if wanted_episodes and os.path.isfile(path):
+        episodes = read_episodes(path)
+        for tag in wanted_episodes:
+            if f"{tag}/step" not in episodes:  # a tag the stream never logged
+                continue
+            if tag in events:
+                raise UsageError(f"{event_dir} holds its {tag} records twice: in its event files and in {path}")
+            events[tag] = (episodes[f"{tag}/step"].astype(np.int64), episodes[f"{tag}/value"].astype(np.float64))
     return events
+
+
+def read_episodes(path: str) -> Dict[str, np.ndarray]:
+    """The arrays of an episodes.npz, each tag's steps beside as many values; a UsageError naming the file where
+    it cannot be read whole."""
+    try:
+        with np.load(path) as episodes:
+            arrays = {key: episodes[key] for key in episodes.files}
+    except Exception as error:  # cut short, corrupt or not an .npz at all: one line, not a traceback
+        raise UsageError(f"{path} cannot be read ({type(error).__name__}): export the run again, or remove the file "
+                         "to read the run without its per-episode records") from None
+    for key in [key for key in arrays if key.endswith("/step")]:
+        values = arrays.get(key[:-len("step")] + "value")
+        if values is None or values.shape != arrays[key].shape:
+            raise UsageError(f"{path} holds {key} without as many values: export the run again, or remove the file "
+                             "to read the run without its per-episode records")
+    return arrays
+
+
+def event_file_damage(path: str) -> Optional[Tuple[str, int]]:
+    """Where an event file stops holding whole records (TFRecord framing: length, its checksum, payload, its
+    checksum), as (what, byte offset): "partial", a last record cut short (being written now, or the writer was
+    killed), before which the reader reads every record; "corrupt", bytes that are no record's header, where
+    the reader stops without a word; None for a file of whole records. It checks every header, not the
+    payloads (a damaged payload goes unseen): a header's checksum depends on the record's length alone, and the
+    few lengths a file holds are checksummed once each, so this costs little beside reading the file."""
+    with open(path, "rb") as f:
+        data = f.read()
+    header_crcs = {}  # header -> its checksum
+    start = 0
+    while start + 12 <= len(data):
+        header = data[start:start + 8]
+        if header not in header_crcs:
+            header_crcs[header] = struct.pack("<I", masked_crc32c(header))
+        if data[start + 8:start + 12] != header_crcs[header]:
+            return "corrupt", start
+        end = start + 16 + struct.unpack("<Q", header)[0]
+        if end > len(data):
+            return "partial", start
+        start = end
+    return None if start == len(data) else ("partial", start)  # fewer bytes than a header left
+
+
+def damaged_event_files(event_dir: str) -> List[Tuple[str, str, int]]:
+    """(path, what, offset) of each event file the reader reads in the directory that does not end with a whole
+    record (event_file_damage)."""
+    damaged = []
+    for name in sorted(os.listdir(event_dir)) if os.path.isdir(event_dir) else []:
+        path = os.path.join(event_dir, name)
+        if "tfevents" in name and os.path.isfile(path):  # the files TensorBoard's reader takes
+            damage = event_file_damage(path)
+            if damage is not None:
+                damaged.append((path, *damage))
+    return damaged
 
 
 def last_per_step(steps, values) -> tuple:
@@ -292,8 +396,7 @@ def load_run(run_dir: str, x_axis: str = "agent") -> dict:
         cka = read_scalars(run_dir, [CKA]).get(CKA)
         if cka is not None and len(cka[0]):
             curves[CKA] = (cka[0] * scale, cka[1])
-    status_path = os.path.join(run_dir, "status.json")
-    status = read_json(status_path) if os.path.isfile(status_path) else {}
+    status = read_status(run_dir)
     return {"game": args["env_id"], "method": display_name(method), "seed": args["seed"], "args": args,
             "mode": args.get("distribution_mode", "hard"), "num_agents": num_agents,
             "finished": bool(status.get("finished")), "steps": status.get("global_step"),
@@ -340,9 +443,17 @@ def load_agents(path: str) -> dict:
     except Exception as error:  # torn, foreign or from another network: one line, not a traceback
         raise UsageError(f"{file} is not a readable checkpoint of ppo.py, drac.py or mdpo.py "
                          f"({type(error).__name__})") from None
-    if config["script"] not in METHOD_FIELDS:
-        raise UsageError(f"{file} is not a checkpoint of ppo.py, drac.py or mdpo.py")
     args = config["args"]
+    if config["script"] not in METHOD_FIELDS or not isinstance(args.get("env_id"), str):
+        raise UsageError(f"{file} is not a checkpoint of ppo.py, drac.py or mdpo.py")
     return {"run": os.path.dirname(file), "config": config, "args": args, "method": method_of(config),
             "agents": agents, "game": args["env_id"], "mode": args.get("distribution_mode", "hard"),
             "seed": args.get("seed"), "global_step": checkpoint.get("global_step")}
+
+
+def check_seed(flag: str, seed: int, offset: int = 0) -> None:
+    """Procgen takes its seeds as 32-bit ints: a tool that seeds games from `seed` up to `seed + offset` needs
+    seed + offset <= INT32_MAX, as the training scripts check theirs."""
+    highest = ppo.INT32_MAX - offset
+    if not 0 <= seed <= highest:
+        raise UsageError(f"{flag} must lie in [0, {highest}], got {seed}")

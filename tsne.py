@@ -27,6 +27,7 @@ A run directory or its checkpoint.pt both work; an MDPO checkpoint (K agents) co
 import itertools
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -42,8 +43,8 @@ import drac  # noqa: E402
 import evaluation  # noqa: E402
 import ppo  # noqa: E402
 from evaluation import spread, test_frames, tv_distance  # noqa: E402
-from run_data import (METHOD_COLOURS, OTHER_COLOURS, UsageError, display_name, load_agents,  # noqa: E402
-                      method_of, run_tool)
+from run_data import (METHOD_COLOURS, OTHER_COLOURS, UsageError, check_seed, display_name,  # noqa: E402
+                      load_agents, method_of, run_tool, weights_file)
 
 
 @dataclass
@@ -157,6 +158,8 @@ def draw(frame, perturbed, results, labels, colours, title, path):
 
 def check(args: TsneArgs) -> None:
     """Bad settings fail here, in one line, before any checkpoint is loaded."""
+    if not args.checkpoints:
+        raise UsageError("give the run directories (or checkpoints) to compare")
     if args.labels and len(args.labels) != len(args.checkpoints):
         raise UsageError("give one --labels entry per checkpoint")
     if len(args.mdpo_agent) not in (1, len(args.checkpoints)):
@@ -171,6 +174,8 @@ def check(args: TsneArgs) -> None:
         raise UsageError(f"--frames must lie in [1, --clean-frames], got {args.frames}")
     if not args.seeds or len(set(args.seeds)) != len(args.seeds):
         raise UsageError("--seeds must name at least one seed, each once")
+    for seed in args.seeds:
+        check_seed("--seeds", seed)
 
 
 def label_of(config: dict, agent_number: Optional[int]) -> str:
@@ -218,10 +223,23 @@ def shared_setting(encoders, read, what: str):
     return values[0]
 
 
+def note_repeated_encoders(paths: List[str], encoders) -> None:
+    """Say which checkpoints give one encoder twice (one run's file, and its agent where it has K): measured
+    twice, not refused, as each encoder's numbers are its own and their CKA of 1 checks the measure."""
+    places = [(os.path.dirname(os.path.realpath(weights_file(path))), number)
+              for path, (_, _, number) in zip(paths, encoders)]
+    for i, j in itertools.combinations(range(len(paths)), 2):
+        if places[i] == places[j]:
+            agent = "" if places[i][1] is None else f" (agent {places[i][1]})"
+            print(f"note: {paths[i]} and {paths[j]}{agent} are one encoder twice: their CKA is 1 by construction",
+                  file=sys.stderr)
+
+
 def main(args: TsneArgs) -> dict:
     check(args)
     agent_numbers = args.mdpo_agent * len(args.checkpoints) if len(args.mdpo_agent) == 1 else args.mdpo_agent
     encoders = [load_encoder(path, number) for path, number in zip(args.checkpoints, agent_numbers)]
+    note_repeated_encoders(args.checkpoints, encoders)
     game = shared_setting(encoders, lambda args: args["env_id"], "games")
     # The frames come from the unseen levels of the distribution the agents trained on.
     mode = shared_setting(encoders, lambda args: args.get("distribution_mode", "hard"), "distribution modes")

@@ -202,6 +202,22 @@ def test_agreement_tool_refuses_runs_at_other_steps_or_games_in_one_line(tmp_pat
     assert b  # a second seed is what makes a pair: see the test above
 
 
+def test_a_copy_of_a_run_is_not_a_second_pair_of_seeds(tmp_path, monkeypatch):
+    from test_robustness import fake_run
+
+    monkeypatch.setattr(evaluation, "probe_frames", lambda *args: pytest.fail("measured runs it should refuse"))
+    first, copy = fake_run(tmp_path / "runs" / "a"), fake_run(tmp_path / "export" / "a")  # both seed 1 of ppo
+    other = fake_run(tmp_path / "runs" / "b", seed=2)
+    with pytest.raises(agreement.UsageError, match=f"{first} and {copy} are both seed 1 of ppo on bigfish"):
+        agreement.main(agreement.AgreementArgs(runs=[first, copy, other], out=str(tmp_path / "fig")))
+
+
+@pytest.mark.parametrize("probe_seed", [-1, 2**31 - 2_000_000])
+def test_a_probe_seed_procgen_cannot_take_is_refused(tmp_path, probe_seed):
+    with pytest.raises(agreement.UsageError, match=f"--probe-seed must lie in \\[0, 2145483647\\], got {probe_seed}"):
+        agreement.main(agreement.AgreementArgs(runs=["unused"], probe_seed=probe_seed, out=str(tmp_path / "fig")))
+
+
 def test_the_table_gives_the_cka_change_as_trained_minus_untrained_with_a_t_interval():
     rows = [{"cka": 0.9, "cka_untrained": 0.8, "tv": 0.3, "tv_untrained": 0.1, "a": "x", "b": "y"},
             {"cka": 0.7, "cka_untrained": 0.75, "tv": 0.2, "tv_untrained": 0.1, "a": "x", "b": "z"}]

@@ -3,9 +3,11 @@
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -350,3 +352,53 @@ def test_an_exported_run_exported_again_keeps_its_episodes_and_weights(tmp_path)
     assert (once / "weights.pt").read_bytes() == (twice / "weights.pt").read_bytes()
     assert "per-episode records (charts/episodic_return, charts/episodic_length): 4, in episodes.npz" in \
         (tmp_path / "twice" / "README.md").read_text()
+
+
+def test_a_run_given_twice_is_exported_once(tmp_path):
+    write_run(tmp_path / "runs", "ppo", 1, [1.0], T0, 60)
+    runs = [str(tmp_path / "runs"), str(tmp_path / "runs"), str(tmp_path / "runs" / "starpilot__ppo__1")]
+    assert len(export.main(export.ExportArgs(weights=False, runs=runs, to=str(tmp_path / "r"), how="x"))) == 1
+    assert ": 1 run\n" in (tmp_path / "r" / "README.md").read_text()  # "## Exported <date>: 1 run"
+
+
+def listing(directory):
+    return sorted(os.path.relpath(os.path.join(d, name), directory) for d, dirs, files in os.walk(directory)
+                  for name in dirs + files)
+
+
+def test_a_failed_export_leaves_nothing_behind_and_can_be_run_again(tmp_path):
+    write_run(tmp_path / "runs", "ppo", 1, [1.0], T0, 60)  # its checkpoint.pt is empty: its weights cannot be read
+    write_run(tmp_path / "earlier", "ppo", 2, [1.0], T0, 60)
+    to = tmp_path / "results"
+    with pytest.raises(export.UsageError, match="checkpoint.pt for the run's weights .*--no-weights leaves them out"):
+        export.main(export.ExportArgs(runs=[str(tmp_path / "runs")], to=str(to), how="x"))
+    assert not to.exists()  # made by the export, so removed with it
+    export.main(export.ExportArgs(weights=False, runs=[str(tmp_path / "earlier")], to=str(to), how="y"))
+    before = listing(to)
+    with pytest.raises(export.UsageError, match="--no-weights leaves them out"):
+        export.main(export.ExportArgs(runs=[str(tmp_path / "runs")], to=str(to), how="x"))
+    assert listing(to) == before  # an earlier export's results directory as it was, no half-written run in it
+    export.main(export.ExportArgs(weights=False, runs=[str(tmp_path / "runs")], to=str(to), how="x"))  # as advised
+    assert (to / "starpilot__ppo__1" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("damage", ["cut short", "not an npz"])
+def test_an_episodes_npz_that_cannot_be_read_is_one_line_where_it_is_read(tmp_path, damage):
+    run_dir = write_run(tmp_path / "runs", "ppo", 1, [1.0], T0, 60)
+    export.save_episodes([(tag, step, 1.0) for step in range(50) for tag in EPISODES], run_dir)
+    path = os.path.join(run_dir, "episodes.npz")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:len(data) // 2] if damage == "cut short" else b"not an npz")
+    message = re.escape(path) + r" cannot be read \(\w+\): export the run again, or remove the file"
+    with pytest.raises(run_data.UsageError, match=message):
+        run_data.read_events(run_dir, EPISODES.__contains__)  # what plot.py --x-axis updates reads
+    assert run_data.load_run(run_dir)["curves"][run_data.TEST][1].tolist() == [1.0]  # the test curve needs none of it
+    with pytest.raises(run_data.UsageError, match=message):
+        export.main(export.ExportArgs(weights=False, runs=[str(tmp_path / "runs")], to=str(tmp_path / "r"), how="x"))
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_episodes_npz_with_steps_but_not_as_many_values_is_refused(tmp_path):
+    np.savez(tmp_path / "episodes.npz", **{"charts/episodic_return/step": np.arange(3)})
+    with pytest.raises(run_data.UsageError, match="holds charts/episodic_return/step without as many values"):
+        run_data.read_episodes(str(tmp_path / "episodes.npz"))

@@ -1,8 +1,10 @@
 """plot.py on tiny hand-written run directories: every number against a hand computation."""
 
+import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -481,6 +483,101 @@ def test_plot_finds_only_runs_and_says_which_it_skips(tmp_path, capsys):
         plot.main(plot_args(tmp_path, bootstrap_reps=0))
     with pytest.raises(plot.UsageError, match="no runs of PPO \\+ L2; the runs hold: PPO"):
         plot.main(plot_args(tmp_path, methods=["ppo_l2"]))
+
+
+def test_a_run_reached_twice_counts_once_and_a_copy_of_a_seed_is_refused_naming_both(tmp_path):
+    runs = tmp_path / "runs"
+    for seed in (1, 2):
+        write_run(runs, "ppo", "bigfish", seed, [1.0 + seed])
+        write_run(runs, "mdpo", "bigfish", seed, [3.0 + seed])
+    once = run_data.find_runs([str(runs)])
+    assert run_data.find_runs([str(runs), str(runs), str(runs / "bigfish__ppo__1")]) == once  # each once
+    summary = plot.main(dataclasses.replace(plot_args(tmp_path), runs=[str(runs), str(runs)]))
+    assert summary["welch"]["bigfish"]["PPO"]["seeds_mdpo"] == 2 and summary["seeds"] == {"PPO": 2, "MDPO": 2}
+    shutil.copytree(runs / "bigfish__ppo__1", tmp_path / "export" / "bigfish__ppo__1")  # as export.py copies it
+    copies = f"{tmp_path / 'export' / 'bigfish__ppo__1'} and {runs / 'bigfish__ppo__1'}"  # in path order
+    with pytest.raises(plot.UsageError, match=re.escape(copies) + " are both seed 1 of PPO on bigfish with the same "
+                       "settings: one seed, not two"):
+        plot.main(dataclasses.replace(plot_args(tmp_path), runs=[str(runs), str(tmp_path / "export")]))
+
+
+def test_a_config_without_the_game_or_seed_is_skipped_naming_it(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for name, config in (("no_keys", {"script": "ppo", "args": {}}), ("text_seed", {"script": "mdpo", "args": {
+            "env_id": "bigfish", "seed": "1"}}), ("a_list", [1, 2])):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "config.json").write_text(json.dumps(config))
+    assert run_data.find_runs([str(runs)]) == []
+    err = capsys.readouterr().err.splitlines()
+    assert f"skipping {runs / 'no_keys'}: its config.json lacks env_id (str), seed (int) in its args" in err
+    assert f"skipping {runs / 'text_seed'}: its config.json lacks seed (int) in its args" in err
+    assert f"skipping {runs / 'a_list'}: its config.json is not a JSON object" in err
+
+
+@pytest.mark.parametrize("status", ["{bad", "[1, 2]", "\xff"])
+def test_a_status_json_that_is_not_a_json_object_is_one_line_naming_it(tmp_path, status):
+    run_dir = write_run(tmp_path / "runs", "ppo", "bigfish", 1, [1.0], finished=True)
+    with open(os.path.join(run_dir, "status.json"), "w", encoding="latin-1") as f:
+        f.write(status)
+    with pytest.raises(plot.UsageError, match="^" + re.escape(os.path.join(run_dir, "status.json")) + " is not a JSON "
+                       "object: resume the run to rewrite it"):
+        plot.main(plot_args(tmp_path))
+    assert not (tmp_path / "fig").exists()
+
+
+def events_file(event_dir):
+    name, = [name for name in os.listdir(event_dir) if "tfevents" in name]
+    return os.path.join(event_dir, name)
+
+
+def test_event_file_damage_tells_a_record_cut_short_from_bytes_that_are_no_record(tmp_path):
+    path = events_file(write_run(tmp_path, "ppo", "bigfish", 1, [1.0, 2.0]))
+    data = open(path, "rb").read()
+    assert run_data.event_file_damage(path) is None
+    for cut in (len(data) - 1, len(data) - 20, 5):  # inside the last record, and inside the first one's header
+        open(path, "wb").write(data[:cut])
+        assert run_data.event_file_damage(path)[0] == "partial"
+    open(path, "wb").write(bytes(range(256)) * 2)
+    assert run_data.event_file_damage(path) == ("corrupt", 0)
+    open(path, "wb").write(data + b"\x00" * 40)  # zeros after the records: a header of length 0 whose checksum fails
+    assert run_data.event_file_damage(path) == ("corrupt", len(data))
+
+
+def test_a_corrupt_event_file_is_one_line_naming_it_not_a_run_that_logged_nothing(tmp_path):
+    run_dir = write_run(tmp_path / "runs", "ppo", "bigfish", 1, [1.0, 2.0])
+    path = events_file(run_dir)
+    open(path, "wb").write(np.random.default_rng(0).bytes(500))
+    result = subprocess.run([sys.executable, "plot.py", "--runs", str(tmp_path / "runs"), "--out",
+                             str(tmp_path / "fig")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: {path} is corrupt from byte 0 on (no TensorBoard record there): its "
+                                     "scalars after it cannot be read; move the run, or that file, out of --runs")
+    assert not (tmp_path / "fig").exists()
+
+
+def test_a_record_cut_short_is_read_up_to_the_cut_and_named_where_nothing_is_left(tmp_path, capsys):
+    run_dir = write_run(tmp_path / "runs", "ppo", "bigfish", 1, [1.0, 2.0, 3.0])
+    path = events_file(run_dir)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:-3])  # the last evaluation's record is being written
+    [[run]] = loaded(tmp_path / "runs")["bigfish"].values()
+    assert run["curves"][run_data.TEST][1].tolist() == [1.0, 2.0]
+    open(path, "wb").write(data[:60])  # cut inside the first evaluation's record
+    assert loaded(tmp_path / "runs") == {}
+    assert (f"skipping {run_dir}: no {run_data.TEST} in the complete records of its event files; {path} ends in a "
+            "record cut short (being written now, or the writer was killed or the file truncated)"
+            in capsys.readouterr().err)
+
+
+def test_an_mdpo_run_without_an_agents_stream_says_so(tmp_path, capsys):
+    run_dir = write_run(tmp_path / "runs", "mdpo", "bigfish", 1, [3.0, 6.0])
+    shutil.rmtree(os.path.join(run_dir, "agent2"))
+    assert loaded(tmp_path / "runs") == {}
+    assert (f"skipping {run_dir}: the event stream of its agent2 is missing (no directory), so its agents have no "
+            f"mean {run_data.TEST}" in capsys.readouterr().err)
+    write_run(tmp_path / "runs", "ppo", "bigfish", 1, [])  # a run that has not evaluated yet keeps its message
+    loaded(tmp_path / "runs")
+    assert f"skipping {tmp_path / 'runs' / 'bigfish__ppo__1'}: no {run_data.TEST} logged yet" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1111,6 +1208,15 @@ def test_window_returns_average_each_runs_evaluations_in_the_range_and_each_meth
     assert "| coinrun | PPO | coinrun__ppo__3 | 3 | ends at 3,000 | | |" in table
     assert f"| coinrun | PPO | 3.00 ± {np.sqrt(2):.2f} (2) | 6.50 ± {np.sqrt(0.5):.2f} (2) |" in table
     assert "| coinrun | MDPO | 7.00 (1) | 2.00 (1) |" in table
+
+
+@pytest.mark.parametrize("window", [(0, 0), (2500, 2900), (9000, 10000)])
+def test_a_window_that_holds_no_evaluation_is_refused_before_anything_is_written(tmp_path, window):
+    write_run(tmp_path / "runs", "ppo", "coinrun", 1, [1.0, 2.0, 3.0])  # evaluations at 1,000 to 3,000
+    with pytest.raises(plot.UsageError, match=f"--window {window[0]} {window[1]} holds no evaluation of a run that "
+                       f"reaches {window[1]:,} steps per agent \\(the runs evaluate from 1,000 to 3,000\\)"):
+        plot.main(plot_args(tmp_path, window=window))
+    assert not (tmp_path / "fig").exists()
 
 
 @pytest.mark.parametrize("window, x_axis, message", [((5, 4), "agent", "0 <= FIRST <= LAST"),

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import types
@@ -259,6 +260,39 @@ def test_the_smallest_good_settings_are_accepted():
     assert robustness.check(args) == [("hue", 0.5), ("hue", 0.25)]
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"runs": []}, "give the run directories (or checkpoints) to measure"),  # `robustness.py --out x`
+    ({"perturbations": []}, "--perturbations must name at least one; choose from: random_conv, brightness"),
+    ({"seed": -1}, "--seed must lie in [0, 2146483647], got -1"),
+    ({"seed": 2146483648}, "--seed must lie in [0, 2146483647], got 2146483648"),  # the test levels' seed: 2**31
+])
+def test_settings_that_leave_nothing_to_measure_or_seed_no_game_are_refused(settings, message):
+    args = robustness.RobustnessArgs(**{"runs": ["unused"], **settings})
+    with pytest.raises(robustness.UsageError, match="^" + re.escape(message)):
+        robustness.check(args)
+
+
+def test_the_largest_seed_procgen_takes_is_accepted():
+    assert robustness.check(robustness.RobustnessArgs(runs=["unused"], seed=2**31 - 1 - 1_000_000))
+
+
+def test_a_copy_of_a_run_is_not_another_seed(tmp_path):
+    first, copy = fake_run(tmp_path / "runs" / "a"), fake_run(tmp_path / "export" / "a")  # both seed 1 of ppo
+    other = fake_run(tmp_path / "runs" / "b", seed=2)
+    with pytest.raises(robustness.UsageError, match=re.escape(f"{first} and {copy} are both seed 1 of ppo on bigfish "
+                                                              "with the same settings: one seed, not two")):
+        robustness.load_runs([first, copy, other])
+    assert_one_line_error(run_cli(first, copy, "--out", str(tmp_path / "out")), "are both seed 1 of ppo")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_without_its_game_is_refused_in_one_line(tmp_path):
+    torch.save({"script": "ppo", "args": {"seed": 1}, "agents": [{"agent": ppo.Agent().state_dict()}]},
+               tmp_path / "checkpoint.pt")
+    with pytest.raises(robustness.UsageError, match="is not a checkpoint of ppo.py, drac.py or mdpo.py"):
+        run_data.load_agents(str(tmp_path))
+
+
 class RecordingEnv:
     """Stands in for ProcgenVecEnv: records how each env was made, returns blank frames."""
     made = []
@@ -334,7 +368,7 @@ def test_entropy_is_the_policys_mean_entropy_over_the_frames():
 
 
 def test_one_terminal_line_per_run_each_naming_its_own_run(tmp_path, monkeypatch, capsys):
-    a, b = fake_run(tmp_path / "a"), fake_run(tmp_path / "b")
+    a, b = fake_run(tmp_path / "a"), fake_run(tmp_path / "b", seed=2)  # two seeds: one seed twice is refused
     monkeypatch.setattr(robustness, "test_frames", lambda *args: torch.zeros(2, 64, 64, 3, dtype=torch.uint8))
     returns = iter([1.0, 7.0])
     monkeypatch.setattr(robustness, "measure_agent", lambda *args: {

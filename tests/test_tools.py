@@ -82,6 +82,14 @@ def test_bench_rejects_bad_settings_before_measuring(settings, message, capsys):
     assert capsys.readouterr().err == ""  # nothing was measured
 
 
+@pytest.mark.parametrize("seconds", [float("nan"), float("inf"), float("-inf"), -1.0])
+def test_bench_refuses_a_floor_time_that_is_not_a_positive_finite_number(seconds, capsys):
+    # nan divided the samples by a zero count; inf measured forever
+    with pytest.raises(ppo.UsageError, match=f"--floor-seconds must be positive and finite, got {seconds}"):
+        bench.main(bench.BenchArgs(cuda=False, floor_seconds=seconds))
+    assert capsys.readouterr().err == ""  # nothing was measured
+
+
 def test_bench_reports_bad_settings_in_one_line():
     result = subprocess.run([sys.executable, "bench.py", "--iterations", "0"], capture_output=True, text=True,
                             cwd=ROOT, timeout=120)

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -203,6 +204,30 @@ def test_tsne_refuses_bad_settings(tmp_path, settings, message):
     run_dir = write_checkpoint(tmp_path / "run", "mdpo")
     with pytest.raises(tsne.UsageError, match=message):
         tsne.main(tsne.TsneArgs(checkpoints=[run_dir], figure=False, out=str(tmp_path / "fig"), **settings))
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"checkpoints": []}, "give the run directories (or checkpoints) to compare"),
+    ({"seeds": [0, -1]}, "--seeds must lie in [0, 2147483647], got -1"),
+    ({"seeds": [2**31]}, "--seeds must lie in [0, 2147483647], got 2147483648"),
+])
+def test_tsne_refuses_nothing_to_compare_and_seeds_procgen_cannot_take(settings, message):
+    args = tsne.TsneArgs(**{"checkpoints": ["unused"], **settings})
+    with pytest.raises(tsne.UsageError, match="^" + re.escape(message)):
+        tsne.check(args)
+    tsne.check(tsne.TsneArgs(checkpoints=["unused"], seeds=[0, 2**31 - 1]))  # Procgen's largest seed is fine
+
+
+def test_one_encoder_given_twice_is_measured_and_named_as_such(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tsne, "test_frames", lambda *args: torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8))
+    a, k3 = write_checkpoint(tmp_path / "a", "ppo"), write_checkpoint(tmp_path / "k3", "mdpo", num_agents=3)
+    a_file = os.path.join(a, "checkpoint.pt")
+    summary = tsne.main(tsne.TsneArgs(checkpoints=[a, a_file, k3, k3, k3], mdpo_agent=[1, 1, 1, 2, 1], copies=3,
+                                      clean_frames=4, frames=1, seeds=[0], figure=False, out=str(tmp_path / "fig")))
+    assert len(summary["encoders"]) == 5  # each measured, as asked
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: {a} and {a_file} are one encoder twice: their CKA is 1 by construction",
+                     f"note: {k3} and {k3} (agent 1) are one encoder twice: their CKA is 1 by construction"]
 
 
 def test_tsne_says_bad_input_in_one_line_with_exit_code_2(tmp_path):
