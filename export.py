@@ -225,23 +225,19 @@ def readme_section(runs: List[dict], how: str, commit: Optional[str], episodes: 
 
 def copy_runs(run_dirs: List[str], args: ExportArgs) -> tuple:
     """Copy every run into args.to, all or none: each into a staging directory inside args.to, renamed into
-    place once all are copied, so that a failure (an unreadable checkpoint, a full disk) leaves args.to as it
-    was and the same command can be run again. The number of per-episode records, and of weights.pt written."""
-    created = not os.path.isdir(args.to)
+    place once all are copied, so that a failure (an unreadable checkpoint, a full disk) leaves no run in
+    args.to and the same command can be run again; the staging directory is hidden, which run_data.find_runs
+    skips, should a kill leave it. The number of per-episode records, and of weights.pt written."""
     os.makedirs(args.to, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=args.to)  # on args.to's file system: a rename, not a copy
-    done = False
     try:
         staged = [os.path.join(staging, os.path.basename(d)) for d in run_dirs]
         episodes = sum(copy_scalars(d, to, args.episodes) for d, to in zip(run_dirs, staged))
         weights = sum(save_weights(d, to) for d, to in zip(run_dirs, staged)) if args.weights else 0
         for to in staged:
             os.rename(to, os.path.join(args.to, os.path.basename(to)))
-        done = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        if created and not done:
-            shutil.rmtree(args.to, ignore_errors=True)
     return episodes, weights
 
 

@@ -106,21 +106,19 @@ class PlotArgs:
 
 def named_runs(runs: List[dict]) -> List[dict]:
     """The runs that were evaluated, a run of a method trained with other settings named as a method of its
-    own (split_by_settings: "PPO (num_envs=256)" beside "PPO"). A run with a corrupt event file is refused: the
-    reader stops at the damage without a word, so its curves would end there."""
+    own (split_by_settings: "PPO (num_envs=256)" beside "PPO"). A corrupt event file is named: the reader stops
+    at the damage without a word, so the run's curves end there."""
     evaluated = []
     for run in runs:
         damaged = [damage for directory in stream_dirs(run) for damage in damaged_event_files(directory)]
-        corrupt = [(path, offset) for path, what, offset in damaged if what == "corrupt"]
-        if corrupt:
-            path, offset = corrupt[0]
-            raise UsageError(f"{path} is corrupt from byte {offset:,} on (no TensorBoard record there): its scalars "
-                             "after it cannot be read; move the run, or that file, out of --runs")
+        for path, what, offset in damaged:
+            if what == "corrupt":
+                print(f"warning: {path} is corrupt from byte {offset:,} on (no TensorBoard record there): "
+                      "its scalars after that are not read", file=sys.stderr)
         if TEST in run["curves"]:
             evaluated.append(run)
         else:
-            cut_short = [path for path, _, _ in damaged]
-            print(f"skipping {run['dir']}: {why_not_evaluated(run, cut_short)}", file=sys.stderr)
+            print(f"skipping {run['dir']}: {why_not_evaluated(run, damaged)}", file=sys.stderr)
     return split_by_settings(evaluated)
 
 
@@ -129,23 +127,23 @@ def stream_dirs(run: dict) -> List[str]:
     return list(dict.fromkeys([run["dir"]] + [event_dir for _, event_dir in agent_event_dirs(run)]))
 
 
-def why_not_evaluated(run: dict, cut_short: List[str]) -> str:
-    """Why a run has no test curve: an agent's stream is missing, an event file ends in a record cut short
-    (its complete records are read), or it has not evaluated yet."""
+def why_not_evaluated(run: dict, damaged: List[tuple]) -> str:
+    """Why a run has no test curve: an agent's stream is missing, an event file is corrupt or ends in a record
+    cut short (damaged_event_files: the records before are read), or it has not evaluated yet."""
     missing = [os.path.basename(event_dir) for _, event_dir in agent_event_dirs(run) if not os.path.isdir(event_dir)]
     if missing:
         return (f"the event stream of its {' and '.join(missing)} is missing (no directory), so its agents have no "
                 f"mean {TEST}")
-    if cut_short:
-        return (f"no {TEST} in the complete records of its event files; {cut_short[0]} ends in a record cut short "
-                "(being written now, or the writer was killed or the file truncated)")
+    if damaged:
+        path, what, offset = damaged[0]
+        where = (f"{path} is corrupt from byte {offset:,} on" if what == "corrupt" else
+                 f"{path} ends in a record cut short (being written now, or the writer was killed or the file truncated)")
+        return f"no {TEST} in the complete records of its event files; {where}"
     return f"no {TEST} logged yet"
 
 
 def group(runs: List[dict]) -> Dict[str, Dict[str, List[dict]]]:
-    """game -> method -> runs (the seeds, in seed order), of runs as named_runs leaves them; two runs of one
-    seed are refused (refuse_one_seed_twice)."""
-    refuse_one_seed_twice(runs, "dir")
+    """game -> method -> runs (the seeds, in seed order), of runs as named_runs leaves them."""
     grouped = defaultdict(lambda: defaultdict(list))
     for run in sorted(runs, key=lambda run: run["seed"]):
         grouped[run["game"]][run["method"]].append(run)
@@ -1250,6 +1248,7 @@ def main(args: PlotArgs) -> dict:
         return main_updates(args)
     # --methods picks among the names a control's settings give it, so select after naming
     runs = select_runs(named_runs([load_run(d, args.x_axis) for d in find_runs(args.runs)]), args)
+    refuse_one_seed_twice(runs, "dir")  # pooled as seeds below; the updates axis draws each run on its own
     grouped = group(runs)
     if not grouped:
         raise UsageError(f"no evaluated runs under {', '.join(args.runs)}"

@@ -164,7 +164,8 @@ def refuse_one_seed_twice(runs: List[dict], place: str) -> None:
         key = (run["game"], run["mode"], run["method"], run["seed"])
         if key in first:
             raise UsageError(f"{first[key]} and {run[place]} are both seed {run['seed']} of {run['method']} on "
-                             f"{run['game']} with the same settings: one seed, not two; give one of them")
+                             f"{run['game']} with the same settings (--bf16 and --compile aside): one seed, not two; "
+                             "give one of them")
         first[key] = run[place]
 
 
@@ -202,7 +203,9 @@ def find_runs(roots: List[str]) -> List[str]:
     a directory reached twice (a root given twice, or inside another root) would count as two seeds."""
     found = {}  # real path -> the path it was first reached by
     for root in roots:
-        for directory, _, files in os.walk(root):
+        for directory, subdirectories, files in os.walk(root):
+            # not into hidden directories: an export's staging copy (.export-*) is no run of its own
+            subdirectories[:] = [name for name in subdirectories if not name.startswith(".")]
             if "config.json" in files and os.path.realpath(directory) not in found and is_run(directory):
                 found[os.path.realpath(directory)] = directory
     return sorted(found.values())
@@ -218,8 +221,8 @@ REQUIRED_ARGS = {"env_id": str, "seed": int}
 
 
 def is_run(directory: str) -> bool:
-    """Whether the directory's config.json is a run's; one that names a script of ours but cannot be read as a
-    run's is skipped saying why (another tool's config.json is skipped silently)."""
+    """Whether the directory's config.json is a run's; one that is not a JSON object, or names a script of ours
+    but lacks what every tool reads, is skipped saying why (another tool's JSON object is skipped silently)."""
     try:
         config = read_json(os.path.join(directory, "config.json"))
     except (OSError, ValueError) as error:
@@ -328,7 +331,8 @@ def event_file_damage(path: str) -> Optional[Tuple[str, int]]:
         if header not in header_crcs:
             header_crcs[header] = struct.pack("<I", masked_crc32c(header))
         if data[start + 8:start + 12] != header_crcs[header]:
-            return "corrupt", start
+            # zeros to the end: space a crash (XFS, NFS) left unwritten after the last record, nothing lost
+            return ("partial" if not data[start:].strip(b"\0") else "corrupt"), start
         end = start + 16 + struct.unpack("<Q", header)[0]
         if end > len(data):
             return "partial", start

@@ -333,8 +333,9 @@ class Job:
         if status.get("finished") and reached and saved_total == self.expected["total_timesteps"]:
             return Outcome("done")  # with or without its checkpoint.pt, which a user may remove to save space
         if not has_checkpoint:
-            return Outcome("no checkpoint", f"{self.run_dir} holds an unfinished run without its checkpoint.pt; "
-                                            "left as it is: move it away to train it again")
+            return Outcome("no checkpoint", f"{self.run_dir} holds a run without its checkpoint.pt, not finished at "
+                                            f"--total-timesteps {self.expected['total_timesteps']:,}; left as it is: "
+                                            "move it away to train it again")
         return Outcome("resume")
 
     def command(self, state: str) -> List[str]:
@@ -668,7 +669,8 @@ def run_slurm(jobs: List[Job], args: SweepArgs) -> List[Outcome]:
         with executor.batch():
             submitted = [executor.submit(job) for job in jobs]
     except FailedJobError as error:  # sbatch's own line: a partition, gres or account it refused
-        raise UsageError(f"Slurm refused the jobs: {str(error).strip().splitlines()[-1]}") from None
+        said = str(error).strip().splitlines()
+        raise UsageError(f"Slurm refused the jobs: {said[-1] if said else 'sbatch failed without a message'}") from None
     print(f"submitted {len(submitted)} jobs to slurm; job ids {submitted[0].job_id} ... {submitted[-1].job_id}; "
           "run this command again later: it skips what is finished or running and resubmits the rest", flush=True)
     return []  # the cluster runs them

@@ -4,6 +4,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -372,7 +373,7 @@ def test_a_failed_export_leaves_nothing_behind_and_can_be_run_again(tmp_path):
     to = tmp_path / "results"
     with pytest.raises(export.UsageError, match="checkpoint.pt for the run's weights .*--no-weights leaves them out"):
         export.main(export.ExportArgs(runs=[str(tmp_path / "runs")], to=str(to), how="x"))
-    assert not to.exists()  # made by the export, so removed with it
+    assert os.listdir(to) == []  # no run in it, nor the staging directory
     export.main(export.ExportArgs(weights=False, runs=[str(tmp_path / "earlier")], to=str(to), how="y"))
     before = listing(to)
     with pytest.raises(export.UsageError, match="--no-weights leaves them out"):
@@ -395,7 +396,14 @@ def test_an_episodes_npz_that_cannot_be_read_is_one_line_where_it_is_read(tmp_pa
     assert run_data.load_run(run_dir)["curves"][run_data.TEST][1].tolist() == [1.0]  # the test curve needs none of it
     with pytest.raises(run_data.UsageError, match=message):
         export.main(export.ExportArgs(weights=False, runs=[str(tmp_path / "runs")], to=str(tmp_path / "r"), how="x"))
-    assert not (tmp_path / "r").exists()
+    assert os.listdir(tmp_path / "r") == []
+
+
+def test_a_staging_copy_a_killed_export_left_is_no_run(tmp_path):
+    write_run(tmp_path / "runs", "ppo", 1, [1.0], T0, 60)
+    export.main(export.ExportArgs(weights=False, runs=[str(tmp_path / "runs")], to=str(tmp_path / "r"), how="x"))
+    shutil.copytree(tmp_path / "r" / "starpilot__ppo__1", tmp_path / "r" / ".export-k1ll" / "starpilot__ppo__1")
+    assert run_data.find_runs([str(tmp_path / "r")]) == [str(tmp_path / "r" / "starpilot__ppo__1")]
 
 
 def test_an_episodes_npz_with_steps_but_not_as_many_values_is_refused(tmp_path):

@@ -2,6 +2,7 @@
 OpenAI's progress CSV, the stall table and the figure. Expected values are worked out by hand in the comments."""
 
 import bisect
+import dataclasses
 import json
 import os
 import statistics
@@ -336,3 +337,14 @@ def test_an_unreadable_updates_reference_is_one_line(tmp_path):
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: cannot read the updates reference {tmp_path / 'missing.csv'}: No such file or directory"
+
+
+def test_a_copy_of_a_seed_is_drawn_per_update_where_nothing_is_pooled(tmp_path):
+    for root in ("runs", "export"):  # a run and its export: one seed, refused where seeds are pooled
+        write_update_run(tmp_path / root, "ppo", "coinrun", 1, [0.9, 0.8], [2.7, 2.6])
+    args = plot.PlotArgs(runs=[str(tmp_path / "runs"), str(tmp_path / "export")], out=str(tmp_path / "fig"),
+                         figures=False)
+    with pytest.raises(plot.UsageError, match="are both seed 1 of PPO on coinrun"):
+        plot.main(args)
+    stalls = plot.main(dataclasses.replace(args, x_axis="updates"))["stalls"]
+    assert sorted(row["name"] for row in stalls) == ["coinrun__ppo__1"] * 2

@@ -280,7 +280,7 @@ def test_a_copy_of_a_run_is_not_another_seed(tmp_path):
     first, copy = fake_run(tmp_path / "runs" / "a"), fake_run(tmp_path / "export" / "a")  # both seed 1 of ppo
     other = fake_run(tmp_path / "runs" / "b", seed=2)
     with pytest.raises(robustness.UsageError, match=re.escape(f"{first} and {copy} are both seed 1 of ppo on bigfish "
-                                                              "with the same settings: one seed, not two")):
+                                                              "with the same settings (--bf16 and --compile aside): one seed, not two")):
         robustness.load_runs([first, copy, other])
     assert_one_line_error(run_cli(first, copy, "--out", str(tmp_path / "out")), "are both seed 1 of ppo")
     assert not (tmp_path / "out").exists()

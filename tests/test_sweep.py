@@ -480,8 +480,8 @@ def test_a_run_whose_checkpoint_was_removed_is_never_deleted(tmp_path, fake_trai
     else:
         assert job.state().kind == job().kind == "no checkpoint"
         assert sweep.main(args) == 1
-        assert f"bigfish__ppo__1: no checkpoint: {job.run_dir} holds an unfinished run without its checkpoint.pt; " \
-               "left as it is" in capsys.readouterr().out
+        assert f"bigfish__ppo__1: no checkpoint: {job.run_dir} holds a run without its checkpoint.pt, not finished " \
+               f"at --total-timesteps {job.expected['total_timesteps']:,}; left as it is" in capsys.readouterr().out
     assert sorted(os.listdir(job.run_dir)) == before
 
 
