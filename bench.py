@@ -179,6 +179,8 @@ def main(bench: BenchArgs) -> None:
     base = dict(env_id=bench.env_id, num_envs=num_envs, num_steps=num_steps, num_minibatches=bench.num_minibatches,
                 update_epochs=bench.update_epochs, cuda=bench.cuda)
     ppo.validate_args(ppo.Args(**base))  # bad sizes and games fail here
+    for count in bench.agent_counts:  # as mdpo.py checks K agents' games and frames: here, not after the floors
+        run_utils.check_memory(games=count * num_envs + num_envs, frames=count * num_envs * num_steps, cuda=bench.cuda)
 
     variants = [("float32", False, False)]
     if bench.bf16:

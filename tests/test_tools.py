@@ -75,6 +75,7 @@ def test_bench_cost_table_counts_samples_and_passes_per_iteration(capsys):
     ({"env_id": "pong"}, "unknown game 'pong'"),
     ({"agent_counts": [1, 2]}, "--agent-counts must list one or more counts, each at least 2"),
     ({"agent_counts": []}, "--agent-counts must list one or more counts"),  # `--agent-counts` with no value
+    ({"agent_counts": [2, 10**7]}, "160,000,016 games and 10,240,000,000 rollout frames need at least"),
 ])
 def test_bench_rejects_bad_settings_before_measuring(settings, message, capsys):
     with pytest.raises(ppo.UsageError, match=message):
