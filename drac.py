@@ -7,7 +7,6 @@ lists every flag."""
 
 import contextlib
 import io
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -107,7 +106,7 @@ class ProcgenVecEnv(gym.vector.VectorEnv):
         # Threads step disjoint envs, so their number changes the speed, never the results.
         self.procgen = ProcgenGym3Env(num=num_envs, env_name=env_id, num_levels=num_levels,
                                       start_level=start_level, distribution_mode=distribution_mode,
-                                      rand_seed=seed, num_threads=min(8, max(4, os.cpu_count() or 4)))
+                                      rand_seed=seed, num_threads=min(8, max(4, run_utils.usable_cores())))
         self.num_envs = num_envs
         self.single_observation_space = gym.spaces.Box(0, 255, (64, 64, 3), np.uint8)
         self.single_action_space = gym.spaces.Discrete(15)
