@@ -153,7 +153,7 @@ def draw(table: dict, title: str, path: str) -> None:
 def main(args: AgreementArgs) -> dict:
     if not args.runs:
         raise UsageError("give the run directories to compare")
-    check_seed("--probe-seed", args.probe_seed, 2_000_000)  # evaluation.probe_frames seeds its games 2,000,000 up
+    check_seed("--probe-seed", args.probe_seed, evaluation.PROBE_SEED_OFFSET)
     runs = [load_run(path) for path in args.runs]
     check_runs(runs)
     if not pairs(runs):

@@ -14,12 +14,15 @@ import torch
 
 import run_utils
 
+# Evaluation's and the probe set's games are seeded this far above the run's seed, away from training's.
+EVAL_SEED_OFFSET, PROBE_SEED_OFFSET = 1_000_000, 2_000_000
+
 
 def log_evaluation(writer, agent, env_class, args, device, iteration, global_step, run_dir, name):
     """Evaluate on test levels (the full distribution) and on the training levels, each in fresh envs of
     env_class (the script's ProcgenVecEnv) that all start an episode at once; log the three scalars and
     return the test return."""
-    eval_seed = args.seed + 1_000_000 + iteration  # differs from the training seed and between evals
+    eval_seed = args.seed + EVAL_SEED_OFFSET + iteration  # differs from the training seed and between evals
     returns = {}
     for levels, num_levels, start_level in (("test", 0, 0), ("train", args.num_levels, args.start_level)):
         env = env_class(args.env_id, args.eval_episodes, num_levels, start_level, args.distribution_mode, eval_seed)
@@ -117,7 +120,7 @@ def probe_frames(env_class, env_id: str, distribution_mode: str, seed: int, leve
     levels envs acting at random and each giving a frame every `spacing` steps, at depths 0 to 84 into its level
     (or into the next one, once an episode ended). Made from the seed alone, so every run with that seed, of any
     method, probes the same frames."""
-    envs = env_class(env_id, levels, 0, 0, distribution_mode, seed + 2_000_000)
+    envs = env_class(env_id, levels, 0, 0, distribution_mode, seed + PROBE_SEED_OFFSET)
     actions = np.random.default_rng(seed).integers(0, 15, (depths * spacing, levels))
     obs, frames = envs.reset()[0], []
     for step, step_actions in enumerate(actions):

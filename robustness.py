@@ -65,8 +65,6 @@ class RobustnessArgs:
     """draw the figure (else only the table and JSON)"""
 
 
-# The test levels' seed is --seed + this, as the training's evaluations use seed + 1_000_000 + iteration.
-EVAL_SEED_OFFSET = 1_000_000
 # The robustness tests' perturbations and the largest strength each takes.
 PERTURBATION_MAX_STRENGTH = {"random_conv": 1.0, "brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.5}
 # Named strengths of each perturbation; a number up to PERTURBATION_MAX_STRENGTH works too.
@@ -140,7 +138,7 @@ def check(args: RobustnessArgs) -> list:
         raise UsageError("give the run directories (or checkpoints) to measure")
     if not args.perturbations:  # `--perturbations` with nothing after it would measure the clean frames alone
         raise UsageError(f"--perturbations must name at least one; choose from: {', '.join(PERTURBATION_STRENGTHS)}")
-    check_seed("--seed", args.seed, EVAL_SEED_OFFSET)
+    check_seed("--seed", args.seed, evaluation.EVAL_SEED_OFFSET)
     if args.episodes < 1:
         raise UsageError(f"--episodes must be positive, got {args.episodes}")
     if args.frames < 2:  # the spread is relative to the clean frames' spread, which is 0 for one frame
@@ -192,7 +190,7 @@ def perturbation_key(name, strength) -> str:
 def measure_agent(agent, game, mode, frames, perturbations, args: RobustnessArgs) -> dict:
     """Clean return, entropy and, per perturbation, return, drop, TV and spread of one agent."""
     device = torch.device("cpu")
-    eval_seed = args.seed + EVAL_SEED_OFFSET
+    eval_seed = args.seed + evaluation.EVAL_SEED_OFFSET  # the test levels, as the training's evaluations
 
     def test_return(perturb=None):
         with contextlib.closing(ppo.ProcgenVecEnv(game, args.episodes, 0, 0, mode, eval_seed)) as env:

@@ -206,8 +206,11 @@ def find_runs(roots: List[str]) -> List[str]:
         for directory, subdirectories, files in os.walk(root):
             # not into hidden directories: an export's staging copy (.export-*) is no run of its own
             subdirectories[:] = [name for name in subdirectories if not name.startswith(".")]
-            if "config.json" in files and os.path.realpath(directory) not in found and is_run(directory):
-                found[os.path.realpath(directory)] = directory
+            if "config.json" not in files:
+                continue
+            real = os.path.realpath(directory)
+            if real not in found and is_run(directory):
+                found[real] = directory
     return sorted(found.values())
 
 

@@ -92,14 +92,12 @@ def open_run_dir(args, script: str):
             raise UsageError(f"{flag} is empty: give a run directory")
     if args.resume:
         saved_config(args.resume, script)  # a missing or foreign run fails here, before anything is written
-    if args.track and importlib.util.find_spec("wandb") is None:
-        raise UsageError("--track needs Weights & Biases: pip install wandb")
+    check_tracking(args.track)
     run_dir = args.resume or args.run_dir or f"runs/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
-    if not args.resume and not os.path.isfile(checkpoint_path):
+    if not args.resume and not has_checkpoint(run_dir):
         refuse_foreign_files(run_dir)  # before the lock file is written into a directory that is not a run's
     lock = lock_run_dir(run_dir)
-    if not args.resume and os.path.isfile(checkpoint_path):  # looked at again under the lock
+    if not args.resume and has_checkpoint(run_dir):  # looked at again under the lock
         check_compatible(args, saved_config(run_dir, script))
         print(f"{run_dir} holds a checkpoint: continuing it", file=sys.stderr)
         args = replace(args, resume=run_dir)
@@ -108,18 +106,32 @@ def open_run_dir(args, script: str):
     return args, run_dir, lock
 
 
-# What a run writes before its first checkpoint, with the temporary files of writes a kill interrupted;
-# agent<k>/ holds MDPO's per-agent event files.
+def check_tracking(track: bool) -> None:
+    if track and importlib.util.find_spec("wandb") is None:
+        raise UsageError("--track needs Weights & Biases: pip install wandb")
+
+
+def has_checkpoint(run_dir: str) -> bool:
+    return os.path.isfile(os.path.join(run_dir, "checkpoint.pt"))
+
+
+# What a run writes before its first checkpoint, with the temporary files of writes a kill interrupted,
+# and the directory of each of MDPO's agents' event files.
 LOGGED_FILES = ("config.json", "diverged.json", "config.json.tmp", "diverged.json.tmp", "checkpoint.pt.tmp")
-UNFINISHED_RUN_FILES = ("lock", *LOGGED_FILES)
+AGENT_DIR = re.compile(r"agent\d+")
+NO_CHECKPOINT = "holds a run without its checkpoint.pt (an exported run, or its checkpoint was removed)"
+
+
+def is_logged_file(name: str) -> bool:
+    return name.startswith("events.out.tfevents.") or name in LOGGED_FILES
 
 
 def is_unfinished_runs_file(run_dir: str, name: str) -> bool:
     path = os.path.join(run_dir, name)
     if os.path.isdir(path):
-        return name == "videos" or (re.fullmatch(r"agent\d+", name) is not None
+        return name == "videos" or (AGENT_DIR.fullmatch(name) is not None
                                     and all(inner.startswith("events.out.tfevents.") for inner in os.listdir(path)))
-    return name in UNFINISHED_RUN_FILES or name.startswith("events.out.tfevents.")
+    return name == "lock" or is_logged_file(name)
 
 
 def refuse_foreign_files(run_dir: str) -> None:
@@ -134,8 +146,7 @@ def refuse_foreign_files(run_dir: str) -> None:
     if "checkpoint.pt" in entries:  # written since this process looked: the lock says by whom
         return
     if "status.json" in entries:  # written only beside a checkpoint
-        raise UsageError(f"{run_dir} holds a run without its checkpoint.pt (an exported run, or its checkpoint was "
-                         "removed): it cannot be continued; give a new --run-dir")
+        raise UsageError(f"{run_dir} {NO_CHECKPOINT}: it cannot be continued; give a new --run-dir")
     foreign = [name for name in entries if not is_unfinished_runs_file(run_dir, name)]
     if foreign:
         raise UsageError(f"{run_dir} is not a run directory (it holds {foreign[0]}"
@@ -174,11 +185,11 @@ def discard_unfinished_run(run_dir: str) -> None:
     print(f"{run_dir} holds a run stopped before its first checkpoint: starting it afresh", file=sys.stderr)
     for name in os.listdir(run_dir):  # not below agent<k>/: a directory of other runs is never walked
         path = os.path.join(run_dir, name)
-        if re.fullmatch(r"agent\d+", name) and os.path.isdir(path):
+        if AGENT_DIR.fullmatch(name) and os.path.isdir(path):
             for inner in os.listdir(path):
                 if inner.startswith("events.out.tfevents."):
                     os.remove(os.path.join(path, inner))
-        elif name.startswith("events.out.tfevents.") or name in LOGGED_FILES:
+        elif is_logged_file(name):
             os.remove(path)
 
 
@@ -198,10 +209,9 @@ def saved_config(run_dir: str, script: str) -> dict:
     if not os.path.isdir(run_dir):
         raise UsageError(f"cannot resume: {run_dir} " + ("is a file, not a run directory" if os.path.exists(run_dir)
                                                          else "does not exist"))
-    if not os.path.isfile(path) or not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+    if not os.path.isfile(path) or not has_checkpoint(run_dir):
         if os.path.isfile(os.path.join(run_dir, "status.json")):
-            raise UsageError(f"cannot resume: {run_dir} holds a run without its checkpoint.pt (an exported run, or its "
-                             "checkpoint was removed)")
+            raise UsageError(f"cannot resume: {run_dir} {NO_CHECKPOINT}")
         raise UsageError(f"cannot resume: {run_dir} holds no checkpoint of a run "
                          "(a run stopped before its first checkpoint starts afresh without --resume)")
     try:
@@ -356,7 +366,7 @@ def interrupt_reported(run_dir: str, script: str, checkpoint_interval: int):
     try:
         yield
     except KeyboardInterrupt:
-        if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+        if has_checkpoint(run_dir):
             print(f"interrupted; continue with: python {script}.py --resume {run_dir}", file=sys.stderr)
         else:
             print(f"interrupted before the first checkpoint (iteration {checkpoint_interval}): nothing to resume",
@@ -375,7 +385,7 @@ def stop_if_diverged(run_dir: str, iteration: int, global_step: int, stats: list
         if what:
             write_json(os.path.join(run_dir, "diverged.json"), {"iteration": iteration, "global_step": global_step,
                                                                 "what": what})
-            kept = (f"the last good checkpoint in {run_dir} is kept" if os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
+            kept = (f"the last good checkpoint in {run_dir} is kept" if has_checkpoint(run_dir)
                     else "before the first checkpoint: nothing to resume")
             raise Diverged(f"diverged at iteration {iteration} (step {global_step}): {what}; {kept}")
 

@@ -34,7 +34,6 @@ ppo_2x gets twice the --num-envs and twice the --total-timesteps that --flags gi
 
 import contextlib
 import fcntl
-import importlib.util
 import json
 import math
 import os
@@ -315,7 +314,7 @@ class Job:
         diverged = os.path.join(self.run_dir, "diverged.json")
         if os.path.exists(diverged):
             return Outcome("diverged", describe_divergence(read_json(diverged)) + "; not rerun")
-        has_checkpoint = os.path.isfile(os.path.join(self.run_dir, "checkpoint.pt"))
+        has_checkpoint = run_utils.has_checkpoint(self.run_dir)
         status_path = os.path.join(self.run_dir, "status.json")  # written only beside a checkpoint
         if not has_checkpoint and not os.path.isfile(status_path):
             return Outcome("new")
@@ -518,8 +517,10 @@ def parse_flags(method: str, flags: List[str], games: List[str]):
             module.validate_args(replace(args, env_id=game))
     except module.UsageError as error:
         raise UsageError(f"--flags for {method}: {error}") from None
-    if args.track and importlib.util.find_spec("wandb") is None:  # each job would fail with it
-        raise UsageError("--flags --track needs Weights & Biases: pip install wandb")
+    try:
+        run_utils.check_tracking(args.track)  # each job would fail with it
+    except run_utils.UsageError as error:
+        raise UsageError(f"--flags {error}") from None
     return args
 
 

@@ -266,8 +266,8 @@ def test_sweep_refuses_a_root_that_is_a_file_and_track_without_wandb(tmp_path, m
     (tmp_path / "notes.md").write_text("")
     with pytest.raises(sweep.UsageError, match="--root .*notes.md is a file, not a directory"):
         sweep.main(sweep_args(tmp_path / "notes.md", dry_run=True))
-    real_find_spec = sweep.importlib.util.find_spec
-    monkeypatch.setattr(sweep.importlib.util, "find_spec", lambda name: None if name == "wandb" else real_find_spec(name))
+    real_find_spec = sweep.run_utils.importlib.util.find_spec
+    monkeypatch.setattr(sweep.run_utils.importlib.util, "find_spec", lambda name: None if name == "wandb" else real_find_spec(name))
     with pytest.raises(sweep.UsageError, match="--flags --track needs Weights & Biases"):  # before, every job failed
         sweep.main(sweep_args(tmp_path, flags="--track", dry_run=True))
 
