@@ -17,7 +17,8 @@ order written, about 4 bytes an episode), which plot.py reads as it reads the ev
 
 The README section names the machine as the runs logged it (their "machine" text: GPU model, torch,
 Python, commit), each run's steps and last test return, and the wall time from the event files'
-own clock. A results directory is never overwritten: exporting a run that is already there is refused.
+own clock. A results directory is never overwritten: exporting a run that is already there is refused, as is a
+second directory of a seed there (a copy of a run under another name), which plot.py would refuse.
 """
 
 import datetime
@@ -181,8 +182,9 @@ def event_summary(run_dir: str) -> dict:
     return {"start": min(times, default=None), "end": max(times, default=None), "machines": machines}
 
 
-def describe_run(run_dir: str) -> dict:
-    run = run_data.at_own_steps(run_data.load_run(run_dir))  # its return at its own step, ppo_2x too
+def describe_run(loaded: dict) -> dict:
+    """The README's row of a run as run_data.load_run read it."""
+    run, run_dir = run_data.at_own_steps(loaded), loaded["dir"]  # its return at its own step, ppo_2x too
     diverged = os.path.isfile(os.path.join(run_dir, "diverged.json"))
     state = "diverged" if diverged else "finished" if run["finished"] else "stopped (resumable)"
     test = run["curves"].get(run_data.TEST)
@@ -253,7 +255,11 @@ def main(args: ExportArgs) -> List[dict]:
     there = [name for name in names if os.path.exists(os.path.join(args.to, name))]
     if there:
         raise UsageError(f"{os.path.join(args.to, there[0])} exists already: results are never overwritten")
-    runs = [describe_run(d) for d in run_dirs]
+    there_before = run_data.find_runs([args.to]) if os.path.isdir(args.to) else []
+    loaded = [run_data.load_run(d) for d in there_before + run_dirs]
+    # plot.py would refuse the results directory: one seed in two directories is one seed, not two
+    run_data.refuse_one_seed_twice(run_data.split_by_settings(loaded), "dir")
+    runs = [describe_run(run) for run in loaded[len(there_before):]]
     episodes, weights = copy_runs(run_dirs, args)
     section = readme_section(runs, args.how, args.commit, episodes, args.episodes, weights)
     readme = os.path.join(args.to, "README.md")

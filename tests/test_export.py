@@ -77,7 +77,7 @@ def test_export_gives_ppo_2x_its_return_at_its_own_step(tmp_path):
     config["args"]["exp_name"] = "ppo_2x"  # as sweep.py names it; plot's per-agent axis draws it at half its steps
     with open(config_path, "w") as f:
         json.dump(config, f)
-    run = export.describe_run(run_dir)
+    run = export.describe_run(run_data.load_run(run_dir))
     assert run["method"] == "PPO 2x samples" and run["last_test"] == "2.00 at 2,000"
 
 
@@ -276,7 +276,7 @@ def test_sections_are_separated_by_a_blank_line(tmp_path):
 def test_a_diverged_run_is_called_diverged_even_if_its_status_says_finished(tmp_path):
     run_dir = write_run(tmp_path / "runs", "ppo", 1, [1.0], T0, 60, finished=True)
     open(os.path.join(run_dir, "diverged.json"), "w").write("{}")
-    assert export.describe_run(run_dir)["state"] == "diverged"
+    assert export.describe_run(run_data.load_run(run_dir))["state"] == "diverged"
 
 
 @pytest.mark.parametrize("script, num_agents", [("ppo", 1), ("mdpo", 2)])
@@ -360,6 +360,26 @@ def test_a_run_given_twice_is_exported_once(tmp_path):
     runs = [str(tmp_path / "runs"), str(tmp_path / "runs"), str(tmp_path / "runs" / "starpilot__ppo__1")]
     assert len(export.main(export.ExportArgs(weights=False, runs=runs, to=str(tmp_path / "r"), how="x"))) == 1
     assert ": 1 run\n" in (tmp_path / "r" / "README.md").read_text()  # "## Exported <date>: 1 run"
+
+
+def test_one_seed_in_two_directories_is_refused_as_plot_would_refuse_it(tmp_path):
+    first = write_run(tmp_path / "a", "ppo", 1, [1.0], T0, 60)
+    copy = str(tmp_path / "b" / "starpilot__ppo__1-again")
+    shutil.copytree(first, copy)
+    to = tmp_path / "r"
+    with pytest.raises(export.UsageError, match="are both seed 1 of PPO on starpilot with the same settings"):
+        export.main(export.ExportArgs(weights=False, runs=[str(tmp_path / "a"), copy], to=str(to), how="x"))
+    # nor beside the seed exported before under another name; other seeds and settings are exported
+    export.main(export.ExportArgs(weights=False, runs=[str(tmp_path / "a")], to=str(to), how="x"))
+    with pytest.raises(export.UsageError, match=f"{to / 'starpilot__ppo__1'} and {copy} are both seed 1"):
+        export.main(export.ExportArgs(weights=False, runs=[copy], to=str(to), how="x"))
+    write_run(tmp_path / "c", "ppo", 2, [1.0], T0, 60)
+    control = write_run(tmp_path / "d", "ppo", 1, [1.0], T0, 60)
+    with open(os.path.join(control, "config.json"), "w") as f:
+        json.dump({"script": "ppo", "args": {"env_id": "starpilot", "seed": 1, "exp_name": "ppo", "num_envs": 256}}, f)
+    os.rename(control, control + "-envs256")
+    export.main(export.ExportArgs(weights=False, runs=[str(tmp_path / "c"), str(tmp_path / "d")], to=str(to), how="y"))
+    assert sorted(os.listdir(to)) == ["README.md", "starpilot__ppo__1", "starpilot__ppo__1-envs256", "starpilot__ppo__2"]
 
 
 def listing(directory):
