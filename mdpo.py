@@ -1,9 +1,11 @@
 """MDPO, Mutual Distillation Policy Optimization, on Procgen with IMPALA-CNN actor-critics.
 
 Two (or --num-agents K) agents learn side by side, each from its own vector of Procgen environments.
-Each minimises its PPO loss plus alpha x the mean over its peers of KL(peer || self) on its own states,
-which pulls its action distribution towards theirs: mutual distillation as a regulariser. `python
-mdpo.py --help` lists every flag."""
+Agent i's loss L_i is its PPO loss plus alpha x the mean over its peers j of KL(pi_j || pi_i) on its own
+states, which pulls its action distribution towards theirs: mutual distillation as a regulariser. One
+optimiser minimises L = mean_i L_i over all agents' weights, so each KL term's gradient reaches the peer
+too, pulling both together; `--detach-peer` makes the peer a fixed target (classic deep mutual learning).
+`python mdpo.py --help` lists every flag."""
 
 import contextlib
 import io
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import tyro
 from gymnasium.vector import AutoresetMode
 from torch.distributions.categorical import Categorical
 from torch.utils.tensorboard import SummaryWriter
@@ -41,8 +44,9 @@ MODE_GAMES = {
     "extreme": ("chaser", "dodgeball", "leaper", "starpilot"),
     "memory": ("caveflyer", "dodgeball", "heist", "jumper", "maze", "miner"),
 }
-# Procgen takes its seeds and levels as 32-bit ints; evaluations and probes seed from the run's seed upwards.
-INT32_MAX, SEED_OFFSETS = 2**31 - 1, 3_000_000
+# Procgen takes its seeds and levels as 32-bit ints. A run's evaluations and probes seed above its own seed,
+# by evaluation.py's offsets (plus the iteration): SEED_HEADROOM plus the iterations keeps them all below 2**31.
+INT32_MAX, SEED_HEADROOM = 2**31 - 1, 3_000_000
 
 
 @dataclass
@@ -92,9 +96,10 @@ class Args:
     # Speed (numerics stay float32 unless asked)
     bf16: bool = False  # run the network under bfloat16 autocast (faster, slightly different numerics)
     compile: bool = False  # torch.compile the network
-    batch_size: int = 0  # the rollout size (computed)
-    minibatch_size: int = 0  # the minibatch size (computed)
-    num_iterations: int = 0  # the number of iterations (computed)
+    # Computed from the flags above by validate_args, so no flags of their own.
+    batch_size: tyro.conf.Suppress[int] = 0  # the rollout size: num_envs x num_steps
+    minibatch_size: tyro.conf.Suppress[int] = 0  # batch_size / num_minibatches
+    num_iterations: tyro.conf.Suppress[int] = 0  # total_timesteps // batch_size
 
 
 # ---- Environments ------------------------------------------------------------------------------
@@ -237,7 +242,8 @@ def make_agent(args: Args, device):
 # ---- Learning: GAE, the loss, the update -------------------------------------------------------
 def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda):
     """Generalised advantage estimates and returns of one rollout ([num_steps, num_envs] tensors).
-    dones[t] is 1 where obs[t] is the first frame of an episode, i.e. the step before it ended one."""
+    dones[t] is 1 where obs[t] is the first frame of an episode (step t - 1 ended one), so 1 - dones[t + 1]
+    stops step t's return from bootstrapping across the episode's end."""
     advantages = torch.zeros_like(rewards)
     last_gae = torch.zeros_like(next_value)
     for t in reversed(range(rewards.shape[0])):
@@ -286,19 +292,19 @@ def minibatch_loss(agents, batches, mb_inds, args: Args):
     """Each agent's loss L_i = PPO loss + alpha * mean over peers j of KL(pi_j || pi_i) on its own minibatch B_i,
     plus the L2 penalty of --l2-coef."""
     obs = torch.cat([batch["obs"][mb_inds] for batch in batches])  # every agent's states, agent by agent
-    on_states, own_values = [], []  # on_states[j][i]: agent j's logits on agent i's states
+    logits_on, own_values = [], []  # logits_on[j][i]: agent j's logits on agent i's states
     for j, agent in enumerate(agents):
         with torch.autocast(obs.device.type, torch.bfloat16, enabled=args.bf16):
             logits, values = agent(obs)
-        on_states.append(logits.split(len(mb_inds)))
+        logits_on.append(logits.split(len(mb_inds)))
         own_values.append(values.split(len(mb_inds))[j])
     losses, stats = [], []
     for i, agent in enumerate(agents):
-        loss, agent_stats = ppo_loss(on_states[i][i], own_values[i], batches[i], mb_inds, args)
-        peer_logits = [on_states[j][i] for j in range(len(agents)) if j != i]  # the peers' policies on i's states
+        loss, agent_stats = ppo_loss(logits_on[i][i], own_values[i], batches[i], mb_inds, args)
+        peer_logits = [logits_on[j][i] for j in range(len(agents)) if j != i]  # the peers' policies on i's states
         if args.detach_peer:
             peer_logits = [logits.detach() for logits in peer_logits]
-        kl = torch.stack([mutual_kl(logits, on_states[i][i]) for logits in peer_logits]).mean()
+        kl = torch.stack([mutual_kl(logits, logits_on[i][i]) for logits in peer_logits]).mean()
         if args.alpha > 0:  # alpha = 0 leaves the agents independent: no gradient crosses
             loss = loss + args.alpha * kl
         if args.l2_coef > 0:
@@ -309,7 +315,8 @@ def minibatch_loss(agents, batches, mb_inds, args: Args):
 
 
 def update(agents, optimizer, batches, args: Args) -> list:
-    """update_epochs passes of minibatch steps on L = mean_i L_i; returns each agent's mean losses."""
+    """update_epochs passes of minibatch steps on L = mean_i L_i; returns, per agent, the means of
+    minibatch_loss's stats and of its gradient norm."""
     totals = [{} for _ in agents]
     for _ in range(args.update_epochs):
         permutation = torch.randperm(args.batch_size, device=batches[0]["obs"].device)
@@ -318,8 +325,10 @@ def update(agents, optimizer, batches, args: Args) -> list:
             losses, stats = minibatch_loss(agents, batches, mb_inds, args)
             optimizer.zero_grad(set_to_none=True)
             (sum(losses) / len(agents)).backward()
-            for agent, agent_stats in zip(agents, stats):  # each agent's gradient clipped on its own
-                agent_stats["grad_norm"] = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+            # Each agent's gradient clipped on its own. It is the gradient of mean_i L_i, so with K agents it is
+            # 1/K of its own PPO loss's: MDPO's clip acts as K x max_grad_norm would in ppo.py (docs/method.md).
+            for agent, agent_stats in zip(agents, stats):
+                agent_stats["grad_norm"] = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)  # before clipping
             optimizer.step()
             for agent_stats, agent_totals in zip(stats, totals):
                 for key, value in agent_stats.items():
@@ -352,7 +361,8 @@ def policy_step(agent, obs, bf16):
 
 
 def make_policy(agent, args: Args, device):
-    """The rollout's policy: replayed from a CUDA graph on a GPU, called eagerly on the CPU."""
+    """The rollout's policy: replayed from a CUDA graph on a GPU (each call's outputs are overwritten by the
+    next call's), called eagerly on the CPU."""
     step = torch.inference_mode()(lambda obs: policy_step(agent, obs, args.bf16))
     if device.type == "cuda":
         return run_utils.CudaGraphed(step, torch.zeros((args.num_envs, 64, 64, 3), dtype=torch.uint8, device=device))
@@ -492,9 +502,9 @@ def validate_args(args: Args) -> Args:
                   f"least 2 samples (their advantages' std), got {batch_size // args.num_minibatches}")
     refuse_unless(args.total_timesteps >= batch_size, f"--total-timesteps ({args.total_timesteps}) is less than one batch ({batch_size})")
     num_iterations = args.total_timesteps // batch_size
-    refuse_unless(num_iterations <= INT32_MAX - SEED_OFFSETS, f"--total-timesteps must be at most "
-                  f"{(INT32_MAX - SEED_OFFSETS) * batch_size:,} at {batch_size} steps an iteration (Procgen's seeds are C ints)")
-    highest_seed = INT32_MAX - SEED_OFFSETS - num_iterations
+    refuse_unless(num_iterations <= INT32_MAX - SEED_HEADROOM, f"--total-timesteps must be at most "
+                  f"{(INT32_MAX - SEED_HEADROOM) * batch_size:,} at {batch_size} steps an iteration (Procgen's seeds are C ints)")
+    highest_seed = INT32_MAX - SEED_HEADROOM - num_iterations
     refuse_unless(0 <= args.seed <= highest_seed, f"--seed must lie in [0, {highest_seed}], got {args.seed}")
     return replace(args, batch_size=batch_size, minibatch_size=batch_size // args.num_minibatches,
                    num_iterations=num_iterations)
@@ -504,17 +514,18 @@ def agent_state(agent, envs, rollout) -> dict:
     """One agent's part of a checkpoint, all its run needs to continue exactly: weights, games, episode statistics,
     the reward normaliser's running return (public state; with same-step autoreset it keeps no other) and the
     frames its rollout continues from."""
-    norm, stats = envs.env, envs.env.env
-    return {"agent": agent.state_dict(), "procgen": stats.env.procgen.get_state(),
+    norm, episode_stats = envs.env, envs.env.env  # envs: reward clip(NormalizeReward(RecordEpisodeStatistics(..)))
+    return {"agent": agent.state_dict(), "procgen": episode_stats.env.procgen.get_state(),
             "return_rms": (norm.return_rms.mean, norm.return_rms.var, norm.return_rms.count),
             **{name: getattr(owner, name).copy() for owner, name in env_arrays(envs)},
             "next_obs": rollout.next_obs, "next_done": rollout.next_done}
 
 
 def restore_agent_state(agent, envs, rollout, state: dict) -> None:
+    norm, episode_stats = envs.env, envs.env.env
     agent.load_state_dict(state["agent"])
-    envs.env.env.env.procgen.set_state(state["procgen"])
-    envs.env.return_rms.mean, envs.env.return_rms.var, envs.env.return_rms.count = state["return_rms"]
+    episode_stats.env.procgen.set_state(state["procgen"])
+    norm.return_rms.mean, norm.return_rms.var, norm.return_rms.count = state["return_rms"]
     for owner, name in env_arrays(envs):
         getattr(owner, name)[:] = state[name]
     rollout.next_obs.copy_(state["next_obs"])
@@ -523,8 +534,9 @@ def restore_agent_state(agent, envs, rollout, state: dict) -> None:
 
 def env_arrays(envs):
     """(wrapper, attribute) of the arrays the episode statistics and the reward normaliser carry across steps."""
-    norm, stats = envs.env, envs.env.env
-    return [(stats, "episode_returns"), (stats, "episode_lengths"), (stats, "prev_dones"), (norm, "accumulated_reward")]
+    norm, episode_stats = envs.env, envs.env.env
+    return [(episode_stats, "episode_returns"), (episode_stats, "episode_lengths"), (episode_stats, "prev_dones"),
+            (norm, "accumulated_reward")]
 
 
 def log_iteration(writer, stats: dict, batch: dict, episodes: list, global_step: int, learning_rate: float) -> None:
@@ -581,9 +593,9 @@ def train(args: Args, run_dir: str) -> None:
     # One event stream per agent, so that the agents overlay on the same charts, and the run's own for
     # what compares them. purge_step hides what the interrupted process logged after its last checkpoint.
     purge_step = global_step + 1 if checkpoint else None
-    writers = [SummaryWriter(os.path.join(run_dir, f"agent{i + 1}"), purge_step=purge_step) for i in range(len(agents))]
+    agent_writers = [SummaryWriter(os.path.join(run_dir, f"agent{i + 1}"), purge_step=purge_step) for i in range(len(agents))]
     writer = SummaryWriter(run_dir, purge_step=purge_step)
-    for agent_writer in writers:
+    for agent_writer in agent_writers:
         agent_writer.add_text("hyperparameters", run_utils.hyperparameter_table(args))
     writer.add_text("machine", run_utils.machine_description(device), global_step)
     if not checkpoint:
@@ -604,12 +616,12 @@ def train(args: Args, run_dir: str) -> None:
                 agent.redraw_dropout_masks()  # once after each update phase, as in coinrun (nothing without dropout)
             timer.lap("update")
             run_utils.stop_if_diverged(run_dir, iteration, global_step, stats, agents)
-            for i, agent_writer in enumerate(writers):
+            for i, agent_writer in enumerate(agent_writers):
                 log_iteration(agent_writer, stats[i], batches[i], episodes[i], global_step, args.learning_rate)
 
             if iteration % args.eval_interval == 0 or iteration == args.num_iterations:
                 timer.lap()
-                for i, agent_writer in enumerate(writers):
+                for i, agent_writer in enumerate(agent_writers):
                     test_return[i] = evaluation.log_evaluation(agent_writer, agents[i], ProcgenVecEnv, args, device, iteration,
                                                                global_step, run_dir, f"agent{i + 1}")
                 timer.lap("eval")
@@ -621,8 +633,9 @@ def train(args: Args, run_dir: str) -> None:
                     "script": SCRIPT, "args": asdict(args), "iteration": iteration, "global_step": global_step,
                     "agents": [agent_state(*state) for state in zip(agents, envs, rollouts)],
                     "optimizer": optimizer.state_dict(), "rng": run_utils.rng_state()})
-            for agent_writer in writers:
-                timer.log(agent_writer, global_step, sps)
+            for agent_writer in agent_writers:
+                agent_writer.add_scalar("charts/SPS", sps, global_step)
+                timer.log(agent_writer, global_step)
             progress.update(args.batch_size)
             progress.set_postfix(sps=sps, test_return=f"{np.mean(test_return):.2f}")
             stop.stop_if_received(iteration, args.num_iterations, SCRIPT, run_dir)
@@ -630,7 +643,7 @@ def train(args: Args, run_dir: str) -> None:
         stop.restore()
         progress.close()
         writer.close()
-        for agent_writer, agent_envs in zip(writers, envs):
+        for agent_writer, agent_envs in zip(agent_writers, envs):
             agent_writer.close()
             agent_envs.close()
 

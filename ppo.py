@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import tyro
 from gymnasium.vector import AutoresetMode
 from torch.distributions.categorical import Categorical
 from torch.utils.tensorboard import SummaryWriter
@@ -39,8 +40,9 @@ MODE_GAMES = {
     "extreme": ("chaser", "dodgeball", "leaper", "starpilot"),
     "memory": ("caveflyer", "dodgeball", "heist", "jumper", "maze", "miner"),
 }
-# Procgen takes its seeds and levels as 32-bit ints; evaluations and probes seed from the run's seed upwards.
-INT32_MAX, SEED_OFFSETS = 2**31 - 1, 3_000_000
+# Procgen takes its seeds and levels as 32-bit ints. A run's evaluations and probes seed above its own seed,
+# by evaluation.py's offsets (plus the iteration): SEED_HEADROOM plus the iterations keeps them all below 2**31.
+INT32_MAX, SEED_HEADROOM = 2**31 - 1, 3_000_000
 
 
 @dataclass
@@ -87,9 +89,10 @@ class Args:
     # Speed (numerics stay float32 unless asked)
     bf16: bool = False  # run the network under bfloat16 autocast (faster, slightly different numerics)
     compile: bool = False  # torch.compile the network
-    batch_size: int = 0  # the rollout size (computed)
-    minibatch_size: int = 0  # the minibatch size (computed)
-    num_iterations: int = 0  # the number of iterations (computed)
+    # Computed from the flags above by validate_args, so no flags of their own.
+    batch_size: tyro.conf.Suppress[int] = 0  # the rollout size: num_envs x num_steps
+    minibatch_size: tyro.conf.Suppress[int] = 0  # batch_size / num_minibatches
+    num_iterations: tyro.conf.Suppress[int] = 0  # total_timesteps // batch_size
 
 
 # ---- Environments ------------------------------------------------------------------------------
@@ -232,7 +235,8 @@ def make_agent(args: Args, device):
 # ---- Learning: GAE, the loss, the update -------------------------------------------------------
 def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda):
     """Generalised advantage estimates and returns of one rollout ([num_steps, num_envs] tensors).
-    dones[t] is 1 where obs[t] is the first frame of an episode, i.e. the step before it ended one."""
+    dones[t] is 1 where obs[t] is the first frame of an episode (step t - 1 ended one), so 1 - dones[t + 1]
+    stops step t's return from bootstrapping across the episode's end."""
     advantages = torch.zeros_like(rewards)
     last_gae = torch.zeros_like(next_value)
     for t in reversed(range(rewards.shape[0])):
@@ -272,7 +276,7 @@ def l2_penalty(agent):
 
 
 def minibatch_loss(agent, batch: dict, mb_inds, args: Args):
-    """The PPO loss on a minibatch, plus the L2 penalty of the PPO + L2 baseline."""
+    """The PPO loss on a minibatch, plus the L2 penalty of --l2-coef."""
     with torch.autocast(batch["obs"].device.type, torch.bfloat16, enabled=args.bf16):
         logits, new_value = agent(batch["obs"][mb_inds])
     loss, stats = ppo_loss(logits, new_value, batch, mb_inds, args)
@@ -282,7 +286,8 @@ def minibatch_loss(agent, batch: dict, mb_inds, args: Args):
 
 
 def update(agent, optimizer, batch: dict, args: Args) -> dict:
-    """update_epochs passes of minibatch gradient steps over one rollout; returns mean losses."""
+    """update_epochs passes of minibatch gradient steps over one rollout; returns the means of
+    minibatch_loss's stats and of the gradient norm."""
     totals = {}
     for _ in range(args.update_epochs):
         permutation = torch.randperm(args.batch_size, device=batch["obs"].device)
@@ -322,7 +327,8 @@ def policy_step(agent, obs, bf16):
 
 
 def make_policy(agent, args: Args, device):
-    """The rollout's policy: replayed from a CUDA graph on a GPU, called eagerly on the CPU."""
+    """The rollout's policy: replayed from a CUDA graph on a GPU (each call's outputs are overwritten by the
+    next call's), called eagerly on the CPU."""
     step = torch.inference_mode()(lambda obs: policy_step(agent, obs, args.bf16))
     if device.type == "cuda":
         return run_utils.CudaGraphed(step, torch.zeros((args.num_envs, 64, 64, 3), dtype=torch.uint8, device=device))
@@ -430,9 +436,9 @@ def validate_args(args: Args) -> Args:
                   f"least 2 samples (their advantages' std), got {batch_size // args.num_minibatches}")
     refuse_unless(args.total_timesteps >= batch_size, f"--total-timesteps ({args.total_timesteps}) is less than one batch ({batch_size})")
     num_iterations = args.total_timesteps // batch_size
-    refuse_unless(num_iterations <= INT32_MAX - SEED_OFFSETS, f"--total-timesteps must be at most "
-                  f"{(INT32_MAX - SEED_OFFSETS) * batch_size:,} at {batch_size} steps an iteration (Procgen's seeds are C ints)")
-    highest_seed = INT32_MAX - SEED_OFFSETS - num_iterations
+    refuse_unless(num_iterations <= INT32_MAX - SEED_HEADROOM, f"--total-timesteps must be at most "
+                  f"{(INT32_MAX - SEED_HEADROOM) * batch_size:,} at {batch_size} steps an iteration (Procgen's seeds are C ints)")
+    highest_seed = INT32_MAX - SEED_HEADROOM - num_iterations
     refuse_unless(0 <= args.seed <= highest_seed, f"--seed must lie in [0, {highest_seed}], got {args.seed}")
     return replace(args, batch_size=batch_size, minibatch_size=batch_size // args.num_minibatches,
                    num_iterations=num_iterations)
@@ -442,17 +448,18 @@ def agent_state(agent, envs, rollout) -> dict:
     """One agent's part of a checkpoint, all its run needs to continue exactly: weights, games, episode statistics,
     the reward normaliser's running return (public state; with same-step autoreset it keeps no other) and the
     frames its rollout continues from."""
-    norm, stats = envs.env, envs.env.env
-    return {"agent": agent.state_dict(), "procgen": stats.env.procgen.get_state(),
+    norm, episode_stats = envs.env, envs.env.env  # envs: reward clip(NormalizeReward(RecordEpisodeStatistics(..)))
+    return {"agent": agent.state_dict(), "procgen": episode_stats.env.procgen.get_state(),
             "return_rms": (norm.return_rms.mean, norm.return_rms.var, norm.return_rms.count),
             **{name: getattr(owner, name).copy() for owner, name in env_arrays(envs)},
             "next_obs": rollout.next_obs, "next_done": rollout.next_done}
 
 
 def restore_agent_state(agent, envs, rollout, state: dict) -> None:
+    norm, episode_stats = envs.env, envs.env.env
     agent.load_state_dict(state["agent"])
-    envs.env.env.env.procgen.set_state(state["procgen"])
-    envs.env.return_rms.mean, envs.env.return_rms.var, envs.env.return_rms.count = state["return_rms"]
+    episode_stats.env.procgen.set_state(state["procgen"])
+    norm.return_rms.mean, norm.return_rms.var, norm.return_rms.count = state["return_rms"]
     for owner, name in env_arrays(envs):
         getattr(owner, name)[:] = state[name]
     rollout.next_obs.copy_(state["next_obs"])
@@ -461,8 +468,9 @@ def restore_agent_state(agent, envs, rollout, state: dict) -> None:
 
 def env_arrays(envs):
     """(wrapper, attribute) of the arrays the episode statistics and the reward normaliser carry across steps."""
-    norm, stats = envs.env, envs.env.env
-    return [(stats, "episode_returns"), (stats, "episode_lengths"), (stats, "prev_dones"), (norm, "accumulated_reward")]
+    norm, episode_stats = envs.env, envs.env.env
+    return [(episode_stats, "episode_returns"), (episode_stats, "episode_lengths"), (episode_stats, "prev_dones"),
+            (norm, "accumulated_reward")]
 
 
 def log_iteration(writer, stats: dict, batch: dict, episodes: list, global_step: int, learning_rate: float) -> None:
@@ -541,7 +549,8 @@ def train(args: Args, run_dir: str) -> None:
                     "script": SCRIPT, "args": asdict(args), "iteration": iteration, "global_step": global_step,
                     "agents": [agent_state(agent, envs, rollout)],
                     "optimizer": optimizer.state_dict(), "rng": run_utils.rng_state()})
-            timer.log(writer, global_step, sps)
+            writer.add_scalar("charts/SPS", sps, global_step)
+            timer.log(writer, global_step)
             progress.update(args.batch_size)
             progress.set_postfix(sps=sps, test_return=f"{test_return:.2f}")
             stop.stop_if_received(iteration, args.num_iterations, SCRIPT, run_dir)

@@ -500,7 +500,7 @@ def keep_freed_memory() -> None:
 
 
 class Timer:
-    """Wall-clock seconds of the parts of one iteration as perf/* scalars (bench.py reads them), and the SPS."""
+    """Wall-clock seconds of the parts of one iteration as perf/* scalars (bench.py reads them)."""
 
     def __init__(self):
         self.start = self.last = time.perf_counter()
@@ -512,11 +512,10 @@ class Timer:
             self.seconds[name] = now - self.last
         self.last = now
 
-    def log(self, writer, step, sps):
+    def log(self, writer, step):
         self.seconds["iteration"] = time.perf_counter() - self.start
         for name, seconds in self.seconds.items():
             writer.add_scalar(f"perf/{name}_seconds", seconds, step)
-        writer.add_scalar("charts/SPS", sps, step)
 
 
 def hyperparameter_table(args) -> str:

@@ -736,3 +736,29 @@ def test_bad_input_through_both_command_lines_fails_in_one_line_with_exit_code_2
             failures.append(f"{script} {' '.join(flags)}: exit {code}, stderr {stderr[-300:]!r}")
     assert not failures, "\n".join(failures)
     assert len(outcomes) == len(cases) > 80
+
+
+def test_the_computed_sizes_are_no_flags_so_they_cannot_be_set_and_silently_ignored(tmp_path):
+    # validate_args computes them from --num-envs, --num-steps, --num-minibatches and --total-timesteps.
+    cases = [[script, [f"--{name}", "4096", "--run-dir", str(tmp_path / "run")]]
+             for script in ("ppo.py", "drac.py", "mdpo.py") for name in ("batch-size", "minibatch-size", "num-iterations")]
+    result = subprocess.run([sys.executable, "-c", CLI_CASES, json.dumps(cases)], capture_output=True, text=True,
+                            cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for (script, flags), (code, stderr) in zip(cases, json.loads(result.stdout.strip().splitlines()[-1])):
+        assert code == 2 and f"Unrecognized options: {flags[0]}" in stderr, (script, flags, code, stderr[-300:])
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("module", [ppo, drac, mdpo])
+def test_the_seed_headroom_holds_every_seed_a_run_derives_from_its_own(module):
+    # validate_args keeps seed + SEED_HEADROOM + num_iterations below 2**31; evaluations seed at
+    # seed + EVAL_SEED_OFFSET + iteration, the probes at seed + PROBE_SEED_OFFSET.
+    assert module.SEED_HEADROOM > max(evaluation.EVAL_SEED_OFFSET, evaluation.PROBE_SEED_OFFSET)
+    args = module.validate_args(module.Args(num_envs=4, num_steps=16, num_minibatches=2, total_timesteps=64 * 10))
+    highest = module.INT32_MAX - module.SEED_HEADROOM - args.num_iterations
+    module.validate_args(dataclasses.replace(args, seed=highest))
+    with pytest.raises(module.UsageError, match="--seed must lie in"):
+        module.validate_args(dataclasses.replace(args, seed=highest + 1))
+    assert highest + evaluation.EVAL_SEED_OFFSET + args.num_iterations <= 2**31 - 1
+    assert highest + evaluation.PROBE_SEED_OFFSET <= 2**31 - 1
