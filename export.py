@@ -255,11 +255,11 @@ def main(args: ExportArgs) -> List[dict]:
     there = [name for name in names if os.path.exists(os.path.join(args.to, name))]
     if there:
         raise UsageError(f"{os.path.join(args.to, there[0])} exists already: results are never overwritten")
-    there_before = run_data.find_runs([args.to]) if os.path.isdir(args.to) else []
-    loaded = [run_data.load_run(d) for d in there_before + run_dirs]
+    there_before = [run_data.run_identity(d) for d in run_data.find_runs([args.to])] if os.path.isdir(args.to) else []
+    loaded = [run_data.load_run(d) for d in run_dirs]
     # plot.py would refuse the results directory: one seed in two directories is one seed, not two
-    run_data.refuse_one_seed_twice(run_data.split_by_settings(loaded), "dir")
-    runs = [describe_run(run) for run in loaded[len(there_before):]]
+    run_data.refuse_one_seed_twice(run_data.split_by_settings(there_before + loaded), "dir", kept=len(there_before))
+    runs = [describe_run(run) for run in loaded]
     episodes, weights = copy_runs(run_dirs, args)
     section = readme_section(runs, args.how, args.commit, episodes, args.episodes, weights)
     readme = os.path.join(args.to, "README.md")

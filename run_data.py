@@ -154,19 +154,20 @@ def split_by_settings(runs: List[dict]) -> List[dict]:
     return split
 
 
-def refuse_one_seed_twice(runs: List[dict], place: str) -> None:
+def refuse_one_seed_twice(runs: List[dict], place: str, kept: int = 0) -> None:
     """Runs as split_by_settings names them, each with its directory at run[place]: two directories holding
     one seed of one method, game and mode with the same settings (a run and its export or copy, or a seed
     trained twice) are one seed, not two; taken together they would narrow every spread and interval.
-    Refused in one line naming both."""
+    Refused in one line naming both, except between two of the first `kept` runs (export.py's runs already
+    in --to, which it leaves as they are)."""
     first = {}
-    for run in runs:
+    for index, run in enumerate(runs):
         key = (run["game"], run["mode"], run["method"], run["seed"])
-        if key in first:
+        if key in first and index >= kept:
             raise UsageError(f"{first[key]} and {run[place]} are both seed {run['seed']} of {run['method']} on "
                              f"{run['game']} with the same settings (--bf16 and --compile aside): one seed, not two; "
                              "give one of them")
-        first[key] = run[place]
+        first.setdefault(key, run[place])
 
 
 def with_settings(method: str, settings: List[str]) -> str:
@@ -376,6 +377,15 @@ def samples_scale(method: str) -> int:
     return METHODS[method].budget_scale if method in METHODS else 1
 
 
+def run_identity(run_dir: str, config: Optional[dict] = None) -> dict:
+    """A run's game, mode, method, seed and args from its config.json alone (read unless given), and its
+    directory at "dir": what names its curves, without reading them."""
+    config = config if config is not None else read_json(os.path.join(run_dir, "config.json"))
+    args = config["args"]
+    return {"game": args["env_id"], "method": display_name(method_of(config)), "seed": args["seed"], "args": args,
+            "mode": args.get("distribution_mode", "hard"), "dir": run_dir}
+
+
 def load_run(run_dir: str, x_axis: str = "agent") -> dict:
     """A run's game, method, seed, mode and curves. With K agents its score curve is their mean; with
     x_axis "total" its steps count every agent's environment steps (K x steps per agent).
@@ -404,10 +414,9 @@ def load_run(run_dir: str, x_axis: str = "agent") -> dict:
         if cka is not None and len(cka[0]):
             curves[CKA] = (cka[0] * scale, cka[1])
     status = read_status(run_dir)
-    return {"game": args["env_id"], "method": display_name(method), "seed": args["seed"], "args": args,
-            "mode": args.get("distribution_mode", "hard"), "num_agents": num_agents,
+    return {**run_identity(run_dir, config), "num_agents": num_agents,
             "finished": bool(status.get("finished")), "steps": status.get("global_step"),
-            "curves": curves, "agent_curves": agent_curves, "dir": run_dir, "steps_per_x": per}
+            "curves": curves, "agent_curves": agent_curves, "steps_per_x": per}
 
 
 def at_own_steps(run: dict) -> dict:

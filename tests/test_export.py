@@ -380,6 +380,11 @@ def test_one_seed_in_two_directories_is_refused_as_plot_would_refuse_it(tmp_path
     os.rename(control, control + "-envs256")
     export.main(export.ExportArgs(weights=False, runs=[str(tmp_path / "c"), str(tmp_path / "d")], to=str(to), how="y"))
     assert sorted(os.listdir(to)) == ["README.md", "starpilot__ppo__1", "starpilot__ppo__1-envs256", "starpilot__ppo__2"]
+    # a pair already in --to (put there by hand) is plot.py's to refuse, not a reason to refuse another seed
+    shutil.copytree(to / "starpilot__ppo__2", to / "starpilot__ppo__2-copy")
+    write_run(tmp_path / "e", "ppo", 3, [1.0], T0, 60)
+    export.main(export.ExportArgs(weights=False, runs=[str(tmp_path / "e")], to=str(to), how="z"))
+    assert (to / "starpilot__ppo__3").is_dir()
 
 
 def listing(directory):
