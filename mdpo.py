@@ -540,7 +540,8 @@ def env_arrays(envs):
 
 
 def log_iteration(writer, stats: dict, batch: dict, episodes: list, global_step: int, learning_rate: float) -> None:
-    """The episodes that ended in the rollout and the update's losses."""
+    """The episodes that ended in the rollout, the update's losses and stats, the value's explained variance
+    on the rollout and the learning rate."""
     for step, episode_return, length in episodes:
         writer.add_scalar("charts/episodic_return", episode_return, step)
         writer.add_scalar("charts/episodic_length", length, step)
