@@ -654,7 +654,7 @@ def agent_state(agent, envs, rollout) -> dict:
     """One agent's part of a checkpoint, all its run needs to continue exactly: weights, games, episode statistics,
     the reward normaliser's running return (public state; with same-step autoreset it keeps no other) and the
     frames its rollout continues from."""
-    norm, episode_stats = envs.env, envs.env.env  # envs: reward clip(NormalizeReward(RecordEpisodeStatistics(..)))
+    norm, episode_stats = env_wrappers(envs)
     return {"agent": agent.state_dict(), "procgen": episode_stats.env.procgen.get_state(),
             "return_rms": (norm.return_rms.mean, norm.return_rms.var, norm.return_rms.count),
             **{name: getattr(owner, name).copy() for owner, name in env_arrays(envs)},
@@ -662,7 +662,7 @@ def agent_state(agent, envs, rollout) -> dict:
 
 
 def restore_agent_state(agent, envs, rollout, state: dict) -> None:
-    norm, episode_stats = envs.env, envs.env.env
+    norm, episode_stats = env_wrappers(envs)
     agent.load_state_dict(state["agent"])
     episode_stats.env.procgen.set_state(state["procgen"])
     norm.return_rms.mean, norm.return_rms.var, norm.return_rms.count = state["return_rms"]
@@ -672,9 +672,14 @@ def restore_agent_state(agent, envs, rollout, state: dict) -> None:
     rollout.next_done.copy_(state["next_done"])
 
 
+def env_wrappers(envs):
+    """make_envs' reward normaliser and the episode statistics inside it (envs is the reward clip around both)."""
+    return envs.env, envs.env.env
+
+
 def env_arrays(envs):
     """(wrapper, attribute) of the arrays the episode statistics and the reward normaliser carry across steps."""
-    norm, episode_stats = envs.env, envs.env.env
+    norm, episode_stats = env_wrappers(envs)
     return [(episode_stats, "episode_returns"), (episode_stats, "episode_lengths"), (episode_stats, "prev_dones"),
             (norm, "accumulated_reward")]
 
