@@ -130,7 +130,8 @@ LEARNING_SETTINGS = ("num_levels", "start_level", "learning_rate", "num_envs", "
                      "max_grad_norm")
 
 
-# A run made before a setting existed lacks it in config.json and ran at its default (ppo.py's and mdpo.py's agree).
+# A run made before a setting existed lacks it in config.json and ran at its default (ppo.py's, drac.py's and
+# mdpo.py's agree).
 LEARNING_DEFAULTS = {name: ppo.Args.__dataclass_fields__[name].default for name in LEARNING_SETTINGS}
 
 

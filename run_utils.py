@@ -239,7 +239,8 @@ def flag_difference(config: dict, fields: dict) -> Optional[str]:
     saved, script = config["args"], f"{config['script']}.py" if config.get("script") else "this script"
     if set(saved) != set(fields):
         return (f"the run was made by another version of {script} (its flags differ: "
-                f"{', '.join(sorted(set(fields) ^ set(saved)))})")
+                f"{', '.join(sorted(set(fields) ^ set(saved)))}): continue it with the version that made it (the "
+                "commit in its TensorBoard text 'machine'), or start a new run")
     for key, value in fields.items():
         if key not in RESUMABLE_FIELDS and saved[key] != value:
             return f"--{key.replace('_', '-')} is {saved[key]!r} in the run, {value!r} here"

@@ -1106,13 +1106,14 @@ def settings_run(method, seed, game="coinrun", **args):
     return {"method": method, "seed": seed, "game": game, "args": {"learning_rate": 5e-4, **args}}
 
 
-def test_each_learning_setting_splits_runs_and_both_scripts_default_it_alike():
+def test_each_learning_setting_splits_runs_and_every_script_defaults_it_alike():
+    import drac
     import mdpo
     import ppo
 
     for name in run_data.LEARNING_SETTINGS:
         default = getattr(ppo.Args, name)
-        assert getattr(mdpo.Args, name) == default, name
+        assert getattr(mdpo.Args, name) == default == getattr(drac.Args, name), name
         other = not default if isinstance(default, bool) else default * 2 + 1
         assert split_names(settings_run("PPO", 1), settings_run("PPO", 2, **{name: other})) == [
             "PPO", f"PPO ({name}={other})"], name
@@ -1136,7 +1137,7 @@ def test_a_run_made_before_a_setting_existed_ran_at_its_default():
     assert split_names(settings_run("PPO", 1), settings_run("PPO", 2, gae_lambda=0.95)) == ["PPO", "PPO"]
 
 
-def test_every_field_of_both_scripts_is_a_learning_setting_a_method_field_or_named_here_as_neither():
+def test_every_field_of_every_script_is_a_learning_setting_a_method_field_or_named_here_as_neither():
     # A field added to Args must be sorted here, so that split_by_settings cannot silently miss it.
     import dataclasses
 
