@@ -228,9 +228,12 @@ def saved_config(run_dir: str, script: str) -> dict:
 
 def check_compatible(args, config: dict) -> None:
     """Refuse to resume a run of another version of the script, or with flags that change what it computes."""
-    difference = flag_difference(config, asdict(args))
+    fields = asdict(args)
+    difference = flag_difference(config, fields)
     if difference:
-        raise UsageError(f"cannot resume: {difference}")
+        another_version = set(config["args"]) != set(fields)
+        raise UsageError(f"cannot resume: {difference}" + (": continue it with the scripts that made it (their commit "
+                         "is in the run's TensorBoard text 'machine'), or start a new run" if another_version else ""))
 
 
 def flag_difference(config: dict, fields: dict) -> Optional[str]:
@@ -239,8 +242,7 @@ def flag_difference(config: dict, fields: dict) -> Optional[str]:
     saved, script = config["args"], f"{config['script']}.py" if config.get("script") else "this script"
     if set(saved) != set(fields):
         return (f"the run was made by another version of {script} (its flags differ: "
-                f"{', '.join(sorted(set(fields) ^ set(saved)))}): continue it with the version that made it (the "
-                "commit in its TensorBoard text 'machine'), or start a new run")
+                f"{', '.join(sorted(set(fields) ^ set(saved)))})")
     for key, value in fields.items():
         if key not in RESUMABLE_FIELDS and saved[key] != value:
             return f"--{key.replace('_', '-')} is {saved[key]!r} in the run, {value!r} here"

@@ -556,7 +556,8 @@ def test_a_run_made_by_another_version_of_the_script_is_refused_in_one_line(modu
     # A pre-release project keeps no compatibility branches: a config whose flags are not this script's is refused.
     args = module.Args()
     older = {"args": {k: v for k, v in asdict(args).items() if k != field}}
-    with pytest.raises(module.UsageError, match=f"cannot resume: the run was made by another version .*{field}"):
+    with pytest.raises(module.UsageError, match=f"cannot resume: the run was made by another version .*{field}.*"
+                                                 "continue it with the scripts that made it .* or start a new run"):
         run_utils.check_compatible(args, older)
     run_utils.check_compatible(args, {"args": asdict(args)})  # the same version and flags: the same run
 
