@@ -241,6 +241,32 @@ def test_mdpo_loss_is_ppo_loss_plus_alpha_kl():
             assert mixed[i].item() == pytest.approx(plain[i].item() + 0.5 * kl.item(), rel=1e-4, abs=1e-6)
 
 
+def test_three_agents_average_the_kl_over_their_peers():
+    """With K = 3 each agent's term is alpha * mean over its two peers (a sum would double it; with
+    two agents the two agree, so only K >= 3 tells them apart)."""
+    torch.manual_seed(0)
+    agents = [mdpo.Agent() for _ in range(3)]
+    for agent in agents:
+        agent.actor.weight.data *= 200
+    batches = [random_batch(seed, 32) for seed in (1, 2, 3)]
+    make = lambda alpha: mdpo.validate_args(mdpo.Args(alpha=alpha, num_agents=3, num_envs=4, num_steps=8,  # noqa: E731
+                                                      num_minibatches=1, total_timesteps=32))
+    inds = torch.arange(32)
+    with torch.no_grad():
+        plain, _ = mdpo.minibatch_loss(agents, batches, inds, make(0.0))
+        mixed, stats = mdpo.minibatch_loss(agents, batches, inds, make(0.5))
+        for i in range(3):
+            own = agents[i](batches[i]["obs"])[0].double().log_softmax(-1)
+            kls = []
+            for j in range(3):
+                if j != i:
+                    peer = agents[j](batches[i]["obs"])[0].double().log_softmax(-1)
+                    kls.append((peer.exp() * (peer - own)).sum(-1).mean().item())
+            kl = sum(kls) / len(kls)
+            assert stats[i]["mutual_kl"].item() == pytest.approx(kl, rel=1e-4)
+            assert mixed[i].item() == pytest.approx(plain[i].item() + 0.5 * kl, rel=1e-4, abs=1e-6)
+
+
 @pytest.mark.parametrize("module", [ppo, mdpo])
 def test_training_rewards_are_clipped_to_plus_minus_ten(module):
     """The outermost training wrapper clips the normalised rewards of the whole vector at once."""
