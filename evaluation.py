@@ -8,6 +8,7 @@ variation between their policies on the same probe frames.
 import contextlib
 import itertools
 import os
+import sys
 
 import numpy as np
 import torch
@@ -192,3 +193,9 @@ def interval95(values):
 
     half = t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
     return mean, mean - half, mean + half
+
+
+if __name__ == "__main__":  # a module, not a tool: say where a saved run's evaluation is
+    print("error: evaluation.py is the protocol the scripts and tools import; to evaluate a saved run, give it to "
+          "robustness.py (its clean return is this protocol's test return)", file=sys.stderr)
+    raise SystemExit(2)

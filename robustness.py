@@ -52,7 +52,7 @@ class RobustnessArgs:
     frames: int = 64
     """test-level frames for the TV distance, spread and entropy (at least 2: the spread is relative to theirs)"""
     copies: int = 8
-    """perturbed copies of each of those frames"""
+    """perturbed copies of each of those frames (at least 2: one copy has no spread)"""
     warmup_steps: int = 50
     """random-action steps before those frames are taken, so that they are not start screens"""
     seed: int = 0

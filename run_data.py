@@ -442,7 +442,9 @@ def weights_file(path: str) -> str:
     for name in ("checkpoint.pt", "weights.pt"):
         if os.path.isfile(os.path.join(path, name)):
             return os.path.join(path, name)
-    raise UsageError(f"no checkpoint.pt or weights.pt in {path}")
+    why = ": a run not yet checkpointed, or exported without its weights" if os.path.isfile(
+        os.path.join(path, "config.json")) else ""
+    raise UsageError(f"no checkpoint.pt or weights.pt in {path}{why}")
 
 
 def load_agents(path: str) -> dict:

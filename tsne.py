@@ -56,7 +56,7 @@ class TsneArgs:
     mdpo_agent: List[int] = field(default_factory=lambda: [1])
     """which agent (1..K) of an MDPO checkpoint to use: one number for all, or one per checkpoint"""
     copies: int = 100
-    """random-convolution copies of each perturbed frame"""
+    """random-convolution copies of each perturbed frame (at least 3: the figure shows three)"""
     frames: int = 4
     """frames perturbed per seed (the first of the clean frames, each of its own level)"""
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
@@ -266,6 +266,12 @@ def main(args: TsneArgs) -> dict:
     return summary
 
 
+def plus_minus(mean_and_std: List[float]) -> str:
+    """'mean ± std', or the mean alone where one value leaves no std."""
+    mean, std = mean_and_std
+    return f"{mean:.4f}" + ("" if np.isnan(std) else f" ± {std:.4f}")
+
+
 def print_summary(summary: dict) -> None:
     cases = len(summary["seeds"]) * summary["frames_per_seed"]
     print(f"{summary['game']}: {summary['copies']} random-conv copies of each of {cases} frames "
@@ -273,11 +279,11 @@ def print_summary(summary: dict) -> None:
           "mean ± sample std over the frames")
     print("| encoder | feature spread | policy TV distance | policy entropy on clean frames |\n|---|---|---|---|")
     for entry in summary["encoders"]:
-        print(f"| {entry['label']} | " + " | ".join(f"{entry[key][0]:.4f} ± {entry[key][1]:.4f}"
-                                                    for key in ("spread", "tv_distance", "entropy")) + " |")
+        print(f"| {entry['label']} | " + " | ".join(plus_minus(entry[key]) for key in ("spread", "tv_distance", "entropy"))
+              + " |")
     for pair in summary["debiased_cka"]:
         print(f"debiased CKA of {pair['a']} and {pair['b']} on the clean frames: "
-              f"{pair['cka'][0]:.4f} ± {pair['cka'][1]:.4f} over {len(summary['seeds'])} seed(s)")
+              f"{plus_minus(pair['cka'])} over {len(summary['seeds'])} seed(s)")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """The evaluation counts exactly one complete episode per evaluation env."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +10,7 @@ import torch
 import evaluation
 import mdpo
 import ppo
+from helpers import ROOT
 
 
 class ScriptedEnv:
@@ -57,3 +61,9 @@ def test_the_evaluation_runs_the_network_in_bfloat16_only_when_asked(bf16):
     agent.actor.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
     evaluation.evaluate(agent, ScriptedEnv([2, 3]), torch.device("cpu"), seed=0, bf16=bf16)
     assert seen and set(seen) == {torch.bfloat16 if bf16 else torch.float32}
+
+
+def test_running_the_module_points_to_the_tool_that_evaluates_a_saved_run():
+    result = subprocess.run([sys.executable, "evaluation.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and "robustness.py" in result.stderr

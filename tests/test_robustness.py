@@ -234,6 +234,9 @@ def test_bad_input_fails_in_one_line(tmp_path):
     torn = tmp_path / "torn"
     torn.mkdir()
     (torn / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    scalars_only = tmp_path / "scalars_only"  # an export made with --no-weights
+    scalars_only.mkdir()
+    (scalars_only / "config.json").write_text("{}")
     # The command line turns a UsageError into one line and exit code 2 (two calls: each costs an interpreter).
     assert_one_line_error(run_cli(ppo_run, "--perturbations", "blur"), "unknown perturbation 'blur'")
     assert_one_line_error(run_cli(ppo_run, other_game), "different games: bigfish, coinrun")
@@ -241,6 +244,7 @@ def test_bad_input_fails_in_one_line(tmp_path):
         ([ppo_run], dict(perturbations=["hue:0.9"]), "out of range"),
         ([ppo_run, str(torn)], {}, "is not a readable checkpoint"),
         ([str(tmp_path / "missing")], {}, "no checkpoint.pt or weights.pt in"),
+        ([str(scalars_only)], {}, "weights.pt in .*scalars_only: a run not yet checkpointed, or exported without"),
         ([ppo_run], dict(copies=1), "--copies must be at least 2"),
         ([ppo_run], dict(frames=1), "--frames must be at least 2, got 1"),  # one clean frame: its spread is 0
         ([ppo_run], dict(episodes=0), "--episodes must be positive, got 0"),

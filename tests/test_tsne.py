@@ -106,6 +106,11 @@ def test_mean_and_sample_std_over_frames():
     assert math.isnan(tsne.mean_std([1.0])[1])
 
 
+def test_a_single_frame_prints_its_mean_without_a_nan_std():
+    assert tsne.plus_minus(tsne.mean_std([1.0, 2.0, 4.0])) == "2.3333 ± 1.5275"
+    assert tsne.plus_minus(tsne.mean_std([0.5])) == "0.5000"
+
+
 def test_random_conv_copies_are_raw_floats_distinct_and_reproducible():
     frame = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     copies = tsne.random_conv_copies(frame, 5, seed=3)
