@@ -197,5 +197,5 @@ def interval95(values):
 
 if __name__ == "__main__":  # a module, not a tool: say where a saved run's evaluation is
     print("error: evaluation.py is the protocol the scripts and tools import; to evaluate a saved run, give it to "
-          "robustness.py (its clean return is this protocol's test return)", file=sys.stderr)
+          "robustness.py (its clean return follows this protocol, on levels of its own --seed)", file=sys.stderr)
     raise SystemExit(2)

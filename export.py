@@ -8,7 +8,7 @@ The event files are copied record by record without the per-episode training ret
 (`charts/episodic_return`, `charts/episodic_length`, one record per finished episode: 95% of the bytes,
 about 125 bytes an episode); every other record is copied byte for byte. The per-episode records go
 into episodes.npz beside the event files they came from (their steps and values as logged, in the
-order written, about 4 bytes an episode), which plot.py reads as it reads the event files
+order written, about 4-7 bytes an episode), which plot.py reads as it reads the event files
 (--no-episodes leaves them out). TensorBoard shows the exported runs without those two curves.
 
     python export.py --runs sweeps/slice/runs --to results/starpilot-h100-8min \

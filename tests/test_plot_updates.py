@@ -189,16 +189,17 @@ def test_the_reference_band_is_the_mean_and_range_of_openais_runs(tmp_path):
 
 
 def test_the_reference_band_leaves_out_updates_a_run_lacks(tmp_path):
-    # Run 0 lacks update 10, so its 8-update means exist at 8, 9 and 18-20 only: the band keeps those and
-    # borrows no later value for the updates between.
-    rows = [("coinrun", 0, u, 0.1, 2.5) for u in range(1, 21) if u != 10]
-    rows += [("coinrun", 1, u, 0.6, 2.5) for u in range(1, 21)]
+    # Run 1 lacks update 10, so its 8-update means exist at 8, 9 and 18-20 only: the band keeps those and
+    # borrows no later value for the updates between. Losses 0.01 u (run 0) and 0.5 + 0.01 u (run 1): the
+    # 8-update mean at u is 0.01 (u - 3.5) and 0.5 + 0.01 (u - 3.5), their mean 0.25 + 0.01 (u - 3.5).
+    rows = [("coinrun", 0, u, 0.01 * u, 2.5) for u in range(1, 21)]
+    rows += [("coinrun", 1, u, 0.5 + 0.01 * u, 2.5) for u in range(1, 21) if u != 10]
     reference = plot.read_updates_reference(write_reference(tmp_path / "ref.csv", rows))["coinrun"]
     fig, ax = plot.plt.subplots()
     plot.draw_reference_updates(ax, reference, "value_loss")
     [mean] = [line for line in ax.get_lines() if line.get_label() == "OpenAI PPO (mean)"]
     np.testing.assert_array_equal(mean.get_xdata(), [8, 9, 18, 19, 20])
-    np.testing.assert_allclose(mean.get_ydata(), [0.35] * 5)
+    np.testing.assert_allclose(mean.get_ydata(), [0.295, 0.305, 0.395, 0.405, 0.415])
     plot.plt.close(fig)
 
 

@@ -111,6 +111,15 @@ def test_a_single_frame_prints_its_mean_without_a_nan_std():
     assert tsne.plus_minus(tsne.mean_std([0.5])) == "0.5000"
 
 
+def test_a_summary_of_one_frame_and_one_seed_prints_no_nan(capsys):
+    one = tsne.mean_std([0.5])
+    tsne.print_summary({"game": "bigfish", "seeds": [0], "frames_per_seed": 1, "copies": 3,
+                        "encoders": [{"label": "PPO", "spread": one, "tv_distance": one, "entropy": one}],
+                        "debiased_cka": [{"a": "PPO", "b": "MDPO", "cka": one}]})
+    printed = capsys.readouterr().out
+    assert "nan" not in printed and "| PPO | 0.5000 | 0.5000 | 0.5000 |" in printed
+
+
 def test_random_conv_copies_are_raw_floats_distinct_and_reproducible():
     frame = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     copies = tsne.random_conv_copies(frame, 5, seed=3)
