@@ -442,8 +442,10 @@ def weights_file(path: str) -> str:
     for name in ("checkpoint.pt", "weights.pt"):
         if os.path.isfile(os.path.join(path, name)):
             return os.path.join(path, name)
-    why = ": a run not yet checkpointed, or exported without its weights (--no-weights, or before export.py kept them)" if os.path.isfile(
-        os.path.join(path, "config.json")) else ""
+    why = ""
+    if os.path.isfile(os.path.join(path, "config.json")):  # a run directory: say why it has no weights
+        why = (": a run not yet checkpointed, or exported without its weights (--no-weights, or before export.py "
+               "kept them)")
     raise UsageError(f"no checkpoint.pt or weights.pt in {path}{why}")
 
 

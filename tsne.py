@@ -279,8 +279,8 @@ def print_summary(summary: dict) -> None:
           "mean ± sample std over the frames")
     print("| encoder | feature spread | policy TV distance | policy entropy on clean frames |\n|---|---|---|---|")
     for entry in summary["encoders"]:
-        print(f"| {entry['label']} | " + " | ".join(plus_minus(entry[key]) for key in ("spread", "tv_distance", "entropy"))
-              + " |")
+        cells = [plus_minus(entry[key]) for key in ("spread", "tv_distance", "entropy")]
+        print(f"| {entry['label']} | " + " | ".join(cells) + " |")
     for pair in summary["debiased_cka"]:
         print(f"debiased CKA of {pair['a']} and {pair['b']} on the clean frames: "
               f"{plus_minus(pair['cka'])} over {len(summary['seeds'])} seed(s)")

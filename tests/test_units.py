@@ -221,47 +221,26 @@ def test_explained_variance_is_one_minus_residual_variance_over_return_variance(
     assert math.isnan(module.explained_variance(torch.ones(4), torch.ones(4)))
 
 
-def test_mdpo_loss_is_ppo_loss_plus_alpha_kl():
+@pytest.mark.parametrize("num_agents", [2, 3])  # with 3, a sum over the peers instead of their mean doubles the term
+def test_mdpo_loss_is_ppo_loss_plus_alpha_kl(num_agents):
     torch.manual_seed(0)
-    agents = [mdpo.Agent(), mdpo.Agent()]
-    for agent in agents:  # fresh heads are near uniform; make the two policies differ visibly
+    agents = [mdpo.Agent() for _ in range(num_agents)]
+    for agent in agents:  # fresh heads are near uniform; make the policies differ visibly
         agent.actor.weight.data *= 200
-    batches = [random_batch(1, 32), random_batch(2, 32)]
-    make = lambda alpha: mdpo.validate_args(mdpo.Args(alpha=alpha, num_envs=4, num_steps=8, num_minibatches=1,  # noqa: E731
-                                                      total_timesteps=32))
+    batches = [random_batch(seed, 32) for seed in range(1, num_agents + 1)]
+    make = lambda alpha: mdpo.validate_args(mdpo.Args(alpha=alpha, num_agents=num_agents, num_envs=4,  # noqa: E731
+                                                      num_steps=8, num_minibatches=1, total_timesteps=32))
     inds = torch.arange(32)
     with torch.no_grad():
         plain, _ = mdpo.minibatch_loss(agents, batches, inds, make(0.0))
         mixed, stats = mdpo.minibatch_loss(agents, batches, inds, make(0.5))
-        for i in range(2):
+        for i in range(num_agents):
             own = agents[i](batches[i]["obs"])[0].double()
-            peer = agents[1 - i](batches[i]["obs"])[0].double()
-            kl = (peer.softmax(-1) * (peer.log_softmax(-1) - own.log_softmax(-1))).sum(-1).mean()
-            assert stats[i]["mutual_kl"].item() == pytest.approx(kl.item(), rel=1e-4)
-            assert mixed[i].item() == pytest.approx(plain[i].item() + 0.5 * kl.item(), rel=1e-4, abs=1e-6)
-
-
-def test_three_agents_average_the_kl_over_their_peers():
-    """With K = 3 each agent's term is alpha * mean over its two peers (a sum would double it; with
-    two agents the two agree, so only K >= 3 tells them apart)."""
-    torch.manual_seed(0)
-    agents = [mdpo.Agent() for _ in range(3)]
-    for agent in agents:
-        agent.actor.weight.data *= 200
-    batches = [random_batch(seed, 32) for seed in (1, 2, 3)]
-    make = lambda alpha: mdpo.validate_args(mdpo.Args(alpha=alpha, num_agents=3, num_envs=4, num_steps=8,  # noqa: E731
-                                                      num_minibatches=1, total_timesteps=32))
-    inds = torch.arange(32)
-    with torch.no_grad():
-        plain, _ = mdpo.minibatch_loss(agents, batches, inds, make(0.0))
-        mixed, stats = mdpo.minibatch_loss(agents, batches, inds, make(0.5))
-        for i in range(3):
-            own = agents[i](batches[i]["obs"])[0].double().log_softmax(-1)
             kls = []
-            for j in range(3):
-                if j != i:
-                    peer = agents[j](batches[i]["obs"])[0].double().log_softmax(-1)
-                    kls.append((peer.exp() * (peer - own)).sum(-1).mean().item())
+            for j in range(num_agents):
+                if j != i:  # peer j's policy on agent i's states
+                    peer = agents[j](batches[i]["obs"])[0].double()
+                    kls.append((peer.softmax(-1) * (peer.log_softmax(-1) - own.log_softmax(-1))).sum(-1).mean().item())
             kl = sum(kls) / len(kls)
             assert stats[i]["mutual_kl"].item() == pytest.approx(kl, rel=1e-4)
             assert mixed[i].item() == pytest.approx(plain[i].item() + 0.5 * kl, rel=1e-4, abs=1e-6)
