@@ -740,7 +740,7 @@ def train(args: Args, run_dir: str) -> None:
     writer.add_text("machine", run_utils.machine_description(device), global_step)
     progress = tqdm(total=args.num_iterations * args.batch_size, initial=global_step, unit="step",
                     dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30)
-    start_time, start_step, test_return = time.time(), global_step, float("nan")
+    start_time, start_step, test_return = time.time(), global_step, None  # None: not evaluated yet
     stop = StopSignals()
     try:
         while iteration < args.num_iterations:
@@ -773,7 +773,7 @@ def train(args: Args, run_dir: str) -> None:
             writer.add_scalar("charts/SPS", sps, global_step)
             timer.log(writer, global_step)
             progress.update(args.batch_size)
-            progress.set_postfix(sps=sps, test_return=f"{test_return:.2f}")
+            progress.set_postfix(sps=sps, test_return="not yet" if test_return is None else f"{test_return:.2f}")
             stop.stop_if_received(iteration, args.num_iterations, SCRIPT, run_dir)
     finally:
         stop.restore()

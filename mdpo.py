@@ -608,7 +608,7 @@ def train(args: Args, run_dir: str) -> None:
         log_agreement(writer, agents, probes, 0, args.bf16)
     progress = tqdm(total=args.num_iterations * args.batch_size, initial=global_step, unit="step",
                     dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30)
-    start_time, start_step, test_return = time.time(), global_step, [float("nan")] * len(agents)
+    start_time, start_step, test_return = time.time(), global_step, [None] * len(agents)  # None: not evaluated yet
     stop = StopSignals()
     try:
         while iteration < args.num_iterations:
@@ -643,7 +643,7 @@ def train(args: Args, run_dir: str) -> None:
                 agent_writer.add_scalar("charts/SPS", sps, global_step)
                 timer.log(agent_writer, global_step)
             progress.update(args.batch_size)
-            progress.set_postfix(sps=sps, test_return=f"{np.mean(test_return):.2f}")
+            progress.set_postfix(sps=sps, test_return="not yet" if None in test_return else f"{np.mean(test_return):.2f}")
             stop.stop_if_received(iteration, args.num_iterations, SCRIPT, run_dir)
     finally:
         stop.restore()
